@@ -1,0 +1,134 @@
+# lua-pglisten -- build, test and install.
+#
+#   make            the pglisten.core module and the lua-pglisten runner into build/
+#   make test       install missing Debian packages, build, run every spec against
+#                   a throwaway PostgreSQL, stop it; non-zero on any failure
+#   make demo       the same set-up, then example 1 end to end under the runner
+#   make check      the specs with the C code built under ASan + UBSan
+#   make bench      ../shared/bench with lua-pglisten beside the peers
+#   make install    into PREFIX (LuaRocks passes its own LUADIR/LIBDIR/BINDIR)
+#
+# Every variable can be overridden on the command line.  Flags come from
+# pkg-config unless LuaRocks passes LUA_INCDIR / PQ_INCDIR / PQ_LIBDIR.
+
+VERSION      = 0.1.0
+LUA_VERSION ?= 5.4
+LUA         ?= lua$(LUA_VERSION)
+PKG_CONFIG  ?= pkg-config
+LUA_PC      ?= lua$(LUA_VERSION)
+BUSTED      ?= busted
+
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+LIBFLAG ?= -shared
+WARN     = -std=c99 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
+DEFS     = -D_POSIX_C_SOURCE=200809L -DPGL_VERSION='"$(VERSION)"'
+
+ifneq ($(strip $(LUA_INCDIR)),)
+LUA_CFLAGS ?= -I$(LUA_INCDIR)
+else
+LUA_CFLAGS ?= $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null || echo -I/usr/include/lua$(LUA_VERSION))
+endif
+LUA_LIBS ?= $(shell $(PKG_CONFIG) --libs $(LUA_PC) 2>/dev/null || echo -llua$(LUA_VERSION))
+
+# LuaRocks finds libpq's library but not Debian's header directory
+# (/usr/include/postgresql): use PQ_INCDIR when it holds the header, else
+# pkg-config, else pg_config.
+PQ_HEADER_DIR := $(firstword $(foreach d,$(PQ_INCDIR) $(PQ_INCDIR)/postgresql,$(if $(wildcard $(d)/libpq-fe.h),$(d))))
+ifneq ($(PQ_HEADER_DIR),)
+PQ_CFLAGS ?= -I$(PQ_HEADER_DIR)
+else
+PQ_CFLAGS ?= $(shell $(PKG_CONFIG) --cflags libpq 2>/dev/null || echo -I$$(pg_config --includedir))
+endif
+ifneq ($(strip $(PQ_LIBDIR)),)
+PQ_LIBS ?= -L$(PQ_LIBDIR) -lpq
+else
+PQ_LIBS ?= $(shell $(PKG_CONFIG) --libs libpq 2>/dev/null || echo -lpq)
+endif
+
+# Install locations.  Under LuaRocks, PREFIX is the rock's own directory
+# (TREE/lib/luarocks/rocks-5.4/NAME/VERSION) and the modules are deployed to
+# TREE/share/lua/5.4 and TREE/lib/lua/5.4: the runner is built to look there.
+PREFIX     ?= /usr/local
+LUADIR     ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+LIBDIR     ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+BINDIR     ?= $(PREFIX)/bin
+ROCKS_TREE := $(shell printf '%s' '$(PREFIX)' | sed -n 's|/lib/luarocks/rocks[^/]*/.*$$||p')
+ifneq ($(ROCKS_TREE),)
+RUNTIME_LUADIR ?= $(ROCKS_TREE)/share/lua/$(LUA_VERSION)
+RUNTIME_LIBDIR ?= $(ROCKS_TREE)/lib/lua/$(LUA_VERSION)
+else
+RUNTIME_LUADIR ?= $(LUADIR)
+RUNTIME_LIBDIR ?= $(LIBDIR)
+endif
+
+BUILD   ?= build
+SRC      = src/core.c src/conn.c src/result.c
+HDR      = src/pgl.h
+LUASRC   = $(wildcard lua/pglisten/*.lua) $(wildcard lua/pglisten/*.sql)
+
+MODULE        = $(BUILD)/pglisten/core.so
+RUNNER        = $(BUILD)/lua-pglisten
+RUNNER_INST   = $(BUILD)/install/lua-pglisten
+
+DEV_LPATH = $(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua
+DEV_CPATH = $(CURDIR)/$(BUILD)/?.so
+INST_LPATH = $(RUNTIME_LUADIR)/?.lua;$(RUNTIME_LUADIR)/?/init.lua
+INST_CPATH = $(RUNTIME_LIBDIR)/?.so
+
+.PHONY: all deps test demo check bench install clean
+
+all: $(MODULE) $(RUNNER) $(RUNNER_INST)
+
+$(MODULE): $(SRC) $(HDR) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(WARN) $(DEFS) -fPIC -fvisibility=hidden $(LUA_CFLAGS) $(PQ_CFLAGS) \
+	  $(LIBFLAG) -o $@ $(SRC) $(PQ_LIBS) -lm
+
+$(RUNNER): src/main.c Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(WARN) $(DEFS) $(LUA_CFLAGS) \
+	  -DPGL_LPATH='"$(DEV_LPATH)"' -DPGL_CPATH='"$(DEV_CPATH)"' \
+	  -o $@ src/main.c -Wl,-E $(LUA_LIBS) -lm -ldl
+
+$(RUNNER_INST): src/main.c Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(WARN) $(DEFS) $(LUA_CFLAGS) \
+	  -DPGL_LPATH='"$(INST_LPATH)"' -DPGL_CPATH='"$(INST_CPATH)"' \
+	  -o $@ src/main.c -Wl,-E $(LUA_LIBS) -lm -ldl
+
+deps:
+	@scripts/deps.sh
+
+# Sets up everything a fresh Debian 12 machine lacks, then runs every spec
+# against a PostgreSQL of its own.  SPEC=spec/01-core_spec.lua runs one file.
+SPEC ?= spec
+test: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/with-pg.sh scripts/busted.sh $(SPEC)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/with-pg.sh examples/demo.sh
+
+# The C code under AddressSanitizer and UndefinedBehaviorSanitizer.  The Lua
+# interpreter is not instrumented, so the sanitizer runtime is preloaded.
+ASAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+check: deps
+	@$(MAKE) --no-print-directory BUILD=build-asan CFLAGS='$(ASAN_FLAGS)' \
+	  LUA_LIBS='$(LUA_LIBS) -fsanitize=address,undefined' \
+	  PQ_LIBS='$(PQ_LIBS) -fsanitize=address,undefined' all
+	@PGL_BUILD=build-asan PGL_SANITIZE=1 scripts/with-pg.sh scripts/busted.sh $(SPEC)
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@bench/bench.sh
+
+install: all
+	install -d $(DESTDIR)$(LUADIR)/pglisten $(DESTDIR)$(LIBDIR)/pglisten $(DESTDIR)$(BINDIR)
+	install -m 644 $(LUASRC) $(DESTDIR)$(LUADIR)/pglisten/
+	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/pglisten/core.so
+	install -m 755 $(RUNNER_INST) $(DESTDIR)$(BINDIR)/lua-pglisten
+
+clean:
+	rm -rf build build-asan

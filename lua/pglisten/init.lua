@@ -1,0 +1,341 @@
+--- pglisten: PostgreSQL LISTEN/NOTIFY and queries for Lua 5.4, on libpq.
+--
+-- The C core (`pglisten.core`) does the I/O: a non-blocking connect, a
+-- listener that waits on the socket with a timeout, and queries.  This facade
+-- adds what is policy: JSON, channel checks, LISTEN bookkeeping, password-free
+-- messages, and healing a broken connection on its next use.
+-- @module pglisten
+
+local core = require "pglisten.core"
+local cjson = require "cjson"
+
+local M = {}
+
+M._VERSION = "lua-pglisten " .. core._VERSION
+
+--- The value SQL NULL and JSON null come back as (lua-cjson's `cjson.null`).
+M.null = cjson.null
+
+--- Longest payload NOTIFY accepts is 7999 bytes (the server's limit is 8000
+-- including the terminating zero).
+M.MAX_PAYLOAD = 7999
+--- Longest channel name: identifiers are NAMEDATALEN - 1 = 63 bytes.
+M.MAX_CHANNEL = 63
+
+---------------------------------------------------------------------------
+-- JSON
+---------------------------------------------------------------------------
+
+-- Our own cjson instances, so that a script that reconfigures `cjson` does
+-- not change how payloads are decoded.
+local enc = cjson.new()
+enc.encode_sparse_array(true)        -- {[1]=1,[5]=5} becomes an object, not an error
+enc.encode_invalid_numbers("null")   -- NaN/inf cannot be JSON
+local safe = require("cjson.safe").new()
+safe.encode_sparse_array(true)
+safe.encode_invalid_numbers("null")
+local intify = core.intify
+local raw_decode, safe_decode, safe_encode = enc.decode, safe.decode, safe.encode
+
+--- JSON as this module uses it.  `decode` returns integers for integral
+-- numbers (lua-cjson 2.1 alone returns floats), JSON null as `pglisten.null`.
+-- `encode`/`decode` raise on bad input; `safe.encode`/`safe.decode` return
+-- `nil, err` instead.
+M.json = {
+  encode = enc.encode,
+  decode = function(s) return intify(raw_decode(s)) end,
+  null = cjson.null,
+  safe = {
+    encode = safe_encode,
+    decode = function(s)
+      local v, err = safe_decode(s)
+      if v == nil then return nil, err end
+      return intify(v)
+    end,
+  },
+}
+
+core.setup(enc.encode, M.json.safe.decode, cjson.null)
+
+--- Current time in seconds since the epoch, with microseconds.
+M.now = core.now
+--- Seconds on a monotonic clock (for measuring intervals).
+M.monotonic = core.monotonic
+--- Sleeps `seconds`; returns `nil, "interrupted"` when the runner got a signal.
+M.sleep = core.sleep
+
+---------------------------------------------------------------------------
+-- Messages without passwords
+---------------------------------------------------------------------------
+
+local function plain_find_replace(s, needle, repl)
+  if needle == nil or needle == "" then return s end
+  local out, i = {}, 1
+  while true do
+    local a, b = s:find(needle, i, true)
+    if not a then break end
+    out[#out + 1] = s:sub(i, a - 1)
+    out[#out + 1] = repl
+    i = b + 1
+  end
+  out[#out + 1] = s:sub(i)
+  return table.concat(out)
+end
+
+--- The password a conninfo carries, if any (URI userinfo, `?password=`, or a
+-- `password=` keyword, quoted or not).
+local function conninfo_password(conninfo)
+  if type(conninfo) ~= "string" then return nil end
+  local pw = conninfo:match("^%a[%w+.-]*://[^/@?#]-:([^@/?#]*)@")
+  if pw and pw ~= "" then return pw end
+  pw = conninfo:match("[?&]password=([^&#]*)")
+  if pw and pw ~= "" then return pw end
+  pw = conninfo:match("password%s*=%s*'(.-[^\\])'") or conninfo:match("password%s*=%s*([^%s']+)")
+  return pw
+end
+
+--- Removes the password (raw and percent-decoded) from `msg`.
+local function redact(msg, conninfo)
+  local pw = conninfo_password(conninfo)
+  if not pw then return msg end
+  msg = plain_find_replace(msg, pw, "********")
+  local decoded = pw:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  return plain_find_replace(msg, decoded, "********")
+end
+M._redact = redact
+
+--- A conninfo fit for a log: the password replaced by `********`.
+function M.safe_conninfo(conninfo)
+  if conninfo == nil or conninfo == "" then return "(libpq defaults)" end
+  return redact(conninfo, conninfo)
+end
+
+---------------------------------------------------------------------------
+-- Connections
+---------------------------------------------------------------------------
+
+local methods = core.conn_methods
+local cexec, creset = methods.exec, methods.reset
+
+-- Per-connection Lua state: channels listened to, timeout used to reconnect.
+local state = setmetatable({}, { __mode = "k" })
+
+-- Misuse after close raises at the caller's line, not the facade's.
+local isclosed = methods.isclosed
+local function check_open(conn)
+  if isclosed(conn) then error("attempt to use a closed connection", 3) end
+end
+
+local function check_channel(ch, argn)
+  if type(ch) ~= "string" then
+    error(("bad argument #%d (channel name expected, got %s)"):format(argn, type(ch)), 3)
+  end
+  if ch == "" then return nil, "invalid channel name: empty" end
+  if #ch > M.MAX_CHANNEL then
+    return nil, ("invalid channel name %q: %d bytes, the limit is %d"):format(
+      ch:sub(1, 20) .. "...", #ch, M.MAX_CHANNEL)
+  end
+  if ch:find("\0", 1, true) then return nil, "invalid channel name: contains a zero byte" end
+  return ch
+end
+
+--- Connects to PostgreSQL.
+-- @tparam[opt] string conninfo keyword/value string or `postgres://` URI;
+--   nil or "" uses libpq's defaults (PGHOST, PGPORT, PGUSER, ...).
+-- @tparam[opt] table opts `timeout` (seconds to connect, default 10),
+--   `query_timeout` (client-side bound for each query, default none),
+--   `heal` (reconnect a broken connection on its next call, default true).
+-- @return conn, or nil and a message without the password
+function M.connect(conninfo, opts)
+  if conninfo ~= nil and type(conninfo) ~= "string" then
+    error("bad argument #1 to 'connect' (string expected, got " .. type(conninfo) .. ")", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #2 to 'connect' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  opts = opts or {}
+  local timeout = opts.timeout or 10
+  if type(timeout) ~= "number" or timeout <= 0 then
+    error("bad argument #2 to 'connect' (opts.timeout must be a positive number)", 2)
+  end
+  local conn, err = core.connect(conninfo or "", timeout)
+  if not conn then return nil, redact(err, conninfo) end
+  if opts.query_timeout then conn:settimeout(opts.query_timeout) end
+  state[conn] = {
+    channels = {},
+    conninfo = conninfo,
+    timeout = timeout,
+    heal = opts.heal ~= false,
+  }
+  return conn
+end
+
+local function st(conn)
+  local s = state[conn]
+  if not s then
+    s = { channels = {}, timeout = 10, heal = true }
+    state[conn] = s
+  end
+  return s
+end
+
+--- Reconnects with the same conninfo and LISTENs again to every channel.
+-- @return true, or nil, err
+function methods:reset(timeout)
+  check_open(self)
+  local s = st(self)
+  local ok, err = creset(self, timeout or s.timeout)
+  if not ok then return nil, redact(err, s.conninfo), "08006" end
+  local list = self:channels()
+  if #list > 0 then
+    local parts = {}
+    for i, ch in ipairs(list) do parts[i] = "LISTEN " .. assert(self:escape_identifier(ch)) end
+    local _, lerr, state_ = cexec(self, table.concat(parts, "; "))
+    if lerr then return nil, lerr, state_ end
+  end
+  return true
+end
+
+-- A broken connection outside a transaction is reset before a call; inside
+-- one the transaction is gone and the caller must know.
+local function heal(conn)
+  if conn:status() == "ok" then return true end
+  local s = st(conn)
+  if not s.heal then return nil, "connection lost", "08006" end
+  if s.intx then
+    s.intx = nil
+    return nil, "connection lost inside a transaction; the transaction was rolled back", "08006"
+  end
+  return conn:reset()
+end
+
+--- Runs a query; parameters $1..$n travel separately from the SQL.
+-- nil (or pglisten.null) is NULL; booleans, integers, floats and strings as
+-- themselves; tables as JSON.  Without parameters several statements may be
+-- given; the last one's result is returned.
+-- @return rows (array of rows keyed by column; `n`, `affected`, `command`),
+--   or nil, err, sqlstate
+function methods:exec(sql, ...)
+  check_open(self)
+  if type(sql) ~= "string" then
+    error("bad argument #1 to 'exec' (string expected, got " .. type(sql) .. ")", 2)
+  end
+  local ok, err, code = heal(self)
+  if not ok then return nil, err, code end
+  local rows
+  rows, err, code = cexec(self, sql, ...)
+  local s = state[self]
+  if s then
+    local tx = self:status() == "ok" and self:txstatus() or "idle"
+    s.intx = (tx == "intrans" or tx == "inerror") or nil
+  end
+  return rows, err, code
+end
+
+-- conn:wait([timeout]) is the C method itself (the hot path): the next
+-- notification `{channel, payload, pid, received_at}`, or nil, "timeout", or
+-- nil, err[, "08006"] when the connection was lost.
+
+--- LISTENs to one or more channels (names are case-preserving, any bytes but
+-- zero, at most 63 bytes; quoted with PQescapeIdentifier).
+-- @return true, or nil, err, sqlstate
+function methods:listen(...)
+  check_open(self)
+  local n = select("#", ...)
+  if n == 0 then error("bad argument #1 to 'listen' (channel name expected)", 2) end
+  local parts, names = {}, {}
+  for i = 1, n do
+    local ch, err = check_channel((select(i, ...)), i)
+    if not ch then return nil, err end
+    local q, qerr = self:escape_identifier(ch)
+    if not q then return nil, qerr end
+    parts[i], names[i] = "LISTEN " .. q, ch
+  end
+  local ok, err, code = self:exec(table.concat(parts, "; "))
+  if not ok then return nil, err, code end
+  local set = st(self).channels
+  for _, ch in ipairs(names) do set[ch] = true end
+  return true
+end
+
+--- UNLISTENs from the channels given, or from all channels with no argument.
+-- @return true, or nil, err, sqlstate
+function methods:unlisten(...)
+  check_open(self)
+  local n = select("#", ...)
+  local set = st(self).channels
+  if n == 0 then
+    local ok, err, code = self:exec("UNLISTEN *")
+    if not ok then return nil, err, code end
+    for k in pairs(set) do set[k] = nil end
+    return true
+  end
+  local parts, names = {}, {}
+  for i = 1, n do
+    local ch, err = check_channel((select(i, ...)), i)
+    if not ch then return nil, err end
+    parts[i], names[i] = "UNLISTEN " .. assert(self:escape_identifier(ch)), ch
+  end
+  local ok, err, code = self:exec(table.concat(parts, "; "))
+  if not ok then return nil, err, code end
+  for _, ch in ipairs(names) do set[ch] = nil end
+  return true
+end
+
+--- The channels this connection listens to, sorted.
+function methods:channels()
+  check_open(self)
+  local list = {}
+  for ch in pairs(st(self).channels) do list[#list + 1] = ch end
+  table.sort(list)
+  return list
+end
+
+--- Sends a notification; the channel and payload travel as parameters of
+-- `pg_notify($1, $2)`.  A table payload is sent as JSON.  Payloads of 8000
+-- bytes or more are refused here, before they reach the server.
+-- @return true, or nil, err, sqlstate
+function methods:notify(channel, payload)
+  check_open(self)
+  local ch, err = check_channel(channel, 1)
+  if not ch then return nil, err end
+  local tp = type(payload)
+  if tp == "table" then
+    payload = enc.encode(payload)
+  elseif tp == "nil" then
+    payload = ""
+  elseif tp ~= "string" then
+    error("bad argument #2 to 'notify' (string or table expected, got " .. tp .. ")", 2)
+  end
+  if #payload > M.MAX_PAYLOAD then
+    return nil, ("payload too large: %d bytes; NOTIFY payloads must be shorter than 8000 bytes"):format(#payload)
+  end
+  local ok, code
+  ok, err, code = self:exec("SELECT pg_notify($1, $2)", ch, payload)
+  if not ok then return nil, err, code end
+  return true
+end
+
+--- Runs `fn(conn)` inside BEGIN/COMMIT; rolls back when `fn` raises or returns
+-- nil, err.  Returns what `fn` returned, or nil, err[, sqlstate].
+function methods:transaction(fn)
+  check_open(self)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'transaction' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  local ok, err, code = self:exec("BEGIN")
+  if not ok then return nil, err, code end
+  local res = table.pack(pcall(fn, self))
+  if not res[1] or (res[2] == nil and res[3] ~= nil) then
+    if self:status() == "ok" then cexec(self, "ROLLBACK") end
+    st(self).intx = nil
+    if not res[1] then return nil, tostring(res[2]) end
+    return nil, res[3], res[4]
+  end
+  ok, err, code = self:exec("COMMIT")
+  st(self).intx = nil
+  if not ok then return nil, err, code end
+  return table.unpack(res, 2, res.n)
+end
+
+return M

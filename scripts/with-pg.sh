@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# with-pg.sh COMMAND [ARG...]
+# Runs COMMAND against a throwaway PostgreSQL: a new cluster in a temp
+# directory, owned by the `postgres` user when run as root (the server refuses
+# to run as root), on a free port of 127.0.0.1 and a socket in the temp dir.
+# The server and the directory are removed on exit, also when COMMAND fails or
+# the script is interrupted; processes that specs started and recorded in
+# $PGL_TEST_PIDS are killed too.  Exits with COMMAND's status.
+#
+# Exported for COMMAND: PGHOST PGPORT PGUSER PGDATABASE (libpq), PGL_TEST_DIR,
+# PGL_TEST_PGDATA, PGL_TEST_CTL (a command: `$PGL_TEST_CTL stop|start|restart`).
+set -u
+PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)}
+[ -x "$PGBIN/initdb" ] || { echo "with-pg: no PostgreSQL server binaries (PGBIN=$PGBIN)" >&2; exit 1; }
+here=$(cd "$(dirname "$0")" && pwd)
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/pglisten-test.XXXXXX") || exit 1
+chmod 755 "$dir"
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || useradd --system --home-dir "$dir" postgres
+  chown postgres "$dir"
+  as_pg=(runuser -u postgres --)
+fi
+export PGL_TEST_DIR=$dir PGL_TEST_PGDATA=$dir/data PGL_TEST_PIDS=$dir/pids
+: >"$PGL_TEST_PIDS"; chmod 666 "$PGL_TEST_PIDS"
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM HUP
+  if [ -s "$PGL_TEST_PIDS" ]; then
+    # processes specs started: their pids, one a line
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null; done <"$PGL_TEST_PIDS"
+  fi
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -m immediate -w -t 30 stop >/dev/null 2>&1
+  fi
+  rm -rf "$dir"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+"${as_pg[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync \
+  >"$dir/initdb.log" 2>&1 </dev/null || { cat "$dir/initdb.log" >&2; exit 1; }
+
+free_port() {
+  local p
+  for _ in $(seq 50); do
+    p=$((20000 + RANDOM % 30000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return 0; }
+  done
+  return 1
+}
+
+started=
+for attempt in 1 2 3 4 5; do
+  port=$(free_port) || break
+  cat >"$dir/data/postgresql.auto.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+max_connections = 200
+log_min_messages = warning
+CONF
+  chown "$(stat -c %U "$dir/data")" "$dir/data/postgresql.auto.conf"
+  if "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 start >/dev/null 2>&1 </dev/null; then
+    started=1; break
+  fi
+done
+[ -n "$started" ] || { echo "with-pg: could not start PostgreSQL" >&2; cat "$dir/server.log" >&2 2>/dev/null; exit 1; }
+
+ctl="$dir/pgctl"
+cat >"$ctl" <<CTL
+#!/bin/sh
+# \$0 stop|start|restart -- the throwaway server of this test run
+case "\$1" in
+  stop) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop ;;
+  start) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 start ;;
+  restart) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 30 restart ;;
+  *) echo "usage: \$0 stop|start|restart" >&2; exit 2 ;;
+esac
+CTL
+chmod 755 "$ctl"
+export PGL_TEST_CTL=$ctl
+export PGHOST=127.0.0.1 PGPORT=$port PGUSER=postgres PGDATABASE=postgres
+unset PGPASSWORD PGSERVICE PGOPTIONS DATABASE_URL
+echo "with-pg: PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port ($dir)" >&2
+
+"$@" </dev/null

@@ -1,0 +1,147 @@
+-- Shared helpers for the specs.  They run against the throwaway server that
+-- scripts/with-pg.sh started (libpq PG* environment), and start real
+-- processes (the runner, psql) the way a user would.
+local pg = require "pglisten"
+
+local H = {}
+
+H.pg = pg
+H.root = os.getenv("PWD") or "."
+H.build = os.getenv("PGL_BUILD") or "build"
+H.runner = H.root .. "/" .. H.build .. "/lua-pglisten"
+H.dir = assert(os.getenv("PGL_TEST_DIR"), "run the specs with `make test` (PGL_TEST_DIR is not set)")
+H.ctl = os.getenv("PGL_TEST_CTL")
+H.pidfile = os.getenv("PGL_TEST_PIDS")
+
+--- A connection to the test server, or an error.
+function H.connect(conninfo, opts)
+  return assert(pg.connect(conninfo, opts))
+end
+
+--- Shell-quotes a string.
+function H.q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+--- Runs a shell command; returns its stdout and whether it succeeded.
+function H.sh(cmd)
+  local f = assert(io.popen(cmd .. " 2>&1", "r"))
+  local out = f:read("a")
+  local ok, _, code = f:close()
+  return out, ok, code
+end
+
+--- Runs SQL through psql (a second, independent client).
+function H.psql(sql, db)
+  local out, ok = H.sh("psql -qtAX -v ON_ERROR_STOP=1 " .. (db and ("-d " .. H.q(db) .. " ") or "")
+    .. "-c " .. H.q(sql))
+  assert(ok, "psql failed: " .. out)
+  return (out:gsub("%s+$", ""))
+end
+
+--- A new database of this test run; returns its name and a conninfo.
+local dbseq = 0
+function H.createdb(prefix)
+  dbseq = dbseq + 1
+  local name = ("%s_%d_%d"):format(prefix or "t", os.time() % 100000, dbseq)
+  H.psql("CREATE DATABASE " .. name)
+  return name, "dbname=" .. name
+end
+
+--- Sleeps (seconds, fractions allowed).
+H.sleep = pg.sleep
+H.now = pg.monotonic
+
+--- Polls `fn` until it returns a truthy value or `timeout` seconds pass.
+function H.eventually(fn, timeout, step)
+  local deadline = pg.monotonic() + (timeout or 10)
+  local v
+  repeat
+    v = fn()
+    if v then return v end
+    pg.sleep(step or 0.05)
+  until pg.monotonic() > deadline
+  return fn()
+end
+
+--- Server control: H.server("restart"|"stop"|"start").
+function H.server(action)
+  assert(H.ctl, "PGL_TEST_CTL is not set")
+  local out, ok = H.sh(H.ctl .. " " .. action)
+  assert(ok, "pg_ctl " .. action .. " failed: " .. out)
+end
+
+--- Writes a file into the test dir; returns its path.
+local fileseq = 0
+function H.file(name, content)
+  fileseq = fileseq + 1
+  local path = ("%s/%d-%s"):format(H.dir, fileseq, name)
+  local f = assert(io.open(path, "w"))
+  f:write(content)
+  f:close()
+  return path
+end
+
+function H.read(path)
+  local f = io.open(path, "r")
+  if not f then return "" end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+--- Starts a process in the background.  Returns a handle with
+-- `pid`, `out` (path of stdout), `err` (stderr), `rcfile`, and methods
+-- `kill(sig)`, `wait(timeout)` -> exit code or nil, `stderr()`, `stdout()`.
+-- The pid is recorded so that with-pg.sh kills it if a spec leaves it behind.
+function H.spawn(argv, env)
+  fileseq = fileseq + 1
+  local base = ("%s/proc%d"):format(H.dir, fileseq)
+  local parts = {}
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. H.q(v) end
+  local cmd = {}
+  for i, a in ipairs(argv) do cmd[i] = H.q(a) end
+  -- a watcher shell records the exit status; the spec's own shell returns at once
+  local watcher = ("sh -c %s >/dev/null 2>&1 &"):format(H.q(
+    ("%s exec %s >%s 2>%s </dev/null & pid=$!; echo $pid >%s; echo $pid >>%s; wait $pid; echo $? >%s"):format(
+      #parts > 0 and ("export " .. table.concat(parts, " ") .. ";") or "",
+      table.concat(cmd, " "), H.q(base .. ".out"), H.q(base .. ".err"), H.q(base .. ".pid"), H.q(H.pidfile),
+      H.q(base .. ".rc"))))
+  assert(os.execute(watcher))
+  local pid = H.eventually(function()
+    local s = H.read(base .. ".pid"):match("%d+")
+    return s and tonumber(s)
+  end, 5, 0.01)
+  assert(pid, "could not start " .. argv[1])
+  local p = { pid = pid, out = base .. ".out", err = base .. ".err", rcfile = base .. ".rc" }
+  function p.kill(sig)
+    os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", pid))
+  end
+  function p.rc()
+    local s = H.read(p.rcfile):match("%d+")
+    return s and tonumber(s)
+  end
+  function p.wait(timeout)
+    return H.eventually(p.rc, timeout or 10, 0.02)
+  end
+  function p.running() return p.rc() == nil end
+  function p.stderr() return H.read(p.err) end
+  function p.stdout() return H.read(p.out) end
+  --- Kills the process if it still runs (for `finally`).
+  function p.stop()
+    if p.rc() == nil then
+      p.kill("KILL")
+      p.wait(5)
+    end
+  end
+  return p
+end
+
+--- Runs the runner to completion (for --check, --help and the like).
+function H.run_runner(args, env)
+  local p = H.spawn({ H.runner, table.unpack(args) }, env)
+  local rc = p.wait(20)
+  return rc, p.stdout(), p.stderr()
+end
+
+return H

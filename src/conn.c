@@ -1,0 +1,691 @@
+/*
+ * conn.c -- the pglisten.conn object: a libpq connection in non-blocking
+ * mode, with an async notification listener and queries bounded by time.
+ *
+ * Shape after Lua's liolib.c: the userdata is created closed and gets its
+ * metatable before libpq is called, one idempotent close backs close(),
+ * __gc and __close, and a closed object raises on use.
+ *
+ * Notifications are libpq's business until we copy them out: libpq parses
+ * them into its own queue whenever it reads input, also while a query runs,
+ * so none is lost or reordered by exec(); wait() hands them out in server
+ * order and only reads the socket when that queue is empty, which keeps the
+ * client's memory bounded by the socket buffer however long the server's
+ * queue is.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "pgl.h"
+
+/* ------------------------------------------------------------------ */
+/* Helpers                                                             */
+/* ------------------------------------------------------------------ */
+
+pgl_conn *pgl_checkconn(lua_State *L, int idx) {
+  pgl_conn *c = (pgl_conn *)luaL_checkudata(L, idx, PGL_CONN_MT);
+  if (c->pg == NULL)
+    luaL_error(L, "attempt to use a closed connection");
+  return c;
+}
+
+/* Deadline `secs` from now, or -1 for none (secs < 0). */
+static double deadline_in(double secs) {
+  return secs < 0 ? -1 : pgl_monotonic() + secs;
+}
+
+/*
+ * Pushes nil, message, "08006" for a failure of the connection itself (libpq's
+ * message; 08006 is SQLSTATE connection_failure, set when the connection is
+ * gone so that Lua policy can tell "reconnect" from "query was wrong"), or
+ * nil, message when it is still up.
+ */
+static int conn_fail(lua_State *L, pgl_conn *c, const char *what) {
+  const char *msg = PQerrorMessage(c->pg);
+  lua_pushnil(L);
+  if (msg && *msg) {
+    if (what)
+      lua_pushfstring(L, "%s: ", what);
+    pgl_push_trimmed(L, msg);
+    if (what)
+      lua_concat(L, 2);
+  } else {
+    lua_pushstring(L, what ? what : "connection failed");
+  }
+  if (PQstatus(c->pg) == CONNECTION_BAD) {
+    lua_pushliteral(L, "08006");
+    return 3;
+  }
+  return 2;
+}
+
+/*
+ * Kills the transport after a client-side timeout: shutting the socket down
+ * makes libpq read EOF and mark the connection bad, while libpq still owns the
+ * descriptor (it closes it on reset or finish).
+ */
+static void conn_abandon(pgl_conn *c) {
+  PGresult *r;
+  int fd = PQsocket(c->pg);
+  if (fd >= 0)
+    shutdown(fd, SHUT_RDWR);
+  (void)PQconsumeInput(c->pg); /* fails on EOF: status becomes CONNECTION_BAD */
+  while ((r = PQgetResult(c->pg)) != NULL)
+    PQclear(r);
+}
+
+/* Server notices land here (from inside libpq: no Lua, just a copy). */
+static void notice_cb(void *arg, const char *message) {
+  pgl_conn *c = (pgl_conn *)arg;
+  char *copy = strdup(message);
+  int slot;
+  if (!copy)
+    return;
+  if (c->notice_count == PGL_MAX_NOTICES) { /* full: drop the oldest */
+    free(c->notices[c->notice_head]);
+    c->notice_head = (c->notice_head + 1) % PGL_MAX_NOTICES;
+    c->notice_count--;
+    c->notices_dropped++;
+  }
+  slot = (c->notice_head + c->notice_count) % PGL_MAX_NOTICES;
+  c->notices[slot] = copy;
+  c->notice_count++;
+}
+
+static void clear_notices(pgl_conn *c) {
+  while (c->notice_count > 0) {
+    free(c->notices[c->notice_head]);
+    c->notices[c->notice_head] = NULL;
+    c->notice_head = (c->notice_head + 1) % PGL_MAX_NOTICES;
+    c->notice_count--;
+  }
+  c->notice_head = 0;
+}
+
+/*
+ * Drives PQconnectPoll / PQresetPoll to completion or the deadline.
+ * Returns 1 when connected; otherwise pushes nil, message and returns 0.
+ */
+static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*pollfn)(PGconn *),
+                         double timeout) {
+  double deadline = deadline_in(timeout);
+  PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+  for (;;) {
+    int r;
+    if (st == PGRES_POLLING_OK)
+      break;
+    if (st == PGRES_POLLING_FAILED) {
+      lua_pushnil(L);
+      pgl_push_trimmed(L, PQerrorMessage(c->pg));
+      return 0;
+    }
+    r = pgl_waitfd(L, PQsocket(c->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline, 0);
+    if (r == 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "timeout: could not connect to the server within %f s", timeout);
+      return 0;
+    }
+    if (r < 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "could not connect: poll failed: %s", strerror(errno));
+      return 0;
+    }
+    st = pollfn(c->pg);
+  }
+  if (PQsetnonblocking(c->pg, 1) != 0) {
+    lua_pushnil(L);
+    pgl_push_trimmed(L, PQerrorMessage(c->pg));
+    return 0;
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Queries                                                             */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Sends `sql` (with params when nparams > 0, else as a simple query that may
+ * hold several statements) and collects the results.  On success returns 1
+ * with the last result boxed on the stack.  On failure pushes nil, message[,
+ * sqlstate] and returns -(count).  The deadline comes from c->timeout.
+ */
+static int run_query(lua_State *L, pgl_conn *c, const char *sql, int nparams,
+                     const char *const *values, double timeout) {
+  PGconn *pg = c->pg;
+  double deadline = timeout > 0 ? deadline_in(timeout) : -1;
+  PGresult **box, **err;
+  int sent, fd, n, copy_out = 0;
+
+  sent = nparams > 0 ? PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0)
+                     : PQsendQuery(pg, sql);
+  if (!sent)
+    return -conn_fail(L, c, "could not send query");
+
+  box = pgl_box_result(L, NULL);  /* the last result */
+  err = pgl_box_result(L, NULL);  /* the first error, which wins */
+  fd = PQsocket(pg);
+  for (;;) { /* flush what libpq could not write at once */
+    int f = PQflush(pg), r;
+    if (f == 0)
+      break;
+    if (f < 0)
+      goto lost;
+    r = pgl_waitfd(L, fd, POLLIN | POLLOUT, deadline, 0);
+    if (r == 0)
+      goto timedout;
+    if (r < 0 || !PQconsumeInput(pg))
+      goto lost;
+  }
+  for (;;) {
+    PGresult *res;
+    while (PQisBusy(pg)) {
+      int r = pgl_waitfd(L, fd, POLLIN, deadline, 0);
+      if (r == 0)
+        goto timedout;
+      if (r < 0 || !PQconsumeInput(pg))
+        goto lost;
+    }
+    res = PQgetResult(pg);
+    if (res == NULL)
+      break;
+    switch (PQresultStatus(res)) {
+    case PGRES_COPY_IN: /* refuse: the server answers PQputCopyEnd with an error */
+      PQclear(res);
+      if (PQputCopyEnd(pg, "COPY FROM STDIN is not supported by pglisten") < 0)
+        goto lost;
+      continue;
+    case PGRES_COPY_OUT: { /* discard the data */
+      char *buf;
+      int got;
+      PQclear(res);
+      copy_out = 1;
+      while ((got = PQgetCopyData(pg, &buf, 1)) != -1) {
+        if (got == -2)
+          goto lost;
+        if (got > 0) {
+          PQfreemem(buf);
+        } else {
+          int r = pgl_waitfd(L, fd, POLLIN, deadline, 0);
+          if (r == 0)
+            goto timedout;
+          if (r < 0 || !PQconsumeInput(pg))
+            goto lost;
+        }
+      }
+      continue;
+    }
+    case PGRES_BAD_RESPONSE:
+    case PGRES_NONFATAL_ERROR:
+    case PGRES_FATAL_ERROR:
+      if (!*err)
+        *err = res;
+      else
+        PQclear(res);
+      continue;
+    default:
+      pgl_unbox_result(box);
+      *box = res;
+    }
+  }
+  if (*err) {
+    n = pgl_push_result_error(L, *err);
+    pgl_unbox_result(err);
+    pgl_unbox_result(box);
+    lua_rotate(L, -(n + 2), n); /* results under the boxes: drop the boxes */
+    lua_pop(L, 2);
+    return -n;
+  }
+  if (copy_out) {
+    pgl_unbox_result(box);
+    pgl_unbox_result(err);
+    lua_pop(L, 2);
+    lua_pushnil(L);
+    lua_pushliteral(L, "COPY TO STDOUT is not supported by pglisten (its data was discarded)");
+    return -2;
+  }
+  if (!*box) { /* an empty query string */
+    pgl_unbox_result(err);
+    lua_pop(L, 1);
+    *box = PQmakeEmptyPGresult(pg, PGRES_EMPTY_QUERY);
+    if (!*box)
+      luaL_error(L, "out of memory");
+    return 1;
+  }
+  lua_pop(L, 1); /* the error box, empty */
+  return 1;
+
+timedout:
+  conn_abandon(c);
+  pgl_unbox_result(box);
+  pgl_unbox_result(err);
+  lua_pop(L, 2);
+  lua_pushnil(L);
+  lua_pushfstring(L, "timeout: no answer from the server within %f s; connection closed", timeout);
+  lua_pushliteral(L, "08006");
+  return -3;
+lost:
+  pgl_unbox_result(box);
+  pgl_unbox_result(err);
+  lua_pop(L, 2);
+  return -conn_fail(L, c, "connection lost");
+}
+
+/* conn:exec(sql, ...) -> rows | nil, err[, sqlstate] */
+static int conn_exec(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  int nparams = lua_gettop(L) - 2, nerr = 0, r;
+  const char *const *values = NULL;
+  if (nparams > 65535)
+    return luaL_error(L, "too many query parameters (%d; the protocol allows 65535)", nparams);
+  if (nparams > 0) {
+    values = pgl_params(L, 3, nparams, &nerr);
+    if (!values) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "parameter $%d contains a zero byte, which text parameters cannot carry", nerr);
+      return 2;
+    }
+  }
+  r = run_query(L, c, sql, nparams, values, c->timeout);
+  if (r < 0)
+    return -r;
+  pgl_push_rows(L, *(PGresult **)lua_touserdata(L, -1));
+  pgl_unbox_result((PGresult **)lua_touserdata(L, -2));
+  return 1;
+}
+
+/* conn:ping([timeout]) -> true | nil, err, sqlstate: an empty query, bounded. */
+static int conn_ping(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  double timeout = luaL_optnumber(L, 2, c->timeout > 0 ? c->timeout : 10);
+  int r;
+  luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
+  r = run_query(L, c, "", 0, NULL, timeout);
+  if (r < 0)
+    return -r;
+  pgl_unbox_result((PGresult **)lua_touserdata(L, -1));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Notifications                                                       */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Copies a notification into Lua as { channel, payload, pid, received_at }.
+ * The strings go to the connection's scratch buffer first and the PGnotify is
+ * freed before any Lua allocation, so a memory error cannot leak it.
+ */
+static int push_notify(lua_State *L, pgl_conn *c, PGnotify *n) {
+  size_t clen = strlen(n->relname), plen = strlen(n->extra), need = clen + plen;
+  int pid = n->be_pid;
+  if (need > c->scratch_len || !c->scratch) {
+    char *p;
+    if (need < 256)
+      need = 256;
+    p = (char *)realloc(c->scratch, need);
+    if (!p) {
+      PQfreemem(n);
+      return luaL_error(L, "out of memory copying a notification");
+    }
+    c->scratch = p;
+    c->scratch_len = need;
+  }
+  memcpy(c->scratch, n->relname, clen);
+  memcpy(c->scratch + clen, n->extra, plen);
+  PQfreemem(n);
+  lua_createtable(L, 0, 4);
+  lua_pushlstring(L, c->scratch, clen);
+  lua_setfield(L, -2, "channel");
+  lua_pushlstring(L, c->scratch + clen, plen);
+  lua_setfield(L, -2, "payload");
+  lua_pushinteger(L, pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushnumber(L, pgl_realtime());
+  lua_setfield(L, -2, "received_at");
+  return 1;
+}
+
+/*
+ * Returns the next notification: from libpq's queue without touching the
+ * socket when one is there, else reads what the socket has and waits on it
+ * for at most `timeout` seconds.  Pushes the note (1), or nil, reason (2/3).
+ */
+static int next_notify(lua_State *L, pgl_conn *c, double timeout) {
+  double deadline = deadline_in(timeout);
+  PGnotify *n = PQnotifies(c->pg);
+  if (n)
+    return push_notify(L, c, n);
+  for (;;) {
+    int r;
+    if (!PQconsumeInput(c->pg))
+      return conn_fail(L, c, "connection lost");
+    if ((n = PQnotifies(c->pg)) != NULL)
+      return push_notify(L, c, n);
+    if (PQstatus(c->pg) == CONNECTION_BAD)
+      return conn_fail(L, c, "connection lost");
+    r = pgl_waitfd(L, PQsocket(c->pg), POLLIN, deadline, 1);
+    if (r == 0) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+    if (r == -2) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "interrupted");
+      return 2;
+    }
+    if (r < 0) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "poll failed: %s", strerror(errno));
+      return 2;
+    }
+  }
+}
+
+static double opt_timeout(lua_State *L, int idx) {
+  double t;
+  if (lua_isnoneornil(L, idx))
+    return -1;
+  t = luaL_checknumber(L, idx);
+  luaL_argcheck(L, t >= 0, idx, "timeout must not be negative");
+  return t;
+}
+
+/* conn:wait([timeout]) -> note | nil, "timeout" | nil, err */
+static int conn_wait(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  return next_notify(L, c, opt_timeout(L, 2));
+}
+
+/*
+ * conn:drain(max [, into]) -> array of up to `max` notes that are already
+ * here (libpq's queue, then whatever the socket has without waiting), in
+ * server order; n = count.  Never blocks.  Returns nil, err when the
+ * connection is lost before any note was taken.
+ */
+static int conn_drain(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  lua_Integer max = luaL_checkinteger(L, 2), i = 0;
+  int consumed = 0;
+  luaL_argcheck(L, max > 0, 2, "must be positive");
+  if (lua_istable(L, 3))
+    lua_settop(L, 3);
+  else {
+    lua_settop(L, 2);
+    lua_createtable(L, (int)(max < 64 ? max : 64), 1);
+  }
+  while (i < max) {
+    PGnotify *n = PQnotifies(c->pg);
+    if (!n) {
+      if (consumed)
+        break;
+      consumed = 1;
+      if (!PQconsumeInput(c->pg)) {
+        if (i == 0)
+          return conn_fail(L, c, "connection lost");
+        break;
+      }
+      continue;
+    }
+    push_notify(L, c, n);
+    lua_rawseti(L, 3, ++i);
+  }
+  lua_pushinteger(L, i);
+  lua_setfield(L, 3, "n");
+  /* clear stale entries when the caller reuses a table */
+  {
+    lua_Integer k = i + 1;
+    while (lua_rawgeti(L, 3, k) != LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_pushnil(L);
+      lua_rawseti(L, 3, k++);
+    }
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Small accessors                                                     */
+/* ------------------------------------------------------------------ */
+
+static int conn_escape_identifier(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  char *q = PQescapeIdentifier(c->pg, s, len);
+  if (!q) {
+    lua_pushnil(L);
+    pgl_push_trimmed(L, PQerrorMessage(c->pg));
+    return 2;
+  }
+  lua_pushstring(L, q);
+  PQfreemem(q);
+  return 1;
+}
+
+static int conn_pollfd(lua_State *L) {
+  lua_pushinteger(L, PQsocket(pgl_checkconn(L, 1)->pg));
+  return 1;
+}
+
+/* cqueues convention: the events to poll for, "r" and/or "w". */
+static int conn_events(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  lua_pushstring(L, PQflush(c->pg) == 1 ? "rw" : "r");
+  return 1;
+}
+
+/* cqueues convention: seconds until the object wants attention, or nil. */
+static int conn_timeout(lua_State *L) {
+  pgl_checkconn(L, 1);
+  lua_pushnil(L);
+  return 1;
+}
+
+static int conn_pid(lua_State *L) {
+  lua_pushinteger(L, PQbackendPID(pgl_checkconn(L, 1)->pg));
+  return 1;
+}
+
+static int conn_status(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  switch (PQstatus(c->pg)) {
+  case CONNECTION_OK:
+    lua_pushliteral(L, "ok");
+    break;
+  case CONNECTION_BAD:
+    lua_pushliteral(L, "bad");
+    break;
+  default:
+    lua_pushliteral(L, "connecting");
+  }
+  return 1;
+}
+
+static int conn_txstatus(lua_State *L) {
+  static const char *const names[] = {"idle", "active", "intrans", "inerror", "unknown"};
+  PGTransactionStatusType t = PQtransactionStatus(pgl_checkconn(L, 1)->pg);
+  lua_pushstring(L, (unsigned)t < 5 ? names[t] : "unknown");
+  return 1;
+}
+
+static int conn_settimeout(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  double t = opt_timeout(L, 2);
+  c->timeout = t < 0 ? 0 : t;
+  return 0;
+}
+
+static int conn_gettimeout(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  if (c->timeout > 0)
+    lua_pushnumber(L, c->timeout);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+/* conn:notices() -> array of server notices since the last call (oldest first) */
+static int conn_notices(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  int i, n = c->notice_count;
+  lua_createtable(L, n, 1);
+  for (i = 0; i < n; i++) {
+    pgl_push_trimmed(L, c->notices[(c->notice_head + i) % PGL_MAX_NOTICES]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_pushinteger(L, c->notices_dropped);
+  lua_setfield(L, -2, "dropped");
+  clear_notices(c);
+  c->notices_dropped = 0;
+  return 1;
+}
+
+/* conn:server_version() -> integer like 150018 */
+static int conn_server_version(lua_State *L) {
+  lua_pushinteger(L, PQserverVersion(pgl_checkconn(L, 1)->pg));
+  return 1;
+}
+
+/* conn:reset([timeout]) -> true | nil, err: reconnect with the same conninfo. */
+static int conn_reset(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  double timeout = luaL_optnumber(L, 2, 10);
+  if (!PQresetStart(c->pg)) {
+    lua_pushnil(L);
+    pgl_push_trimmed(L, PQerrorMessage(c->pg));
+    return 2;
+  }
+  if (!drive_connect(L, c, PQresetPoll, timeout)) {
+    conn_abandon(c);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Life cycle                                                          */
+/* ------------------------------------------------------------------ */
+
+static void conn_release(pgl_conn *c) {
+  if (c->pg) {
+    PQfinish(c->pg);
+    c->pg = NULL;
+  }
+  free(c->scratch);
+  c->scratch = NULL;
+  c->scratch_len = 0;
+  clear_notices(c);
+}
+
+static int conn_close(lua_State *L) {
+  conn_release((pgl_conn *)luaL_checkudata(L, 1, PGL_CONN_MT));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_gc(lua_State *L) {
+  conn_release((pgl_conn *)luaL_checkudata(L, 1, PGL_CONN_MT));
+  return 0;
+}
+
+static int conn_isclosed(lua_State *L) {
+  pgl_conn *c = (pgl_conn *)luaL_checkudata(L, 1, PGL_CONN_MT);
+  lua_pushboolean(L, c->pg == NULL);
+  return 1;
+}
+
+static int conn_tostring(lua_State *L) {
+  pgl_conn *c = (pgl_conn *)luaL_checkudata(L, 1, PGL_CONN_MT);
+  if (!c->pg)
+    lua_pushliteral(L, "pglisten.conn (closed)");
+  else
+    lua_pushfstring(L, "pglisten.conn (pid %d, %s)", PQbackendPID(c->pg),
+                    PQstatus(c->pg) == CONNECTION_OK ? "ok" : "bad");
+  return 1;
+}
+
+/*
+ * core.connect(conninfo, timeout) -> conn | nil, err
+ * conninfo: keyword/value string or URI ("" for libpq's defaults).  The
+ * message is libpq's own; the Lua facade removes any password from it.
+ */
+int pgl_conn_connect(lua_State *L) {
+  const char *conninfo = luaL_optstring(L, 1, "");
+  double timeout = luaL_optnumber(L, 2, 10);
+  pgl_conn *c;
+  luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
+  c = (pgl_conn *)lua_newuserdatauv(L, sizeof *c, 0);
+  memset(c, 0, sizeof *c);
+  luaL_setmetatable(L, PGL_CONN_MT);
+  c->pg = PQconnectStart(conninfo);
+  if (!c->pg) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "out of memory allocating a connection");
+    return 2;
+  }
+  PQsetNoticeProcessor(c->pg, notice_cb, c);
+  if (PQstatus(c->pg) == CONNECTION_BAD) {
+    lua_pushnil(L);
+    pgl_push_trimmed(L, PQerrorMessage(c->pg));
+    conn_release(c);
+    return 2;
+  }
+  if (!drive_connect(L, c, PQconnectPoll, timeout)) {
+    conn_release(c);
+    return 2;
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Registration                                                        */
+/* ------------------------------------------------------------------ */
+
+static const luaL_Reg conn_methods[] = {
+  {"exec", conn_exec},
+  {"ping", conn_ping},
+  {"wait", conn_wait},
+  {"drain", conn_drain},
+  {"escape_identifier", conn_escape_identifier},
+  {"pollfd", conn_pollfd},
+  {"events", conn_events},
+  {"timeout", conn_timeout},
+  {"pid", conn_pid},
+  {"status", conn_status},
+  {"txstatus", conn_txstatus},
+  {"settimeout", conn_settimeout},
+  {"gettimeout", conn_gettimeout},
+  {"notices", conn_notices},
+  {"server_version", conn_server_version},
+  {"reset", conn_reset},
+  {"close", conn_close},
+  {"isclosed", conn_isclosed},
+  {NULL, NULL}
+};
+
+static const luaL_Reg conn_meta[] = {
+  {"__gc", conn_gc},
+  {"__close", conn_gc},
+  {"__tostring", conn_tostring},
+  {"__index", NULL},
+  {NULL, NULL}
+};
+
+/* Registers the metatable; its __index (the methods) is also returned to
+ * the module as core.conn_methods so the Lua facade can extend it. */
+void pgl_conn_open(lua_State *L) {
+  luaL_newmetatable(L, PGL_CONN_MT);
+  luaL_setfuncs(L, conn_meta, 0);
+  luaL_newlib(L, conn_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}

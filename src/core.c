@@ -1,0 +1,234 @@
+/*
+ * core.c -- luaopen_pglisten_core: the module table, clocks, waiting on a
+ * descriptor, and the hooks the Lua facade installs (JSON codec, null).
+ */
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <time.h>
+
+#include "pgl.h"
+
+#ifndef PGL_VERSION
+#define PGL_VERSION "0.0.0-dev"
+#endif
+
+#if defined(__GNUC__)
+#define PGL_EXPORT __attribute__((visibility("default")))
+#else
+#define PGL_EXPORT
+#endif
+
+const char pgl_key_encode = 0;
+const char pgl_key_decode = 0;
+const char pgl_key_null = 0;
+
+/*
+ * A host program (lua-pglisten) that wants waits to end when a signal
+ * arrives stores a lightuserdata pointing to its `volatile sig_atomic_t`
+ * flag in the registry under this name; poll() returning EINTR while the
+ * flag is set then ends wait() with "interrupted".  Without it, EINTR is
+ * retried, as a library must.
+ */
+#define PGL_SIGFLAG "pglisten.sigflag"
+
+/* ------------------------------------------------------------------ */
+/* Clocks and waiting                                                  */
+/* ------------------------------------------------------------------ */
+
+double pgl_monotonic(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+double pgl_realtime(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)(ts.tv_nsec / 1000) / 1e6;
+}
+
+int pgl_interrupted(lua_State *L) {
+  volatile sig_atomic_t *flag;
+  int set;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, PGL_SIGFLAG) != LUA_TLIGHTUSERDATA) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  flag = (volatile sig_atomic_t *)lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  set = flag && *flag;
+  return set;
+}
+
+/* Milliseconds until `deadline` for poll(), rounded up so we never wake early. */
+static int ms_until(double deadline) {
+  double left;
+  if (deadline < 0)
+    return -1;
+  left = deadline - pgl_monotonic();
+  if (left <= 0)
+    return 0;
+  if (left > 86400.0)
+    return 86400000;
+  return (int)ceil(left * 1000.0);
+}
+
+int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible) {
+  struct pollfd p;
+  if (fd < 0) {
+    errno = EBADF;
+    return -1;
+  }
+  p.fd = fd;
+  p.events = events;
+  for (;;) {
+    int r;
+    p.revents = 0;
+    r = poll(&p, 1, ms_until(deadline));
+    if (r > 0)
+      return 1; /* readable, writable, or hung up: the caller's libpq call tells which */
+    if (r == 0) {
+      if (deadline >= 0 && pgl_monotonic() < deadline)
+        continue; /* woke a hair early */
+      return 0;
+    }
+    if (errno != EINTR)
+      return -1;
+    if (interruptible && pgl_interrupted(L))
+      return -2;
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Module functions                                                    */
+/* ------------------------------------------------------------------ */
+
+/* core.now() -> seconds since the epoch, microsecond resolution */
+static int core_now(lua_State *L) {
+  lua_pushnumber(L, pgl_realtime());
+  return 1;
+}
+
+/* core.monotonic() -> seconds on a clock that never jumps */
+static int core_monotonic(lua_State *L) {
+  lua_pushnumber(L, pgl_monotonic());
+  return 1;
+}
+
+/* core.sleep(seconds) -> true | nil, "interrupted" (runner signal only) */
+static int core_sleep(lua_State *L) {
+  double secs = luaL_checknumber(L, 1);
+  struct timespec req, rem;
+  if (secs <= 0 || secs != secs) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  req.tv_sec = (time_t)secs;
+  req.tv_nsec = (long)((secs - (double)req.tv_sec) * 1e9);
+  while (nanosleep(&req, &rem) != 0) {
+    if (errno != EINTR)
+      break;
+    if (pgl_interrupted(L)) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "interrupted");
+      return 2;
+    }
+    req = rem;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/*
+ * core.setup(encode, decode, null): the JSON encoder used for table
+ * parameters, the non-raising decoder used for json/jsonb columns, and the
+ * value SQL NULL is returned as.
+ */
+static int core_setup(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_checkany(L, 3);
+  lua_pushvalue(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &pgl_key_encode);
+  lua_pushvalue(L, 2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &pgl_key_decode);
+  lua_pushvalue(L, 3);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
+  return 0;
+}
+
+/*
+ * core.intify(v) -> v: turns every float with an exact integer value inside
+ * a decoded JSON value into a Lua integer, in place.  lua-cjson 2.1.0 decodes
+ * all numbers as floats, so {"id":1} would otherwise give id = 1.0, which
+ * prints and formats as "1.0".  Floats beyond 2^53 were already rounded by
+ * the decoder and stay floats.
+ */
+static void intify(lua_State *L, int idx, int depth) {
+  if (depth > 1000)
+    luaL_error(L, "JSON value nested too deeply");
+  luaL_checkstack(L, 4, "JSON value nested too deeply");
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    int t = lua_type(L, -1);
+    if (t == LUA_TNUMBER && !lua_isinteger(L, -1)) {
+      lua_Number x = lua_tonumber(L, -1);
+      if (x >= -9007199254740992.0 && x <= 9007199254740992.0 && floor(x) == x) {
+        lua_pushvalue(L, -2);
+        lua_pushinteger(L, (lua_Integer)x);
+        lua_rawset(L, idx);
+      }
+    } else if (t == LUA_TTABLE) {
+      intify(L, lua_gettop(L), depth + 1);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+static int core_intify(lua_State *L) {
+  if (lua_type(L, 1) == LUA_TTABLE)
+    intify(L, 1, 0);
+  else if (lua_type(L, 1) == LUA_TNUMBER && !lua_isinteger(L, 1)) {
+    lua_Number x = lua_tonumber(L, 1);
+    if (x >= -9007199254740992.0 && x <= 9007199254740992.0 && floor(x) == x)
+      lua_pushinteger(L, (lua_Integer)x);
+    return 1;
+  }
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int core_libpq_version(lua_State *L) {
+  lua_pushinteger(L, PQlibVersion());
+  return 1;
+}
+
+static const luaL_Reg core_funcs[] = {
+  {"connect", pgl_conn_connect},
+  {"now", core_now},
+  {"monotonic", core_monotonic},
+  {"sleep", core_sleep},
+  {"setup", core_setup},
+  {"intify", core_intify},
+  {"libpq_version", core_libpq_version},
+  {NULL, NULL}
+};
+
+PGL_EXPORT int luaopen_pglisten_core(lua_State *L) {
+  pgl_result_open(L);
+  pgl_conn_open(L);
+  /* defaults until the facade calls setup(): NULL as a null lightuserdata,
+   * no JSON (tables as parameters raise, json columns stay strings) */
+  lua_pushlightuserdata(L, NULL);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
+  luaL_newlib(L, core_funcs);
+  luaL_getmetatable(L, PGL_CONN_MT);
+  lua_getfield(L, -1, "__index");
+  lua_setfield(L, -3, "conn_methods");
+  lua_pop(L, 1);
+  lua_pushliteral(L, PGL_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

@@ -1,0 +1,71 @@
+/*
+ * pgl.h -- shared declarations of the pglisten.core C module.
+ *
+ * C does I/O and conversion; policy (reconnects, routing, retries, logging)
+ * lives in Lua.  Everything here is internal: the only exported symbol of the
+ * module is luaopen_pglisten_core.
+ */
+#ifndef PGL_H
+#define PGL_H
+
+#include <stddef.h>
+#include <libpq-fe.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+#define PGL_CONN_MT   "pglisten.conn"
+#define PGL_RESULT_MT "pglisten.result"
+
+#define PGL_MAX_NOTICES 64
+
+/* Registry keys (addresses of these objects are the keys). */
+extern const char pgl_key_encode;  /* function(table) -> json string        */
+extern const char pgl_key_decode;  /* function(string) -> value | nil, err  */
+extern const char pgl_key_null;    /* sentinel for SQL NULL / JSON null     */
+
+typedef struct pgl_conn {
+  PGconn *pg;          /* NULL once closed */
+  double timeout;      /* client-side bound for queries, seconds; 0: none */
+  char *scratch;       /* buffer a notification is copied to before it is freed */
+  size_t scratch_len;
+  char *notices[PGL_MAX_NOTICES]; /* ring of server notices, malloc'd strings */
+  int notice_head, notice_count;
+  int notices_dropped;
+} pgl_conn;
+
+/* time.c-like helpers (core.c) */
+double pgl_monotonic(void);
+double pgl_realtime(void);
+int pgl_interrupted(lua_State *L);
+
+/*
+ * Wait until fd is ready for `events` (POLLIN/POLLOUT), or until `deadline`
+ * (monotonic seconds; < 0: no deadline).  Returns 1 when ready, 0 on timeout,
+ * -1 on a poll error (errno set), -2 when a signal arrived and the host asked
+ */
+int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible);
+
+/* conn.c */
+void pgl_conn_open(lua_State *L);          /* registers metatables; leaves nothing */
+int pgl_conn_connect(lua_State *L);        /* core.connect(conninfo, timeout) */
+pgl_conn *pgl_checkconn(lua_State *L, int idx); /* raises if closed */
+
+/* result.c */
+void pgl_result_open(lua_State *L);
+/* Build the parameter arrays for args [first, first+n) on the stack.  Pushes
+ * one userdata holding the arrays (kept alive by the stack) plus the strings;
+ * returns the values array.  Returns NULL and pushes nil, message when a value
+ * cannot be sent (a string with a zero byte). */
+const char *const *pgl_params(lua_State *L, int first, int n, int *nerr);
+/* Pushes rows for a successful result. `res` must be boxed already. */
+void pgl_push_rows(lua_State *L, PGresult *res);
+/* Pushes a box that PQclears `res` when collected; returns the box slot. */
+PGresult **pgl_box_result(lua_State *L, PGresult *res);
+/* Frees the boxed result now (idempotent). */
+void pgl_unbox_result(PGresult **box);
+/* Pushes nil, message[, sqlstate] for a failed result; returns the count. */
+int pgl_push_result_error(lua_State *L, const PGresult *res);
+/* Pushes `s` without trailing white space. */
+void pgl_push_trimmed(lua_State *L, const char *s);
+
+#endif
