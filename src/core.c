@@ -26,12 +26,16 @@ const char pgl_key_null = 0;
 
 /*
  * A host program (lua-pglisten) that wants waits to end when a signal
- * arrives stores a lightuserdata pointing to its `volatile sig_atomic_t`
- * flag in the registry under this name; poll() returning EINTR while the
- * flag is set then ends wait() with "interrupted".  Without it, EINTR is
- * retried, as a library must.
+ * arrives stores, in the registry, a lightuserdata pointing to its
+ * `volatile sig_atomic_t` flag under PGL_SIGFLAG and the read end of its
+ * self-pipe (the signal handler writes a byte to it) under PGL_SIGFD.  An
+ * interruptible wait then polls that pipe beside the socket and returns
+ * "interrupted" while the flag is set: no signal is missed, even one that
+ * lands just before poll().  Without them EINTR is retried, as a library
+ * must.
  */
 #define PGL_SIGFLAG "pglisten.sigflag"
+#define PGL_SIGFD   "pglisten.sigfd"
 
 /* ------------------------------------------------------------------ */
 /* Clocks and waiting                                                  */
@@ -75,20 +79,42 @@ static int ms_until(double deadline) {
   return (int)ceil(left * 1000.0);
 }
 
+static int sigfd(lua_State *L) {
+  int fd = -1;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, PGL_SIGFD) == LUA_TNUMBER)
+    fd = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return fd;
+}
+
 int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible) {
-  struct pollfd p;
+  struct pollfd p[2];
+  nfds_t n = 1;
   if (fd < 0) {
     errno = EBADF;
     return -1;
   }
-  p.fd = fd;
-  p.events = events;
+  p[0].fd = fd;
+  p[0].events = events;
+  if (interruptible) {
+    if (pgl_interrupted(L))
+      return -2;
+    p[1].fd = sigfd(L);
+    p[1].events = POLLIN;
+    if (p[1].fd >= 0)
+      n = 2;
+  }
   for (;;) {
     int r;
-    p.revents = 0;
-    r = poll(&p, 1, ms_until(deadline));
-    if (r > 0)
-      return 1; /* readable, writable, or hung up: the caller's libpq call tells which */
+    p[0].revents = p[1].revents = 0;
+    r = poll(p, n, ms_until(deadline));
+    if (r > 0) {
+      if (n == 2 && p[1].revents && pgl_interrupted(L))
+        return -2; /* the host drains the pipe when it reads its signals */
+      if (p[0].revents)
+        return 1; /* readable, writable, or hung up: the caller's libpq call tells which */
+      continue;
+    }
     if (r == 0) {
       if (deadline >= 0 && pgl_monotonic() < deadline)
         continue; /* woke a hair early */
@@ -117,25 +143,31 @@ static int core_monotonic(lua_State *L) {
   return 1;
 }
 
-/* core.sleep(seconds) -> true | nil, "interrupted" (runner signal only) */
+/* core.sleep(seconds) -> true | nil, "interrupted" (a runner signal only) */
 static int core_sleep(lua_State *L) {
-  double secs = luaL_checknumber(L, 1);
-  struct timespec req, rem;
-  if (secs <= 0 || secs != secs) {
+  double secs = luaL_checknumber(L, 1), deadline;
+  int fd;
+  if (!(secs > 0)) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  req.tv_sec = (time_t)secs;
-  req.tv_nsec = (long)((secs - (double)req.tv_sec) * 1e9);
-  while (nanosleep(&req, &rem) != 0) {
-    if (errno != EINTR)
+  deadline = pgl_monotonic() + secs;
+  fd = sigfd(L);
+  /* on the host's signal pipe: wakes at once for a signal */
+  if (fd >= 0 && pgl_waitfd(L, fd, POLLIN, deadline, 1) == -2) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "interrupted");
+    return 2;
+  }
+  for (;;) { /* no pipe (a plain library user), or a byte without the flag */
+    double left = deadline - pgl_monotonic();
+    struct timespec req;
+    if (left <= 0)
       break;
-    if (pgl_interrupted(L)) {
-      lua_pushnil(L);
-      lua_pushliteral(L, "interrupted");
-      return 2;
-    }
-    req = rem;
+    req.tv_sec = (time_t)left;
+    req.tv_nsec = (long)((left - (double)req.tv_sec) * 1e9);
+    if (nanosleep(&req, NULL) != 0 && errno != EINTR)
+      break;
   }
   lua_pushboolean(L, 1);
   return 1;
