@@ -76,7 +76,7 @@ DEV_CPATH = $(CURDIR)/$(BUILD)/?.so
 INST_LPATH = $(RUNTIME_LUADIR)/?.lua;$(RUNTIME_LUADIR)/?/init.lua
 INST_CPATH = $(RUNTIME_LIBDIR)/?.so
 
-.PHONY: all deps test demo check bench install clean
+.PHONY: all deps test demo check bench install clean FORCE
 
 all: $(MODULE) $(RUNNER) $(RUNNER_INST)
 
@@ -91,7 +91,15 @@ $(RUNNER): src/main.c Makefile
 	  -DPGL_LPATH='"$(DEV_LPATH)"' -DPGL_CPATH='"$(DEV_CPATH)"' \
 	  -o $@ src/main.c -Wl,-E $(LUA_LIBS) -lm -ldl
 
-$(RUNNER_INST): src/main.c Makefile
+# The installed runner has its module paths compiled in: rebuild it whenever
+# they change (another PREFIX, another LuaRocks tree).
+INST_STAMP = $(BUILD)/install/paths
+$(INST_STAMP): FORCE
+	@mkdir -p $(dir $@)
+	@printf '%s\n%s\n' '$(INST_LPATH)' '$(INST_CPATH)' | cmp -s - $@ 2>/dev/null || \
+	  printf '%s\n%s\n' '$(INST_LPATH)' '$(INST_CPATH)' >$@
+
+$(RUNNER_INST): src/main.c Makefile $(INST_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(WARN) $(DEFS) $(LUA_CFLAGS) \
 	  -DPGL_LPATH='"$(INST_LPATH)"' -DPGL_CPATH='"$(INST_CPATH)"' \
