@@ -8,7 +8,9 @@
 # $PGL_TEST_PIDS are killed too.  Exits with COMMAND's status.
 #
 # Exported for COMMAND: PGHOST PGPORT PGUSER PGDATABASE (libpq), PGL_TEST_DIR,
-# PGL_TEST_PGDATA, PGL_TEST_CTL (a command: `$PGL_TEST_CTL stop|start|restart`).
+# PGL_TEST_CTL (a command: `$PGL_TEST_CTL stop|start|restart`), and for a
+# second server on 127.0.0.1 (unless PGL_TEST_SERVERS=1) PGL_TEST_PORT2 and
+# PGL_TEST_CTL2.
 set -u
 PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)}
 [ -x "$PGBIN/initdb" ] || { echo "with-pg: no PostgreSQL server binaries (PGBIN=$PGBIN)" >&2; exit 1; }
@@ -22,7 +24,7 @@ if [ "$(id -u)" = 0 ]; then
   chown postgres "$dir"
   as_pg=(runuser -u postgres --)
 fi
-export PGL_TEST_DIR=$dir PGL_TEST_PGDATA=$dir/data PGL_TEST_PIDS=$dir/pids
+export PGL_TEST_DIR=$dir PGL_TEST_PIDS=$dir/pids
 : >"$PGL_TEST_PIDS"; chmod 666 "$PGL_TEST_PIDS"
 
 cleanup() {
@@ -32,9 +34,11 @@ cleanup() {
     # processes specs started: their pids, one a line
     while read -r pid; do kill -KILL "$pid" 2>/dev/null; done <"$PGL_TEST_PIDS"
   fi
-  if [ -f "$dir/data/postmaster.pid" ]; then
-    "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -m immediate -w -t 30 stop >/dev/null 2>&1
-  fi
+  for data in "$dir/data" "$dir/data2"; do
+    if [ -f "$data/postmaster.pid" ]; then
+      "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$data" -m immediate -w -t 30 stop >/dev/null 2>&1
+    fi
+  done
   rm -rf "$dir"
   exit "$rc"
 }
@@ -42,9 +46,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
-
-"${as_pg[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync \
-  >"$dir/initdb.log" 2>&1 </dev/null || { cat "$dir/initdb.log" >&2; exit 1; }
 
 free_port() {
   local p
@@ -55,10 +56,15 @@ free_port() {
   return 1
 }
 
-started=
-for attempt in 1 2 3 4 5; do
-  port=$(free_port) || break
-  cat >"$dir/data/postgresql.auto.conf" <<CONF
+# start_cluster NAME: a cluster in $dir/NAME, its port in $port, and a
+# control script $dir/NAME.ctl (stop|start|restart).
+start_cluster() {
+  local name=$1 data=$dir/$1 started= attempt
+  "${as_pg[@]}" "$PGBIN/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync \
+    >"$dir/$name-initdb.log" 2>&1 </dev/null || { cat "$dir/$name-initdb.log" >&2; return 1; }
+  for attempt in 1 2 3 4 5; do
+    port=$(free_port) || break
+    cat >"$data/postgresql.auto.conf" <<CONF
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
@@ -68,26 +74,33 @@ full_page_writes = off
 max_connections = 200
 log_min_messages = warning
 CONF
-  chown "$(stat -c %U "$dir/data")" "$dir/data/postgresql.auto.conf"
-  if "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 start >/dev/null 2>&1 </dev/null; then
-    started=1; break
-  fi
-done
-[ -n "$started" ] || { echo "with-pg: could not start PostgreSQL" >&2; cat "$dir/server.log" >&2 2>/dev/null; exit 1; }
-
-ctl="$dir/pgctl"
-cat >"$ctl" <<CTL
+    if "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -w -t 30 start >/dev/null 2>&1 </dev/null; then
+      started=1; break
+    fi
+  done
+  [ -n "$started" ] || { echo "with-pg: could not start PostgreSQL" >&2; cat "$dir/$name.log" >&2 2>/dev/null; return 1; }
+  cat >"$dir/$name.ctl" <<CTL
 #!/bin/sh
-# \$0 stop|start|restart -- the throwaway server of this test run
+# \$0 stop|start|restart -- a throwaway server of this test run
 case "\$1" in
-  stop) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop ;;
-  start) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 start ;;
-  restart) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 30 restart ;;
+  stop) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop ;;
+  start) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -w -t 30 start ;;
+  restart) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -m fast -w -t 30 restart ;;
   *) echo "usage: \$0 stop|start|restart" >&2; exit 2 ;;
 esac
 CTL
-chmod 755 "$ctl"
-export PGL_TEST_CTL=$ctl
+  chmod 755 "$dir/$name.ctl"
+}
+
+start_cluster data || exit 1
+export PGL_TEST_CTL=$dir/data.ctl
+main_port=$port
+# a second server, for a target database that goes down on its own (PGL_TEST_SERVERS=1: none)
+if [ "${PGL_TEST_SERVERS:-2}" -ge 2 ]; then
+  start_cluster data2 || exit 1
+  export PGL_TEST_CTL2=$dir/data2.ctl PGL_TEST_PORT2=$port
+fi
+port=$main_port
 export PGHOST=127.0.0.1 PGPORT=$port PGUSER=postgres PGDATABASE=postgres
 unset PGPASSWORD PGSERVICE PGOPTIONS DATABASE_URL
 echo "with-pg: PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port ($dir)" >&2

@@ -71,6 +71,27 @@ function H.server(action)
   assert(ok, "pg_ctl " .. action .. " failed: " .. out)
 end
 
+--- The second server (a target that goes down on its own).
+H.port2 = os.getenv("PGL_TEST_PORT2")
+H.ctl2 = os.getenv("PGL_TEST_CTL2")
+function H.server2(action)
+  assert(H.ctl2, "PGL_TEST_CTL2 is not set")
+  local out, ok = H.sh(H.ctl2 .. " " .. action)
+  assert(ok, "pg_ctl (server 2) " .. action .. " failed: " .. out)
+end
+function H.conninfo2(db)
+  return ("host=127.0.0.1 port=%s dbname=%s"):format(H.port2, db or "postgres")
+end
+
+--- The backend pid of the runner listening on database `db`, or nil.
+function H.runner_backend(db)
+  local c = H.connect()
+  local r = c:exec("SELECT pid FROM pg_stat_activity WHERE application_name = 'lua-pglisten' AND datname = $1",
+    db or "postgres")
+  c:close()
+  return r and r[1] and r[1].pid
+end
+
 --- Writes a file into the test dir; returns its path.
 local fileseq = 0
 function H.file(name, content)

@@ -43,7 +43,7 @@ static double deadline_in(double secs) {
  * gone so that Lua policy can tell "reconnect" from "query was wrong"), or
  * nil, message when it is still up.
  */
-static int conn_fail(lua_State *L, pgl_conn *c, const char *what) {
+int pgl_conn_fail(lua_State *L, pgl_conn *c, const char *what) {
   const char *msg = PQerrorMessage(c->pg);
   lua_pushnil(L);
   if (msg && *msg) {
@@ -67,7 +67,7 @@ static int conn_fail(lua_State *L, pgl_conn *c, const char *what) {
  * makes libpq read EOF and mark the connection bad, while libpq still owns the
  * descriptor (it closes it on reset or finish).
  */
-static void conn_abandon(pgl_conn *c) {
+void pgl_conn_abandon(pgl_conn *c) {
   PGresult *r;
   int fd = PQsocket(c->pg);
   if (fd >= 0)
@@ -163,7 +163,7 @@ static int run_query(lua_State *L, pgl_conn *c, const char *sql, int nparams,
   sent = nparams > 0 ? PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0)
                      : PQsendQuery(pg, sql);
   if (!sent)
-    return -conn_fail(L, c, "could not send query");
+    return -pgl_conn_fail(L, c, "could not send query");
 
   box = pgl_box_result(L, NULL);  /* the last result */
   err = pgl_box_result(L, NULL);  /* the first error, which wins */
@@ -259,7 +259,7 @@ static int run_query(lua_State *L, pgl_conn *c, const char *sql, int nparams,
   return 1;
 
 timedout:
-  conn_abandon(c);
+  pgl_conn_abandon(c);
   pgl_unbox_result(box);
   pgl_unbox_result(err);
   lua_pop(L, 2);
@@ -271,7 +271,7 @@ lost:
   pgl_unbox_result(box);
   pgl_unbox_result(err);
   lua_pop(L, 2);
-  return -conn_fail(L, c, "connection lost");
+  return -pgl_conn_fail(L, c, "connection lost");
 }
 
 /* conn:exec(sql, ...) -> rows | nil, err[, sqlstate] */
@@ -364,11 +364,11 @@ static int next_notify(lua_State *L, pgl_conn *c, double timeout) {
   for (;;) {
     int r;
     if (!PQconsumeInput(c->pg))
-      return conn_fail(L, c, "connection lost");
+      return pgl_conn_fail(L, c, "connection lost");
     if ((n = PQnotifies(c->pg)) != NULL)
       return push_notify(L, c, n);
     if (PQstatus(c->pg) == CONNECTION_BAD)
-      return conn_fail(L, c, "connection lost");
+      return pgl_conn_fail(L, c, "connection lost");
     r = pgl_waitfd(L, PQsocket(c->pg), POLLIN, deadline, 1);
     if (r == 0) {
       lua_pushnil(L);
@@ -428,7 +428,7 @@ static int conn_drain(lua_State *L) {
       consumed = 1;
       if (!PQconsumeInput(c->pg)) {
         if (i == 0)
-          return conn_fail(L, c, "connection lost");
+          return pgl_conn_fail(L, c, "connection lost");
         break;
       }
       continue;
@@ -548,6 +548,31 @@ static int conn_notices(lua_State *L) {
   return 1;
 }
 
+/*
+ * conn:alive() -> boolean, without blocking: reads what the socket already
+ * has.  A backend that was terminated (server restart, pg_terminate_backend)
+ * leaves a FATAL message and EOF there; reading them marks the connection
+ * bad before a query is sent on it, so the caller can reconnect first
+ * instead of failing a query whose fate it could not know.  Notifications
+ * read on the way stay queued in libpq.
+ */
+static int conn_alive(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  int i;
+  for (i = 0; i < 8 && PQstatus(c->pg) == CONNECTION_OK; i++) {
+    struct pollfd p;
+    p.fd = PQsocket(c->pg);
+    p.events = POLLIN;
+    p.revents = 0;
+    if (p.fd < 0 || poll(&p, 1, 0) <= 0)
+      break; /* nothing to read (or poll failed: let the query find out) */
+    if (!PQconsumeInput(c->pg))
+      break; /* EOF or error: the status is bad now */
+  }
+  lua_pushboolean(L, PQstatus(c->pg) == CONNECTION_OK);
+  return 1;
+}
+
 /* conn:server_version() -> integer like 150018 */
 static int conn_server_version(lua_State *L) {
   lua_pushinteger(L, PQserverVersion(pgl_checkconn(L, 1)->pg));
@@ -564,7 +589,7 @@ static int conn_reset(lua_State *L) {
     return 2;
   }
   if (!drive_connect(L, c, PQresetPoll, timeout)) {
-    conn_abandon(c);
+    pgl_conn_abandon(c);
     return 2;
   }
   lua_pushboolean(L, 1);
@@ -666,6 +691,7 @@ static const luaL_Reg conn_methods[] = {
   {"gettimeout", conn_gettimeout},
   {"notices", conn_notices},
   {"server_version", conn_server_version},
+  {"alive", conn_alive},
   {"reset", conn_reset},
   {"close", conn_close},
   {"isclosed", conn_isclosed},

@@ -232,6 +232,45 @@ static int core_intify(lua_State *L) {
   return 1;
 }
 
+/*
+ * core.conninfo_keys(conninfo) -> { keyword = true, ... } for the keywords
+ * the string sets (keyword/value or URI), or nil, err when libpq cannot
+ * parse it.  The values are not returned: they may hold a password.
+ */
+static int core_conninfo_keys(lua_State *L) {
+  const char *s = luaL_checkstring(L, 1);
+  char *err = NULL;
+  PQconninfoOption *opts = PQconninfoParse(s, &err), *o;
+  if (!opts) {
+    lua_pushnil(L);
+    if (err) {
+      pgl_push_trimmed(L, err);
+      PQfreemem(err);
+    } else {
+      lua_pushliteral(L, "out of memory parsing a conninfo");
+    }
+    return 2;
+  }
+  /* Collect the keywords and free the options before any Lua allocation
+   * (which may raise and would leak them).  libpq copies the option structs
+   * from its static PQconninfoOptions table, so `keyword` points to static
+   * strings that outlive PQconninfoFree; only `val` is allocated. */
+  {
+    int n = 0, i = 0;
+    const char *keys[128];
+    for (o = opts; o->keyword; o++)
+      if (o->val && *o->val && n < 128)
+        keys[n++] = o->keyword; /* keywords are static strings inside libpq */
+    PQconninfoFree(opts);
+    lua_createtable(L, 0, n);
+    for (i = 0; i < n; i++) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, keys[i]);
+    }
+  }
+  return 1;
+}
+
 static int core_libpq_version(lua_State *L) {
   lua_pushinteger(L, PQlibVersion());
   return 1;
@@ -245,12 +284,14 @@ static const luaL_Reg core_funcs[] = {
   {"setup", core_setup},
   {"intify", core_intify},
   {"libpq_version", core_libpq_version},
+  {"conninfo_keys", core_conninfo_keys},
   {NULL, NULL}
 };
 
 PGL_EXPORT int luaopen_pglisten_core(lua_State *L) {
   pgl_result_open(L);
   pgl_conn_open(L);
+  pgl_pipeline_open(L);
   /* defaults until the facade calls setup(): NULL as a null lightuserdata,
    * no JSON (tables as parameters raise, json columns stay strings) */
   lua_pushlightuserdata(L, NULL);

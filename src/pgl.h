@@ -49,6 +49,15 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
 void pgl_conn_open(lua_State *L);          /* registers metatables; leaves nothing */
 int pgl_conn_connect(lua_State *L);        /* core.connect(conninfo, timeout) */
 pgl_conn *pgl_checkconn(lua_State *L, int idx); /* raises if closed */
+/* Pushes nil, "what: libpq's message"[, "08006" when the connection is gone];
+ * returns the count. */
+int pgl_conn_fail(lua_State *L, pgl_conn *c, const char *what);
+/* After a client-side timeout: shuts the socket down so that libpq marks the
+ * connection bad, and drops what libpq still holds. */
+void pgl_conn_abandon(pgl_conn *c);
+
+/* pipeline.c */
+void pgl_pipeline_open(lua_State *L);      /* adds conn:execmany; leaves nothing */
 
 /* result.c */
 void pgl_result_open(lua_State *L);

@@ -12,6 +12,8 @@ local cjson = require "cjson"
 local M = {}
 
 M._VERSION = "lua-pglisten " .. core._VERSION
+--- The C core (pglisten.core), for the runner and the curious.
+M.core = core
 
 --- The value SQL NULL and JSON null come back as (lua-cjson's `cjson.null`).
 M.null = cjson.null
@@ -63,6 +65,8 @@ M.now = core.now
 M.monotonic = core.monotonic
 --- Sleeps `seconds`; returns `nil, "interrupted"` when the runner got a signal.
 M.sleep = core.sleep
+--- libpq's version as an integer (150018 for 15.18).
+M.libpq_version = core.libpq_version
 
 ---------------------------------------------------------------------------
 -- Messages without passwords
@@ -139,6 +143,26 @@ local function check_channel(ch, argn)
   return ch
 end
 
+--- TCP keepalives that notice a dead peer within about a minute (libpq's
+-- default leaves idle/interval to the kernel: two hours).
+M.KEEPALIVES = { keepalives = "1", keepalives_idle = "30", keepalives_interval = "10", keepalives_count = "3" }
+
+--- Adds M.KEEPALIVES to a conninfo for the keywords it does not set.
+-- A conninfo libpq cannot parse is returned as it is (connect reports it).
+function M.with_keepalives(conninfo)
+  local set = core.conninfo_keys(conninfo)
+  if not set then return conninfo end
+  local add = {}
+  for _, k in ipairs({ "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count" }) do
+    if not set[k] then add[#add + 1] = k .. "=" .. M.KEEPALIVES[k] end
+  end
+  if #add == 0 then return conninfo end
+  if conninfo:match("^postgres[a-z]*://") then
+    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. table.concat(add, "&")
+  end
+  return (conninfo == "" and "" or (conninfo .. " ")) .. table.concat(add, " ")
+end
+
 --- Connects to PostgreSQL.
 -- @tparam[opt] string conninfo keyword/value string or `postgres://` URI;
 --   nil or "" uses libpq's defaults (PGHOST, PGPORT, PGUSER, ...).
@@ -158,7 +182,7 @@ function M.connect(conninfo, opts)
   if type(timeout) ~= "number" or timeout <= 0 then
     error("bad argument #2 to 'connect' (opts.timeout must be a positive number)", 2)
   end
-  local conn, err = core.connect(conninfo or "", timeout)
+  local conn, err = core.connect(M.with_keepalives(conninfo or ""), timeout)
   if not conn then return nil, redact(err, conninfo) end
   if opts.query_timeout then conn:settimeout(opts.query_timeout) end
   state[conn] = {
@@ -198,8 +222,9 @@ end
 
 -- A broken connection outside a transaction is reset before a call; inside
 -- one the transaction is gone and the caller must know.
+local alive = methods.alive
 local function heal(conn)
-  if conn:status() == "ok" then return true end
+  if alive(conn) then return true end
   local s = st(conn)
   if not s.heal then return nil, "connection lost", "08006" end
   if s.intx then
@@ -230,6 +255,46 @@ function methods:exec(sql, ...)
     s.intx = (tx == "intrans" or tx == "inerror") or nil
   end
   return rows, err, code
+end
+
+local cexecmany = methods.execmany
+
+--- Runs one statement for every parameter tuple of `list`, in libpq's
+-- pipeline mode: the statement is prepared once and all tuples travel in one
+-- round trip, inside one transaction.  Values convert as exec()'s parameters
+-- do; a tuple's length is its field `n` when set, else `#tuple`, so a tuple
+-- whose last value is nil needs `n` (`table.pack` sets it).  Outside a
+-- transaction the batch is its own (BEGIN/COMMIT); inside one, e.g. in
+-- `transaction(fn)`, it runs under `SAVEPOINT pgl_execmany` and a failure
+-- rolls back only the batch, so the outer transaction stays usable.
+-- The query timeout bounds each wait for the server, not the whole batch.
+-- Not for COPY, and not for statements that cannot run in a transaction block.
+-- @tparam string sql one statement with placeholders $1..$n
+-- @tparam table list array of tuples (arrays of values)
+-- @return the sum of the affected-row counts (0 for an empty list, which
+--   sends nothing), or nil, err, sqlstate, index: index is the 1-based tuple
+--   that failed (nil when the failure was not a tuple's); nothing of the
+--   batch is kept and the connection is idle (or back in the caller's
+--   transaction) and usable, unless sqlstate is "08006" (connection lost).
+function methods:execmany(sql, list)
+  check_open(self)
+  if type(sql) ~= "string" then
+    error("bad argument #1 to 'execmany' (string expected, got " .. type(sql) .. ")", 2)
+  end
+  if type(list) ~= "table" then
+    error("bad argument #2 to 'execmany' (table expected, got " .. type(list) .. ")", 2)
+  end
+  if rawlen(list) == 0 then return 0 end
+  local ok, err, code = heal(self)
+  if not ok then return nil, err, code end
+  local n, index
+  n, err, code, index = cexecmany(self, sql, list)
+  local s = state[self]
+  if s then
+    local tx = self:status() == "ok" and self:txstatus() or "idle"
+    s.intx = (tx == "intrans" or tx == "inerror") or nil
+  end
+  return n, err, code, index
 end
 
 -- conn:wait([timeout]) is the C method itself (the hot path): the next

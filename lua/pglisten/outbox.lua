@@ -20,7 +20,7 @@ local M = {}
 M.WAKEUP_CHANNEL = "pglisten_outbox"
 
 --- Default attempts before an event moves to `pglisten.dead`.
-M.MAX_ATTEMPTS = 5
+M.MAX_ATTEMPTS = 10
 
 local null = pg.null
 local concat, floor, mtype = table.concat, math.floor, math.type

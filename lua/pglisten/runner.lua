@@ -199,6 +199,17 @@ function M.permanent(err)
   return false
 end
 
+--- Names the listening connection `lua-pglisten` in pg_stat_activity,
+-- unless the conninfo (or PGAPPNAME) names it already.
+function M.with_application_name(conninfo)
+  local set = pg.core.conninfo_keys(conninfo)
+  if not set or set.application_name or os.getenv("PGAPPNAME") then return conninfo end
+  if conninfo:match("^postgres[a-z]*://") then
+    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. "application_name=lua-pglisten"
+  end
+  return (conninfo == "" and "" or (conninfo .. " ")) .. "application_name=lua-pglisten"
+end
+
 ---------------------------------------------------------------------------
 -- The runner
 ---------------------------------------------------------------------------
@@ -233,10 +244,13 @@ local function excerpt(s, n)
   return s:sub(1, n) .. ("... (%d bytes)"):format(#s)
 end
 
+Runner.errstring = errstring
+
 function Runner.new(opts, spec, log)
   local self = setmetatable({}, Runner)
   self.opts, self.spec, self.log = opts, spec, log
   self.db = opts.db or os.getenv("DATABASE_URL") or ""
+  self.listen_conninfo = M.with_application_name(self.db)
   self.queue = new_queue()
   self.stats = {
     received = 0, handled = 0, failed_decode = 0, failed_handler = 0,
@@ -258,6 +272,7 @@ function Runner:configure()
   self.heartbeat_timeout = s.heartbeat_timeout or D.heartbeat_timeout
   self.stats_interval = o["stats-interval"] or s.stats_interval or D.stats_interval
   self.drain_max = s.batch_size or D.drain
+  if o["single-active"] and not s.single_active then s.single_active = true end
 end
 
 --- Signals since the last look: TERM/INT stop, HUP reload, USR1 stats.
@@ -302,7 +317,7 @@ end
 
 -- One connection attempt: connect, LISTEN.  Returns conn or nil, err.
 function Runner:try_connect()
-  local conn, err = pg.connect(self.db, { timeout = M.DEFAULTS.connect_timeout, heal = false })
+  local conn, err = pg.connect(self.listen_conninfo, { timeout = M.DEFAULTS.connect_timeout, heal = false })
   if not conn then return nil, err end
   local ok, lerr = self:listen_all(conn)
   if not ok then
@@ -339,6 +354,12 @@ function Runner:connect_loop(first)
       self:after_connect(info)
       return conn
     end
+    if err == "standby" then
+      -- single active: another runner leads; try again shortly, quietly
+      attempt, delay = 0, self.reconnect_min
+      self:standby_wait()
+      goto continue
+    end
     if first and M.permanent(err) then return nil, err end
     -- one warning at first, then one every 30 s; every attempt at debug
     local t = now()
@@ -352,6 +373,7 @@ function Runner:connect_loop(first)
     local sleep = delay / 2 + math.random() * delay / 2
     pg.sleep(sleep)
     delay = math.min(delay * 2, self.reconnect_max)
+    ::continue::
   end
 end
 
@@ -477,6 +499,13 @@ function Runner:on_error(err, note, info)
   if not ok then
     self.log.error("on_error failed", { error = errstring(e), traceback = last_traceback, channel = note and note.channel })
   end
+end
+
+-- Calls entry.handler(arg, note) once: true, or false, err, traceback.
+function Runner:call_once(entry, arg, note)
+  local ok, err = xpcall(entry.handler, handler_msgh, arg, note)
+  if ok then return true end
+  return false, err, last_traceback
 end
 
 -- Calls entry.handler(arg, note) with the channel's retry rule.  Returns
@@ -687,6 +716,7 @@ end
 
 M.Runner = Runner
 M.Queue = new_queue
+require("pglisten.scale").extend(Runner)
 
 ---------------------------------------------------------------------------
 -- Entry point
@@ -723,7 +753,6 @@ function M.main(argv)
     end
     return 2
   end
-  if opts["single-active"] then spec.single_active = spec.single_active or true end
   if opts.check then
     for _, name in ipairs(spec.names) do
       local e = spec.channels[name]
