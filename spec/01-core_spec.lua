@@ -508,6 +508,45 @@ describe("life cycle", function()
   end)
 end)
 
+describe("JSON encoding", function()
+  local cases = {
+    { { id = 123456789012345 }, '{"id":123456789012345}' },
+    { { id = math.maxinteger }, '{"id":9223372036854775807}' },
+    { { 1, 2, 3 }, "[1,2,3]" },
+    { {}, "{}" },
+    { { f = 0.1 }, '{"f":0.10000000000000001}' },
+    { { f = 1.0 }, '{"f":1}' },
+    { { s = 'q"b\\n\n\1' }, '{"s":"q\\"b\\\\n\\n\\u0001"}' },
+    { { n = H.pg.null }, '{"n":null}' },
+    { { nan = 0 / 0 }, '{"nan":null}' },
+    { { u = "héllo" }, '{"u":"héllo"}' },
+  }
+  for i, case in ipairs(cases) do
+    it("encodes case " .. i .. " as " .. case[2], function()
+      assert.equal(case[2], pg.json.encode(case[1]))
+    end)
+  end
+
+  it("keeps big integers exact through parameters and notify payloads", function()
+    local c, l = H.connect(), H.connect()
+    assert.equal("123456789012345", c:exec("SELECT ($1::jsonb->>'id') AS v", { id = 123456789012345 })[1].v)
+    assert.equal(9007199254740993, c:exec("SELECT ($1::jsonb->>'id')::int8 AS v", { id = 9007199254740993 })[1].v)
+    assert(l:listen("big"))
+    assert(c:notify("big", { id = 123456789012345 }))
+    assert.equal('{"id":123456789012345}', assert(l:wait(5)).payload)
+    c:close(); l:close()
+  end)
+
+  it("refuses what JSON cannot carry: raises, or nil, err from the safe variant", function()
+    local t = {}; t.self = t
+    assert.has_error(function() pg.json.encode(t) end)
+    assert.has_error(function() pg.json.encode({ f = print }) end)
+    assert.has_error(function() pg.json.encode({ [true] = 1 }) end)
+    local r, err = pg.json.safe.encode(t)
+    assert.is_nil(r); assert.matches("nested deeper", err)
+  end)
+end)
+
 describe("pglisten module", function()
   it("has null, _VERSION and json with safe variants", function()
     assert.is_string(pg._VERSION)

@@ -92,11 +92,22 @@ function H.runner_backend(db)
   return r and r[1] and r[1].pid
 end
 
---- Writes a file into the test dir; returns its path.
+-- A path in the test dir that no earlier spec used: busted reloads this
+-- module for every spec file, so a counter alone would repeat.
 local fileseq = 0
+local function fresh(fmt)
+  while true do
+    fileseq = fileseq + 1
+    local path = fmt:format(fileseq)
+    local f = io.open(path, "r")
+    if not f and not io.open(path .. ".pid", "r") then return path end
+    if f then f:close() end
+  end
+end
+
+--- Writes a file into the test dir; returns its path.
 function H.file(name, content)
-  fileseq = fileseq + 1
-  local path = ("%s/%d-%s"):format(H.dir, fileseq, name)
+  local path = fresh(H.dir .. "/%d-" .. name)
   local f = assert(io.open(path, "w"))
   f:write(content)
   f:close()
@@ -116,8 +127,7 @@ end
 -- `kill(sig)`, `wait(timeout)` -> exit code or nil, `stderr()`, `stdout()`.
 -- The pid is recorded so that with-pg.sh kills it if a spec leaves it behind.
 function H.spawn(argv, env)
-  fileseq = fileseq + 1
-  local base = ("%s/proc%d"):format(H.dir, fileseq)
+  local base = fresh(H.dir .. "/proc%d")
   local parts = {}
   for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. H.q(v) end
   local cmd = {}

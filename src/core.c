@@ -301,6 +301,7 @@ PGL_EXPORT int luaopen_pglisten_core(lua_State *L) {
   lua_getfield(L, -1, "__index");
   lua_setfield(L, -3, "conn_methods");
   lua_pop(L, 1);
+  pgl_json_open(L);
   lua_pushliteral(L, PGL_VERSION);
   lua_setfield(L, -2, "_VERSION");
   return 1;

@@ -56,6 +56,9 @@ int pgl_conn_fail(lua_State *L, pgl_conn *c, const char *what);
  * connection bad, and drops what libpq still holds. */
 void pgl_conn_abandon(pgl_conn *c);
 
+/* json.c */
+void pgl_json_open(lua_State *L);          /* adds core.json_encode to the table on top */
+
 /* pipeline.c */
 void pgl_pipeline_open(lua_State *L);      /* adds conn:execmany; leaves nothing */
 

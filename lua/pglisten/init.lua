@@ -31,24 +31,31 @@ M.MAX_CHANNEL = 63
 -- Our own cjson instances, so that a script that reconfigures `cjson` does
 -- not change how payloads are decoded.
 local enc = cjson.new()
-enc.encode_sparse_array(true)        -- {[1]=1,[5]=5} becomes an object, not an error
-enc.encode_invalid_numbers("null")   -- NaN/inf cannot be JSON
 local safe = require("cjson.safe").new()
-safe.encode_sparse_array(true)
-safe.encode_invalid_numbers("null")
 local intify = core.intify
-local raw_decode, safe_decode, safe_encode = enc.decode, safe.decode, safe.encode
+local raw_decode, safe_decode = enc.decode, safe.decode
 
---- JSON as this module uses it.  `decode` returns integers for integral
--- numbers (lua-cjson 2.1 alone returns floats), JSON null as `pglisten.null`.
+--- JSON as this module uses it.  `encode` writes Lua integers exactly and
+-- floats with 17 digits.  `decode` (lua-cjson) returns integers for integral
+-- numbers up to 2^53 (lua-cjson 2.1 alone returns floats; beyond 2^53 its
+-- doubles have already rounded them), JSON null as `pglisten.null`.
 -- `encode`/`decode` raise on bad input; `safe.encode`/`safe.decode` return
 -- `nil, err` instead.
+-- Encoding is ours (src/json.c): lua-cjson 2.1.0 prints numbers with
+-- "%.14g", which would change 123456789012345 into 1.2345678901234e+14.
+local json_encode = core.json_encode
+local function safe_json_encode(v)
+  local ok, s = pcall(json_encode, v)
+  if ok then return s end
+  return nil, s
+end
+
 M.json = {
-  encode = enc.encode,
+  encode = json_encode,
   decode = function(s) return intify(raw_decode(s)) end,
   null = cjson.null,
   safe = {
-    encode = safe_encode,
+    encode = safe_json_encode,
     decode = function(s)
       local v, err = safe_decode(s)
       if v == nil then return nil, err end
@@ -57,7 +64,7 @@ M.json = {
   },
 }
 
-core.setup(enc.encode, M.json.safe.decode, cjson.null)
+core.setup(json_encode, M.json.safe.decode, cjson.null)
 
 --- Current time in seconds since the epoch, with microseconds.
 M.now = core.now
@@ -366,7 +373,7 @@ function methods:notify(channel, payload)
   if not ch then return nil, err end
   local tp = type(payload)
   if tp == "table" then
-    payload = enc.encode(payload)
+    payload = json_encode(payload)
   elseif tp == "nil" then
     payload = ""
   elseif tp ~= "string" then

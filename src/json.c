@@ -1,0 +1,233 @@
+/*
+ * json.c -- core.json_encode: a JSON encoder that keeps Lua integers exact.
+ *
+ * lua-cjson 2.1.0 (Debian 12) formats every number with "%.14g", so the
+ * integer 123456789012345 leaves as 1.2345678901234e+14 and comes back
+ * changed: unacceptable for ids.  Decoding stays with lua-cjson.  This writes
+ * integers with all their digits and floats with 17 significant digits (NaN
+ * and infinities, which JSON cannot hold, as null).  The text grows in a
+ * malloc'd buffer owned by a userdata with __gc, so an error anywhere (a bad
+ * value, out of memory) leaks nothing; luaL_Buffer cannot be used because
+ * the encoder pushes keys and values between its additions.
+ *
+ * Tables: a table whose keys are exactly 1..n is an array (an empty table is
+ * {}); any other table is an object whose keys must be strings or numbers.
+ * The null sentinel (pglisten.null) is null.  Nesting beyond 1000 levels
+ * (or a cycle) raises, as do values JSON cannot carry (functions, ...).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "pgl.h"
+
+#include <stdlib.h>
+
+#define MAX_DEPTH 1000
+#define JBUF_MT "pglisten.jsonbuf"
+
+typedef struct jbuf {
+  char *p;
+  size_t n, cap;
+} jbuf;
+
+static int jbuf_gc(lua_State *L) {
+  jbuf *j = (jbuf *)luaL_checkudata(L, 1, JBUF_MT);
+  free(j->p);
+  j->p = NULL;
+  j->n = j->cap = 0;
+  return 0;
+}
+
+static void jput(lua_State *L, jbuf *j, const char *s, size_t len) {
+  if (len > j->cap - j->n) {
+    size_t cap = j->cap ? j->cap : 256;
+    char *np;
+    while (cap - j->n < len)
+      cap *= 2;
+    np = (char *)realloc(j->p, cap);
+    if (!np)
+      luaL_error(L, "not enough memory to encode JSON");
+    j->p = np;
+    j->cap = cap;
+  }
+  memcpy(j->p + j->n, s, len);
+  j->n += len;
+}
+
+static void jputs(lua_State *L, jbuf *j, const char *s) {
+  jput(L, j, s, strlen(s));
+}
+
+static void jputc(lua_State *L, jbuf *j, char c) {
+  jput(L, j, &c, 1);
+}
+
+static void put_string(lua_State *L, jbuf *b, const char *s, size_t len) {
+  static const char hex[] = "0123456789abcdef";
+  size_t i, start = 0;
+  jputc(L, b, '"');
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    const char *esc = NULL;
+    char u[7];
+    if (ch >= 0x20 && ch != '"' && ch != '\\' && ch != 0x7f)
+      continue;
+    switch (ch) {
+    case '"': esc = "\\\""; break;
+    case '\\': esc = "\\\\"; break;
+    case '\n': esc = "\\n"; break;
+    case '\r': esc = "\\r"; break;
+    case '\t': esc = "\\t"; break;
+    case '\b': esc = "\\b"; break;
+    case '\f': esc = "\\f"; break;
+    default:
+      u[0] = '\\'; u[1] = 'u'; u[2] = '0'; u[3] = '0';
+      u[4] = hex[ch >> 4]; u[5] = hex[ch & 15]; u[6] = '\0';
+      esc = u;
+    }
+    jput(L, b, s + start, i - start);
+    jputs(L, b, esc);
+    start = i + 1;
+  }
+  jput(L, b, s + start, len - start);
+  jputc(L, b, '"');
+}
+
+static void put_number(lua_State *L, jbuf *b, int idx) {
+  char buf[64];
+  if (lua_isinteger(L, idx)) {
+    snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
+  } else {
+    double x = (double)lua_tonumber(L, idx);
+    if (isnan(x) || isinf(x)) {
+      jputs(L, b, "null");
+      return;
+    }
+    if (x == floor(x) && fabs(x) < 1e15)
+      snprintf(buf, sizeof buf, "%.0f", x); /* 1.0 -> 1, as JSON readers expect */
+    else
+      snprintf(buf, sizeof buf, "%.17g", x);
+  }
+  jputs(L, b, buf);
+}
+
+/* The length n when the table's keys are exactly 1..n, else -1. */
+static lua_Integer array_length(lua_State *L, int idx) {
+  lua_Integer n = 0, max = 0;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1) {
+      lua_Integer k = lua_tointeger(L, -1);
+      if (k > max)
+        max = k;
+      n++;
+    } else {
+      lua_pop(L, 1);
+      return -1;
+    }
+  }
+  return (n > 0 && n == max) ? n : -1;
+}
+
+/* Encodes the value at idx (absolute); the buffer sits below the work. */
+static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+    jputs(L, b, "null");
+    return;
+  case LUA_TBOOLEAN:
+    jputs(L, b, lua_toboolean(L, idx) ? "true" : "false");
+    return;
+  case LUA_TNUMBER:
+    put_number(L, b, idx);
+    return;
+  case LUA_TSTRING: {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    put_string(L, b, s, len);
+    return;
+  }
+  case LUA_TLIGHTUSERDATA:
+    if (lua_rawequal(L, idx, nullidx)) {
+      jputs(L, b, "null");
+      return;
+    }
+    break;
+  case LUA_TTABLE: {
+    lua_Integer n, i;
+    int first = 1;
+    if (depth >= MAX_DEPTH)
+      luaL_error(L, "cannot encode as JSON: nested deeper than %d (a cycle?)", MAX_DEPTH);
+    luaL_checkstack(L, 6, "JSON value nested too deeply");
+    n = array_length(L, idx);
+    if (n > 0) {
+      jputc(L, b, '[');
+      for (i = 1; i <= n; i++) {
+        if (i > 1)
+          jputc(L, b, ',');
+        lua_rawgeti(L, idx, i);
+        encode(L, b, lua_gettop(L), depth + 1, nullidx);
+        lua_pop(L, 1);
+      }
+      jputc(L, b, ']');
+      return;
+    }
+    jputc(L, b, '{');
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      int kt = lua_type(L, -2);
+      if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
+        luaL_error(L, "cannot encode as JSON: a table key of type %s", lua_typename(L, kt));
+      if (!first)
+        jputc(L, b, ',');
+      first = 0;
+      lua_pushvalue(L, -2); /* a copy: tolstring would change a number key in place */
+      {
+        size_t len;
+        const char *k = lua_tolstring(L, -1, &len);
+        put_string(L, b, k, len);
+      }
+      lua_pop(L, 1);
+      jputc(L, b, ':');
+      encode(L, b, lua_gettop(L), depth + 1, nullidx);
+      lua_pop(L, 1);
+    }
+    jputc(L, b, '}');
+    return;
+  }
+  default:
+    break;
+  }
+  luaL_error(L, "cannot encode a %s as JSON", luaL_typename(L, idx));
+}
+
+/* core.json_encode(v) -> string; raises on values JSON cannot carry. */
+static int core_json_encode(lua_State *L) {
+  jbuf *b;
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null); /* 2 */
+  b = (jbuf *)lua_newuserdatauv(L, sizeof *b, 0);   /* 3 */
+  b->p = NULL;
+  b->n = b->cap = 0;
+  luaL_setmetatable(L, JBUF_MT);
+  encode(L, b, 1, 0, 2);
+  lua_pushlstring(L, b->p ? b->p : "", b->n);
+  free(b->p);
+  b->p = NULL;
+  b->n = b->cap = 0;
+  return 1;
+}
+
+/* Adds core.json_encode to the module table on the top of the stack. */
+void pgl_json_open(lua_State *L) {
+  if (luaL_newmetatable(L, JBUF_MT)) {
+    lua_pushcfunction(L, jbuf_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, core_json_encode);
+  lua_setfield(L, -2, "json_encode");
+}
