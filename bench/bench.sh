@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# lua-pglisten beside the peer consumers of ../shared/bench (make bench).
+#
+#   bench/bench.sh
+#
+# Runs a copy of ../shared/bench (read-only; copied so that `npm install` can
+# put node-postgres there) with the runner added as extra consumers:
+#   run.sh   lua-pglisten         bench/consumers/notes.lua   JSON decode + per-note handler
+#   sync.sh  lua-pglisten-upsert  bench/consumers/upsert.lua  one conn:exec upsert per note
+#            lua-pglisten-batch   bench/consumers/batch.lua   batch handler, conn:execmany
+# and writes the tables, the machine and the commands to bench/RESULTS.md.
+#
+# Environment (defaults sized for a 2-core machine, a few minutes in all):
+#   BENCH_N (200000)          notes per run.sh measurement
+#   BENCH_SYNC_N (50000)      rows per sync.sh measurement
+#   BENCH_RUNS (3)            runs per median
+#   BENCH_BATCH (1000)        notes/rows per producer transaction
+#   BENCH_RATE (2000)         notes/s in run.sh's latency run
+#   BENCH_ONLY (all)          run | sync: one of the two scripts
+#   BENCH_NO_DEPS=1           do not apt-get/npm install anything
+#   BENCH_SHARED              the peer bench (default ../shared/bench)
+#   BENCH_RESULTS             where to write (default bench/RESULTS.md)
+# Exit status: 0 when every lua-pglisten row is lossless / complete.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+shared=${BENCH_SHARED:-$repo/../shared/bench}
+runner=$repo/build/lua-pglisten
+results=${BENCH_RESULTS:-$here/RESULTS.md}
+N=${BENCH_N:-200000} SYNC_N=${BENCH_SYNC_N:-50000} RUNS=${BENCH_RUNS:-3}
+B=${BENCH_BATCH:-1000} RATE=${BENCH_RATE:-2000} ONLY=${BENCH_ONLY:-all}
+
+[ -d "$shared" ] || { echo "bench: no peer bench at $shared (set BENCH_SHARED)" >&2; exit 1; }
+shared=$(cd "$shared" && pwd)
+if [ ! -x "$runner" ]; then make -C "$repo" --no-print-directory || exit 1; fi
+
+tmp=$(mktemp -d /tmp/pglbench-lua.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+export BENCH_LUA_LOG=$tmp/lua.log   # the consumers append their RESULT lines here
+say() { printf '%s\n' "$*" >&2; }
+
+# --- The peers' runtimes (root only; whatever cannot be installed is skipped) ---
+install_peer_deps() {
+  [ "${BENCH_NO_DEPS:-}" = 1 ] && return
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return
+  local p missing=
+  for p in time bc python3-psycopg2 ruby ruby-pg nodejs npm; do
+    case $p in   # a runtime from elsewhere (nodesource bundles npm) stays as it is
+      nodejs) command -v node >/dev/null && continue ;;
+      npm) command -v npm >/dev/null && continue ;;
+    esac
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  [ -z "$missing" ] && return
+  say "bench: installing$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq $missing </dev/null >"$tmp/apt.log" 2>&1 && return
+  apt-get update -qq </dev/null >>"$tmp/apt.log" 2>&1
+  for p in $missing; do
+    apt-get install -y -qq "$p" </dev/null >>"$tmp/apt.log" 2>&1 || say "bench: $p not installed (skipped)"
+  done
+}
+
+# --- A writable copy of the peer bench, with node-postgres when npm works ---
+copy_bench() {
+  cp -r "$shared" "$tmp/bench" && chmod -R u+w "$tmp/bench" || return 1
+  rm -rf "$tmp/bench/node_modules"
+  [ "${BENCH_NO_DEPS:-}" = 1 ] && [ -d "$shared/node_modules/pg" ] && cp -r "$shared/node_modules" "$tmp/bench/"
+  if [ ! -d "$tmp/bench/node_modules/pg" ] && command -v npm >/dev/null && command -v node >/dev/null; then
+    if ! (cd "$tmp/bench" && npm install --no-audit --no-fund --prefer-offline --loglevel=error) \
+        >"$tmp/npm.log" 2>&1; then
+      say "bench: npm install failed, node-pg skipped: $(tail -n1 "$tmp/npm.log")"
+      rm -rf "$tmp/bench/node_modules"
+    fi
+  fi
+}
+
+# --- The machine ---
+PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)}
+machine() {
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "- CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1), nproc $(nproc)"
+  echo "- PostgreSQL server: $("$PGBIN/postgres" --version 2>/dev/null) (throwaway cluster from pgtmp.sh: fsync, synchronous_commit, full_page_writes off)"
+  echo "- libpq: $(pkg-config --modversion libpq 2>/dev/null) ($("$runner" --version 2>/dev/null))"
+  echo "- peers: $(/usr/bin/python3 -c 'import sys, psycopg2; print("python", sys.version.split()[0], "psycopg2", psycopg2.__version__.split()[0])' 2>/dev/null || echo 'psycopg2 missing');" \
+    "$(ruby -e 'require "pg"; print "ruby #{RUBY_VERSION} ruby-pg #{PG::VERSION}"' 2>/dev/null || echo 'ruby-pg missing');" \
+    "$( [ -d "$tmp/bench/node_modules/pg" ] && echo "node $(node --version) pg $(node -p 'require(process.argv[1]).version' "$tmp/bench/node_modules/pg/package.json")" || echo 'node-pg missing')"
+  echo "- kernel: $(uname -sr)"
+  echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; runner built $(date -u -r "$runner" '+%Y-%m-%d %H:%M UTC')"
+}
+
+# --- The runs ---
+run_cmd=("lua-pglisten=$runner --log-level warn $here/consumers/notes.lua")
+# sync.sh exports BENCH_SRC_DB=source; the runner's listening connection is
+# its --db, which a NAME=COMMAND cannot take from the environment.  The
+# consumers check that the database they listen in is $BENCH_SRC_DB.
+src_db=$(sed -n 's/.*BENCH_SRC_DB=\([A-Za-z0-9_]*\).*/\1/p' "$shared/sync.sh" | head -n1)
+src_db=${src_db:-source}
+sync_cmd=("lua-pglisten-upsert=$runner --log-level warn --db dbname=$src_db $here/consumers/upsert.lua"
+          "lua-pglisten-batch=$runner --log-level warn --db dbname=$src_db $here/consumers/batch.lua")
+
+run_run() {
+  say "bench: run.sh (N=$N, $RUNS runs)"
+  BENCH_N=$N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_RATE=$RATE "$tmp/bench/run.sh" "${run_cmd[@]}" 2>"$tmp/run.err" | tee "$tmp/run.out" >&2
+}
+run_sync() {
+  say "bench: sync.sh (N=$SYNC_N, $RUNS runs)"
+  BENCH_N=$SYNC_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/sync.sh" "${sync_cmd[@]}" 2>"$tmp/sync.err" | tee "$tmp/sync.out" >&2
+}
+
+# sync.sh prints no producer-alone figure: the same inserts with no listener
+# (schema and loop as in sync.sh) bound what any sync consumer can reach.
+sync_producer_alone() {
+  (
+    . "$tmp/bench/pgtmp.sh"
+    pg_up >/dev/null || exit 1
+    psql -qX -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE source" >/dev/null
+    psql -qX -v ON_ERROR_STOP=1 -d source >/dev/null <<'SQL'
+CREATE TABLE users (id int PRIMARY KEY, name text, email text);
+CREATE FUNCTION users_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('users', row_to_json(NEW)::text); RETURN NEW; END $$;
+CREATE TRIGGER users_notify AFTER INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION users_notify();
+SQL
+    t0=$(date +%s.%N)
+    psql -qX -v ON_ERROR_STOP=1 -d source >/dev/null <<SQL
+DO \$\$ BEGIN
+  FOR k IN 0..($SYNC_N/$B - 1) LOOP
+    INSERT INTO users SELECT g, 'user' || g, 'user' || g || '@example.com' FROM generate_series(k*$B + 1, (k+1)*$B) g;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+    t1=$(date +%s.%N)
+    echo "sync producer alone, no listener: $(echo "$SYNC_N / ($t1 - $t0)" | bc) rows/s ($SYNC_N in transactions of $B)"
+  )
+}
+
+# --- Targets (from the issue), computed from the tables ---
+# run.sh row: | name | backlog | vs drain | live | p50 | p99 | RSS MiB | lossless |
+# sync.sh row: | name | rows/s | vs first | RSS MiB | complete |
+targets() {
+  awk -F'|' -v run="$tmp/run.out" -v sync="$tmp/sync.out" '
+    function t(s) { gsub(/^ +| +$/, "", s); return s }
+    function row(what, got, ok) { printf "| %s | %s | %s |\n", what, got, ok ? "met" : "**not met**" }
+    FILENAME == run && /^\| / && $3 ~ /[0-9]/ {
+      n = t($2); rate[n] = t($3); p50[n] = t($6); p99[n] = t($7); rss[n] = t($8)
+      if (n != "drain" && n !~ /^lua-pglisten/ && rate[n] > best) { best = rate[n]; bestn = n }
+    }
+    FILENAME == sync && /^\| / && $3 ~ /[0-9]/ { n = t($2); srate[n] = t($3); sok[n] = t($6) }
+    END {
+      print "| target | measured | |"
+      print "|---|---|---|"
+      L = "lua-pglisten"
+      if (L in rate && "drain" in rate) {
+        row("backlog drain >= 0.35 x bare C drain", sprintf("%.0f / %.0f = %.2f", rate[L], rate["drain"], rate[L] / rate["drain"]), rate[L] >= 0.35 * rate["drain"])
+        if (best > 0) row("backlog drain >= 2 x fastest peer (" bestn ")", sprintf("%.0f / %.0f = %.2f", rate[L], best, rate[L] / best), rate[L] >= 2 * best)
+        row("peak RSS < 16 MiB", rss[L] " MiB", rss[L] < 16)
+        row("latency p50 within 50 us of drain", sprintf("%s vs %s us (%+d)", p50[L], p50["drain"], p50[L] - p50["drain"]), p50[L] - p50["drain"] <= 50)
+        row("latency p99 within 2 x drain", sprintf("%s vs %s us (%.2f x)", p99[L], p99["drain"], p99["drain"] > 0 ? p99[L] / p99["drain"] : 0), p99[L] <= 2 * p99["drain"])
+      }
+      B = "lua-pglisten-batch"; U = "lua-pglisten-upsert"; P = "psycopg2"
+      if (B in srate) row("sync, batch handler + execmany >= 100,000 rows/s, target complete", srate[B] " rows/s, complete: " sok[B], srate[B] >= 100000 && sok[B] == "yes")
+      if (U in srate && P in srate) row("sync, per-note upsert >= psycopg2", sprintf("%.0f / %.0f = %.2f x, complete: %s", srate[U], srate[P], srate[U] / srate[P], sok[U]), srate[U] >= srate[P] && sok[U] == "yes")
+      if (B in srate && P in srate) printf "| (sync, batch vs psycopg2) | %.2f x | |\n", srate[B] / srate[P]
+    }' "$tmp/run.out" "$tmp/sync.out"
+}
+
+write_results() {
+  {
+    echo "# lua-pglisten beside the peer consumers"
+    echo
+    echo "Written by \`make bench\` (bench/bench.sh). Figures vary from run to run and machine to"
+    echo "machine: compare the ratios taken within one run."
+    echo
+    echo "## Machine"
+    echo
+    machine
+    echo
+    echo "## Commands"
+    echo
+    echo '```'
+    echo "cp -r $shared \$tmp/bench && cd \$tmp/bench && npm install"
+    if [ "$ONLY" != sync ]; then
+      printf 'BENCH_N=%s BENCH_RUNS=%s BENCH_BATCH=%s BENCH_RATE=%s $tmp/bench/run.sh' "$N" "$RUNS" "$B" "$RATE"
+      printf " \\\\\n  '%s'" "${run_cmd[@]}"; echo
+    fi
+    if [ "$ONLY" != run ]; then
+      printf 'BENCH_N=%s BENCH_RUNS=%s BENCH_BATCH=%s $tmp/bench/sync.sh' "$SYNC_N" "$RUNS" "$B"
+      printf " \\\\\n  '%s'" "${sync_cmd[@]}"; echo
+    fi
+    echo '```'
+    if [ "$ONLY" != sync ]; then
+      echo
+      echo "## Receive: run.sh (JSON payloads on channel bench)"
+      echo
+      echo "Backlog drain: all $N notes queued before the consumer reads (median of $RUNS); vs drain: the"
+      echo "bare libpq loop peers/drain.c (no JSON library). Live burst: reading while the producer sends."
+      echo "Latency: $((RATE * 5)) single-note transactions at $RATE/s. Peak RSS: the last backlog run."
+      echo "lua-pglisten: the runner binary, JSON decoded by the runner, a Lua handler summing ids and"
+      echo "recording latencies (its latency array of $N floats is part of the RSS, as for every peer)."
+      echo
+      cat "$tmp/run.out"
+    fi
+    if [ "$ONLY" != run ]; then
+      echo
+      echo "## Sync: sync.sh (trigger on source.users -> upsert into target.users)"
+      echo
+      echo "rows/s from the first notification to the last upsert done, median of $RUNS; vs first: the"
+      echo "first row of the table. lua-pglisten-upsert: one conn:exec per note; lua-pglisten-batch: a"
+      echo "batch handler (batch = 1000) with conn:execmany, one pipelined transaction per batch."
+      echo
+      cat "$tmp/sync.out"
+      [ -s "$tmp/sync_alone.out" ] && { echo; cat "$tmp/sync_alone.out"; }
+    fi
+    echo
+    echo "## Targets"
+    echo
+    targets
+    if [ -s "$tmp/lua.log" ]; then
+      echo
+      echo "## lua-pglisten RESULT lines"
+      echo
+      echo "Every RESULT line the lua-pglisten consumers printed, in order (the tables keep some fields;"
+      echo "mean_batch is the mean number of notes per batch-handler call)."
+      echo
+      echo '```'
+      cat "$tmp/lua.log"
+      echo '```'
+    fi
+  } >"$results"
+}
+
+install_peer_deps
+copy_bench || { echo "bench: cannot copy $shared" >&2; exit 1; }
+: >"$tmp/run.out"; : >"$tmp/sync.out"
+[ "$ONLY" != sync ] && run_run
+if [ "$ONLY" != run ]; then
+  run_sync
+  sync_producer_alone >"$tmp/sync_alone.out" 2>/dev/null && cat "$tmp/sync_alone.out" >&2
+fi
+for f in run sync; do
+  [ -s "$tmp/$f.err" ] && { say "bench: $f.sh stderr:"; tail -n 20 "$tmp/$f.err" >&2; }
+done
+write_results
+say "bench: wrote $results"
+
+# every lua-pglisten row lossless / complete?
+bad=$(grep -h '^| lua-pglisten' "$tmp/run.out" "$tmp/sync.out" | grep -v '| yes |$' || true)
+if [ -n "$bad" ]; then
+  say "bench: lua-pglisten incomplete:"; say "$bad"
+  exit 1
+fi
+exit 0

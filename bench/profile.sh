@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Where the runner's hot path spends its instructions: callgrind on a backlog drain.
+#
+#   bench/profile.sh
+#
+# Starts a throwaway PostgreSQL (../shared/bench/pgtmp.sh), starts the runner
+# (build/lua-pglisten with bench/consumers/notes.lua: JSON decoding and the
+# per-note handler) under valgrind --tool=callgrind in backlog mode, queues
+# PROFILE_N JSON notifications as run.sh does, releases it, and prints the
+# total instruction count (Ir), Ir per notification, Ir by shared object and
+# the top functions by inclusive cost (callgrind_annotate).
+#
+# Debian's liblua5.4.so and lua-cjson's cjson.so are stripped, so their
+# internal functions have no names in that profile.  When liblua5.4.a is
+# there (liblua5.4-dev) a second run profiles the same src/main.c linked
+# statically against it (built in a temp dir; same modules, same scripts) to
+# name the interpreter's functions.  A last native run counts the Lua lines
+# the runner executes per note (consumers/notes_lines.lua, a line hook).
+#
+# Environment: PROFILE_N (100000), PROFILE_BASE_N (1000: a second, short run
+#   whose Ir is subtracted to get the cost of one more note), PROFILE_TOP (15),
+#   PROFILE_STATIC (1: the symbolized run), PROFILE_LINES (1: the line count),
+#   PROFILE_DIR (where the callgrind files are kept; default a new /tmp dir).
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+shared=${BENCH_SHARED:-$repo/../shared/bench}
+runner=$repo/build/lua-pglisten
+N=${PROFILE_N:-100000} BASE_N=${PROFILE_BASE_N:-1000} TOP=${PROFILE_TOP:-15} B=1000
+dir=${PROFILE_DIR:-$(mktemp -d /tmp/pglprofile.XXXXXX)}
+mkdir -p "$dir"
+command -v valgrind >/dev/null && command -v callgrind_annotate >/dev/null ||
+  { echo "profile: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+if [ ! -x "$runner" ]; then make -C "$repo" --no-print-directory || exit 1; fi
+. "$shared/pgtmp.sh"   # read-only is fine: it is only sourced
+pg_up || exit 1
+trap pg_down EXIT
+
+produce() {   # $1 notifications on channel bench, B per transaction (run.sh's burst)
+  psql -qX -v ON_ERROR_STOP=1 >/dev/null <<SQL
+DO \$\$ BEGIN
+  FOR k IN 0..($1/$B - 1) LOOP
+    PERFORM pg_notify('bench', json_build_object('id', g, 'ts', (extract(epoch from clock_timestamp())*1e6)::bigint,
+      'name', 'user' || g, 'email', 'user' || g || '@example.com', 'active', true)::text)
+      FROM generate_series(k*$B + 1, (k+1)*$B) g;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+}
+
+# backlog <n> <name> <command...>: the command reads nothing until n notes are queued
+backlog() {
+  local n=$1 name=$2 i; shift 2
+  local out=$dir/$name.stdout go=$dir/$name.go
+  rm -f "$go"
+  BENCH_GO=$go BENCH_N=$n "$@" >"$out" 2>"$dir/$name.stderr" &
+  local pid=$!
+  for i in $(seq 1200); do grep -q READY "$out" 2>/dev/null && break; sleep 0.1; done
+  produce "$n"
+  touch "$go"
+  wait $pid || { echo "profile: $name failed:" >&2; tail -n5 "$dir/$name.stderr" >&2; return 1; }
+  grep RESULT "$out" >&2
+}
+
+total_ir() { sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$1"; }
+
+# Ir by shared object, from callgrind_annotate's self costs
+by_object() {
+  callgrind_annotate --threshold=100 "$1" 2>/dev/null | awk -v total="$(total_ir "$1")" '
+    /^ *[0-9,]+ .*[:(]/ {
+      ir = $1; gsub(",", "", ir)
+      obj = "?"
+      if (match($0, /\[[^]]*\]$/)) obj = substr($0, RSTART + 1, RLENGTH - 2)
+      else if (match($0, /[^ ]+:/)) obj = substr($0, RSTART, RLENGTH - 1)
+      n = split(obj, parts, "/"); obj = parts[n]
+      sum[obj] += ir
+    }
+    END { for (o in sum) printf "%6.1f%%  %16.0f  %s\n", 100 * sum[o] / total, sum[o], o }' | sort -rn | head -n 12
+}
+
+top() {   # top functions of a callgrind file: $2 = yes (inclusive) | no (self)
+  callgrind_annotate --inclusive="$2" --threshold=100 "$1" 2>/dev/null |
+    awk -v top="$TOP" 'f && /^ *[0-9,]+ / { print; if (++k == top) exit } /^-+$/ && seen { f = 1 } /Ir/ && /file:function/ { seen = 1 }'
+}
+
+profile() {   # profile <label> <binary>
+  local label=$1 bin=$2 ir ir_base
+  echo "== $label: $bin"
+  backlog "$N" "$label" valgrind --tool=callgrind --callgrind-out-file="$dir/$label.callgrind" \
+    "$bin" --log-level warn "$here/consumers/notes.lua" || return 1
+  backlog "$BASE_N" "$label-base" valgrind --tool=callgrind --callgrind-out-file="$dir/$label-base.callgrind" \
+    "$bin" --log-level warn "$here/consumers/notes.lua" || return 1
+  ir=$(total_ir "$dir/$label.callgrind") ir_base=$(total_ir "$dir/$label-base.callgrind")
+  echo
+  echo "total Ir: $ir for $N notifications = $((ir / N)) Ir per notification (start-up included)"
+  echo "one more notification: $(( (ir - ir_base) / (N - BASE_N) )) Ir (($ir - $ir_base) / ($N - $BASE_N); start-up excluded)"
+  echo
+  echo "-- Ir by object (self cost)"
+  by_object "$dir/$label.callgrind"
+  echo
+  echo "-- top $TOP functions by inclusive cost"
+  top "$dir/$label.callgrind" yes
+  echo
+  echo "-- top $TOP functions by self cost"
+  top "$dir/$label.callgrind" no
+  echo
+}
+
+profile runner "$runner" || exit 1
+
+if [ "${PROFILE_STATIC:-1}" = 1 ] && [ -f /usr/lib/x86_64-linux-gnu/liblua5.4.a ]; then
+  # same flags as the Makefile's runner, but the interpreter linked in with its symbols
+  lua_cflags=$(pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+  if cc -O2 -g -std=c99 -D_POSIX_C_SOURCE=200809L -DPGL_VERSION='"profile"' $lua_cflags \
+      -DPGL_LPATH="\"$repo/lua/?.lua;$repo/lua/?/init.lua\"" -DPGL_CPATH="\"$repo/build/?.so\"" \
+      -o "$dir/lua-pglisten-static" "$repo/src/main.c" -Wl,-E /usr/lib/x86_64-linux-gnu/liblua5.4.a -lm -ldl; then
+    profile static-lua "$dir/lua-pglisten-static"
+  fi
+fi
+
+if [ "${PROFILE_LINES:-1}" = 1 ]; then
+  ln=$((N / 5))
+  echo "== Lua lines executed per notification (line hook, $ln notes, native)"
+  PROFILE_LINES_OUT=$dir/lines.txt backlog "$ln" lines "$runner" --log-level warn "$here/consumers/notes_lines.lua" &&
+    head -n 40 "$dir/lines.txt"
+fi
+echo
+echo "callgrind files kept in $dir (callgrind_annotate --inclusive=yes FILE)"
