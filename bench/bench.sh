@@ -8,7 +8,11 @@
 #   run.sh   lua-pglisten         bench/consumers/notes.lua   JSON decode + per-note handler
 #   sync.sh  lua-pglisten-upsert  bench/consumers/upsert.lua  one conn:exec upsert per note
 #            lua-pglisten-batch   bench/consumers/batch.lua   batch handler, conn:execmany
-# and writes the tables, the machine and the commands to bench/RESULTS.md.
+#            lua-pglisten-batch-drain1000  consumers/batch_drain.lua  the same, batch_size = 1000
+# then, on a cluster of its own, sync.sh's inserts with no listener and the
+# batch consumers with every row queued before they read (their capacity),
+# and writes the tables, the machine, the commands and the targets to
+# bench/RESULTS.md.  bench/profile.sh is the callgrind profile of the hot path.
 #
 # Environment (defaults sized for a 2-core machine, a few minutes in all):
 #   BENCH_N (200000)          notes per run.sh measurement
@@ -57,7 +61,7 @@ install_peer_deps() {
   apt-get install -y -qq $missing </dev/null >"$tmp/apt.log" 2>&1 && return
   apt-get update -qq </dev/null >>"$tmp/apt.log" 2>&1
   for p in $missing; do
-    apt-get install -y -qq "$p" </dev/null >>"$tmp/apt.log" 2>&1 || say "bench: $p not installed (skipped)"
+    apt-get install -y -qq "$p" </dev/null >>"$tmp/apt.log" 2>&1 || true   # skipped: its peer is left out
   done
 }
 
@@ -86,6 +90,7 @@ machine() {
     "$(ruby -e 'require "pg"; print "ruby #{RUBY_VERSION} ruby-pg #{PG::VERSION}"' 2>/dev/null || echo 'ruby-pg missing');" \
     "$( [ -d "$tmp/bench/node_modules/pg" ] && echo "node $(node --version) pg $(node -p 'require(process.argv[1]).version' "$tmp/bench/node_modules/pg/package.json")" || echo 'node-pg missing')"
   echo "- kernel: $(uname -sr)"
+  echo "- load average (1, 5, 15 min) at start: $load0; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
   echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; runner built $(date -u -r "$runner" '+%Y-%m-%d %H:%M UTC')"
 }
 
@@ -97,7 +102,8 @@ run_cmd=("lua-pglisten=$runner --log-level warn $here/consumers/notes.lua")
 src_db=$(sed -n 's/.*BENCH_SRC_DB=\([A-Za-z0-9_]*\).*/\1/p' "$shared/sync.sh" | head -n1)
 src_db=${src_db:-source}
 sync_cmd=("lua-pglisten-upsert=$runner --log-level warn --db dbname=$src_db $here/consumers/upsert.lua"
-          "lua-pglisten-batch=$runner --log-level warn --db dbname=$src_db $here/consumers/batch.lua")
+          "lua-pglisten-batch=$runner --log-level warn --db dbname=$src_db $here/consumers/batch.lua"
+          "lua-pglisten-batch-drain1000=$runner --log-level warn --db dbname=$src_db $here/consumers/batch_drain.lua")
 
 run_run() {
   say "bench: run.sh (N=$N, $RUNS runs)"
@@ -108,21 +114,26 @@ run_sync() {
   BENCH_N=$SYNC_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/sync.sh" "${sync_cmd[@]}" 2>"$tmp/sync.err" | tee "$tmp/sync.out" >&2
 }
 
-# sync.sh prints no producer-alone figure: the same inserts with no listener
-# (schema and loop as in sync.sh) bound what any sync consumer can reach.
-sync_producer_alone() {
+# sync.sh prints no producer-alone figure, and its consumers read while the
+# producer writes (on 2 cores they share the CPU with it).  On a cluster of
+# our own, with sync.sh's schema and insert loop: the inserts alone, then
+# the batch consumers' own capacity: all rows queued before they read
+# (BENCH_GO, as run.sh's backlog mode), median of RUNS.
+sync_extra() {
   (
     . "$tmp/bench/pgtmp.sh"
     pg_up >/dev/null || exit 1
-    psql -qX -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE source" >/dev/null
-    psql -qX -v ON_ERROR_STOP=1 -d source >/dev/null <<'SQL'
+    export BENCH_SRC_DB=$src_db BENCH_DST_DB=target
+    psql -qX -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE $src_db" -c "CREATE DATABASE target" >/dev/null
+    psql -qX -v ON_ERROR_STOP=1 -d target -c "CREATE TABLE users (id int PRIMARY KEY, name text, email text)" >/dev/null
+    psql -qX -v ON_ERROR_STOP=1 -d "$src_db" >/dev/null <<'SQL'
 CREATE TABLE users (id int PRIMARY KEY, name text, email text);
 CREATE FUNCTION users_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_notify('users', row_to_json(NEW)::text); RETURN NEW; END $$;
 CREATE TRIGGER users_notify AFTER INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION users_notify();
 SQL
-    t0=$(date +%s.%N)
-    psql -qX -v ON_ERROR_STOP=1 -d source >/dev/null <<SQL
+    insert() {
+      psql -qX -v ON_ERROR_STOP=1 -d "$src_db" >/dev/null <<SQL
 DO \$\$ BEGIN
   FOR k IN 0..($SYNC_N/$B - 1) LOOP
     INSERT INTO users SELECT g, 'user' || g, 'user' || g || '@example.com' FROM generate_series(k*$B + 1, (k+1)*$B) g;
@@ -130,8 +141,34 @@ DO \$\$ BEGIN
   END LOOP;
 END \$\$;
 SQL
-    t1=$(date +%s.%N)
+    }
+    truncate() { psql -qX -d "$src_db" -c "TRUNCATE users" && psql -qX -d target -c "TRUNCATE users"; }
+    t0=$(date +%s.%N); insert; t1=$(date +%s.%N)
     echo "sync producer alone, no listener: $(echo "$SYNC_N / ($t1 - $t0)" | bc) rows/s ($SYNC_N in transactions of $B)"
+    echo
+    echo "| sync consumer, rows queued before it reads | rows/s (median of $RUNS) | mean batch | peak RSS MiB | target complete |"
+    echo "|---|---|---|---|---|"
+    local peer name cmd r out=$tmp/extra.out
+    for peer in "${sync_cmd[@]}"; do
+      name=${peer%%=*} cmd=${peer#*=}
+      case $name in *batch*) ;; *) continue ;; esac
+      local rates=() ok=yes rss=0 mean=
+      for r in $(seq "$RUNS"); do
+        truncate; rm -f "$tmp/go"
+        BENCH_GO=$tmp/go BENCH_N=$SYNC_N /usr/bin/time -f "RSS %M" -o "$out.time" timeout 300 $cmd >"$out" 2>"$out.err" &
+        local pid=$! i
+        for i in $(seq 300); do grep -q READY "$out" 2>/dev/null && break; sleep 0.1; done
+        insert; touch "$tmp/go"; wait $pid
+        line=$(grep RESULT "$out" || echo "RESULT failed: $(tail -n2 "$out.err" | tr '\n' ' ')")
+        [ "$(echo "$line" | sed -n 's/.* count=\([0-9]*\).*/\1/p')" = "$SYNC_N" ] &&
+          [ "$(echo "$line" | sed -n 's/.* sum=\([0-9]*\).*/\1/p')" = "$(( SYNC_N * (SYNC_N + 1) / 2 ))" ] || ok="NO: $line"
+        rates+=("$(echo "$line" | sed -n 's/.* rate=\([0-9]*\).*/\1/p')")
+        mean=$(echo "$line" | sed -n 's/.* mean_batch=\([0-9.]*\).*/\1/p')
+        rss=$(awk '/RSS/{print $2}' "$out.time")
+      done
+      printf '| %s | %s | %s | %.1f | %s |\n' "$name" "$(printf '%s\n' "${rates[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')" \
+        "$mean" "$(echo "${rss:-0} / 1024" | bc -l)" "$ok"
+    done
   )
 }
 
@@ -139,21 +176,23 @@ SQL
 # run.sh row: | name | backlog | vs drain | live | p50 | p99 | RSS MiB | lossless |
 # sync.sh row: | name | rows/s | vs first | RSS MiB | complete |
 targets() {
-  awk -F'|' -v run="$tmp/run.out" -v sync="$tmp/sync.out" '
+  awk -F'|' -v run="$tmp/run.out" -v sync="$tmp/sync.out" -v extra="$tmp/sync_extra.out" '
     function t(s) { gsub(/^ +| +$/, "", s); return s }
+    function v(s) { return t(s) + 0 }
     function row(what, got, ok) { printf "| %s | %s | %s |\n", what, got, ok ? "met" : "**not met**" }
     FILENAME == run && /^\| / && $3 ~ /[0-9]/ {
-      n = t($2); rate[n] = t($3); p50[n] = t($6); p99[n] = t($7); rss[n] = t($8)
+      n = t($2); rate[n] = v($3); p50[n] = v($6); p99[n] = v($7); rss[n] = v($8); ok[n] = t($9) == "yes"
       if (n != "drain" && n !~ /^lua-pglisten/ && rate[n] > best) { best = rate[n]; bestn = n }
     }
-    FILENAME == sync && /^\| / && $3 ~ /[0-9]/ { n = t($2); srate[n] = t($3); sok[n] = t($6) }
+    FILENAME == sync && /^\| / && $3 ~ /[0-9]/ { n = t($2); srate[n] = v($3); sok[n] = t($6) }
+    FILENAME == extra && /^\| / && $3 ~ /[0-9]/ { n = t($2); xrate[n] = v($3); xok[n] = t($6) }
     END {
       print "| target | measured | |"
       print "|---|---|---|"
       L = "lua-pglisten"
       if (L in rate && "drain" in rate) {
-        row("backlog drain >= 0.35 x bare C drain", sprintf("%.0f / %.0f = %.2f", rate[L], rate["drain"], rate[L] / rate["drain"]), rate[L] >= 0.35 * rate["drain"])
-        if (best > 0) row("backlog drain >= 2 x fastest peer (" bestn ")", sprintf("%.0f / %.0f = %.2f", rate[L], best, rate[L] / best), rate[L] >= 2 * best)
+        row("backlog drain >= 0.35 x bare C drain, lossless", sprintf("%.0f / %.0f = %.2f, lossless: %s", rate[L], rate["drain"], rate[L] / rate["drain"], ok[L] ? "yes" : "NO"), ok[L] && rate[L] >= 0.35 * rate["drain"])
+        if (best > 0) row("backlog drain >= 2 x fastest peer (" bestn ")", sprintf("%.0f / %.0f = %.2f", rate[L], best, rate[L] / best), ok[L] && rate[L] >= 2 * best)
         row("peak RSS < 16 MiB", rss[L] " MiB", rss[L] < 16)
         row("latency p50 within 50 us of drain", sprintf("%s vs %s us (%+d)", p50[L], p50["drain"], p50[L] - p50["drain"]), p50[L] - p50["drain"] <= 50)
         row("latency p99 within 2 x drain", sprintf("%s vs %s us (%.2f x)", p99[L], p99["drain"], p99["drain"] > 0 ? p99[L] / p99["drain"] : 0), p99[L] <= 2 * p99["drain"])
@@ -161,8 +200,11 @@ targets() {
       B = "lua-pglisten-batch"; U = "lua-pglisten-upsert"; P = "psycopg2"
       if (B in srate) row("sync, batch handler + execmany >= 100,000 rows/s, target complete", srate[B] " rows/s, complete: " sok[B], srate[B] >= 100000 && sok[B] == "yes")
       if (U in srate && P in srate) row("sync, per-note upsert >= psycopg2", sprintf("%.0f / %.0f = %.2f x, complete: %s", srate[U], srate[P], srate[U] / srate[P], sok[U]), srate[U] >= srate[P] && sok[U] == "yes")
+      if (B in xrate) row("(same, rows queued before the consumer reads: its own capacity)", xrate[B] " rows/s, complete: " xok[B], xrate[B] >= 100000 && xok[B] == "yes")
+      D = "lua-pglisten-batch-drain1000"
+      if (D in srate) row("(same with batch_size = 1000)", srate[D] " rows/s live; " (D in xrate ? xrate[D] " rows/s queued" : "") ", complete: " sok[D], srate[D] >= 100000 && sok[D] == "yes")
       if (B in srate && P in srate) printf "| (sync, batch vs psycopg2) | %.2f x | |\n", srate[B] / srate[P]
-    }' "$tmp/run.out" "$tmp/sync.out"
+    }' "$tmp/run.out" "$tmp/sync.out" "$tmp/sync_extra.out"
 }
 
 write_results() {
@@ -197,7 +239,9 @@ write_results() {
       echo "bare libpq loop peers/drain.c (no JSON library). Live burst: reading while the producer sends."
       echo "Latency: $((RATE * 5)) single-note transactions at $RATE/s. Peak RSS: the last backlog run."
       echo "lua-pglisten: the runner binary, JSON decoded by the runner, a Lua handler summing ids and"
-      echo "recording latencies (its latency array of $N floats is part of the RSS, as for every peer)."
+      echo "counting latencies in a histogram exact to 1 us below 10 ms, where the peers keep an array of"
+      echo "every latency (in Lua, $N floats would add about 9 MiB to the peak RSS, garbage included;"
+      echo "BENCH_LAT_ARRAY=1 makes consumers/notes.lua keep the array too)."
       echo
       cat "$tmp/run.out"
     fi
@@ -210,7 +254,19 @@ write_results() {
       echo "batch handler (batch = 1000) with conn:execmany, one pipelined transaction per batch."
       echo
       cat "$tmp/sync.out"
-      [ -s "$tmp/sync_alone.out" ] && { echo; cat "$tmp/sync_alone.out"; }
+      echo
+      echo "lua-pglisten-batch-drain1000: the same batch consumer with the script's batch_size = 1000 (notes"
+      echo "the runner takes from libpq per read; default 256, which caps the batches near 256)."
+      if [ -s "$tmp/sync_extra.out" ]; then
+        echo
+        echo "### The producer alone, and the batch consumers' own capacity"
+        echo
+        echo "sync.sh's consumers read while the producer inserts, and share the CPU with it. The same"
+        echo "schema and inserts on a cluster of bench.sh's own: the inserts with no listener, then each"
+        echo "batch consumer with all $SYNC_N rows queued before it reads (BENCH_GO, as in run.sh's backlog mode)."
+        echo
+        cat "$tmp/sync_extra.out"
+      fi
     fi
     echo
     echo "## Targets"
@@ -232,11 +288,13 @@ write_results() {
 
 install_peer_deps
 copy_bench || { echo "bench: cannot copy $shared" >&2; exit 1; }
-: >"$tmp/run.out"; : >"$tmp/sync.out"
+: >"$tmp/run.out"; : >"$tmp/sync.out"; : >"$tmp/sync_extra.out"
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$ONLY" != sync ] && run_run
 if [ "$ONLY" != run ]; then
   run_sync
-  sync_producer_alone >"$tmp/sync_alone.out" 2>/dev/null && cat "$tmp/sync_alone.out" >&2
+  say "bench: sync producer alone, and the batch consumers' capacity"
+  sync_extra >"$tmp/sync_extra.out" 2>"$tmp/sync_extra.err"; cat "$tmp/sync_extra.out" >&2
 fi
 for f in run sync; do
   [ -s "$tmp/$f.err" ] && { say "bench: $f.sh stderr:"; tail -n 20 "$tmp/$f.err" >&2; }
@@ -245,7 +303,7 @@ write_results
 say "bench: wrote $results"
 
 # every lua-pglisten row lossless / complete?
-bad=$(grep -h '^| lua-pglisten' "$tmp/run.out" "$tmp/sync.out" | grep -v '| yes |$' || true)
+bad=$(grep -h '^| lua-pglisten' "$tmp/run.out" "$tmp/sync.out" "$tmp/sync_extra.out" | grep -v '| yes |$' || true)
 if [ -n "$bad" ]; then
   say "bench: lua-pglisten incomplete:"; say "$bad"
   exit 1

@@ -65,23 +65,53 @@ backlog() {
 
 total_ir() { sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$1"; }
 
-# Ir by shared object, from callgrind_annotate's self costs
+# callgrind_annotate's function list: "Ir (pct)  file:function [object]" lines
+listing() {   # listing FILE yes|no
+  callgrind_annotate --auto=no --threshold=100 --inclusive="$2" "$1" 2>/dev/null |
+    awk '/file:function/ { f = 1; next } f && /^ *[0-9,]+ \(/ { print } f && /^$/ && n++ { exit }'
+}
+
+# Ir by shared object (self cost)
 by_object() {
-  callgrind_annotate --threshold=100 "$1" 2>/dev/null | awk -v total="$(total_ir "$1")" '
-    /^ *[0-9,]+ .*[:(]/ {
-      ir = $1; gsub(",", "", ir)
-      obj = "?"
-      if (match($0, /\[[^]]*\]$/)) obj = substr($0, RSTART + 1, RLENGTH - 2)
-      else if (match($0, /[^ ]+:/)) obj = substr($0, RSTART, RLENGTH - 1)
-      n = split(obj, parts, "/"); obj = parts[n]
-      sum[obj] += ir
-    }
-    END { for (o in sum) printf "%6.1f%%  %16.0f  %s\n", 100 * sum[o] / total, sum[o], o }' | sort -rn | head -n 12
+  listing "$1" no | awk -v total="$(total_ir "$1")" '
+    { ir = $1; gsub(",", "", ir); obj = "(unnamed)"
+      if (match($0, /\[[^]]*\]$/)) { obj = substr($0, RSTART + 1, RLENGTH - 2); n = split(obj, p, "/"); obj = p[n] }
+      sum[obj] += ir }
+    END { for (o in sum) printf "%6.1f%%  %15.0f Ir  %s\n", 100 * sum[o] / total, sum[o], o }' | sort -rn | head -n 8
 }
 
 top() {   # top functions of a callgrind file: $2 = yes (inclusive) | no (self)
-  callgrind_annotate --inclusive="$2" --threshold=100 "$1" 2>/dev/null |
-    awk -v top="$TOP" 'f && /^ *[0-9,]+ / { print; if (++k == top) exit } /^-+$/ && seen { f = 1 } /Ir/ && /file:function/ { seen = 1 }'
+  listing "$1" "$2" | head -n "$TOP"
+}
+
+# Inclusive Ir per notification of the functions that make up the hot path
+# (they overlap: conn_drain includes push_notify, the GC runs inside others).
+where() {   # where FILE N
+  { listing "$1" yes | sed 's/^/I /'; listing "$1" no | sed 's/^/S /'; } | awk -v n="$2" '
+    function add(label, kind, re) { L[++k] = label; K[k] = kind; R[k] = re }
+    BEGIN {
+      add("JSON decode: lua-cjson (cjson.safe.decode: tokens, tables, strings)", "I", "cjson.*MAXCJSON")
+      add("  intify: floats to integers (src/core.c core_intify)", "I", ":core_intify( |$)")
+      add("receive: conn:drain (src/conn.c conn_drain)", "I", ":conn_drain( |$)")
+      add("  note tables: push_notify (4 fields, 2 strings)", "I", ":push_notify( |$)")
+      add("  libpq: PQnotifies (parses the input)", "I", ":PQnotifies( |$)")
+      add("receive: conn:wait (src/conn.c conn_wait)", "I", ":conn_wait( |$)")
+      add("timestamps: pglisten.now (src/core.c core_now)", "I", ":core_now( |$)")
+      add("Lua VM: luaV_execute self (runner loop + handler bytecode)", "S", ":luaV_execute(.2)? \\[")
+      add("Lua tables growing: luaH_resize", "I", ":luaH_resize \\[")
+      add("Lua GC: luaC_step", "I", ":luaC_step \\[")
+      add("malloc + free (libc)", "S", "malloc.c:(_int_malloc|_int_free|malloc|free|realloc|_int_realloc|malloc_consolidate|unlink_chunk[.a-z0-9]*) \\[")
+      add("histogram sort at the end (bench harness): auxsort", "I", ":auxsort \\[")
+    }
+    { ir = $2; gsub(",", "", ir); kind = $1
+      if (kind == "I" && $0 ~ /liblua5.4-cjson/ && ir + 0 > cj) cj = ir + 0
+      # inclusive: the largest match (a function may be listed twice, with and without
+      # its object); self: the sum (luaV_execute and its recursion level, the parts of malloc)
+      for (i = 1; i <= k; i++) if (K[i] == kind && $0 ~ R[i]) v[i] = kind == "S" ? v[i] + ir : (ir + 0 > v[i] ? ir + 0 : v[i]) }
+    END {
+      v[1] = cj
+      for (i = 1; i <= k; i++) if (v[i] > 0) printf "%8.0f Ir  %s\n", v[i] / n, L[i]
+    }'
 }
 
 profile() {   # profile <label> <binary>
@@ -98,6 +128,9 @@ profile() {   # profile <label> <binary>
   echo
   echo "-- Ir by object (self cost)"
   by_object "$dir/$label.callgrind"
+  echo
+  echo "-- where it goes: inclusive Ir per notification (items overlap; unnamed in a stripped library: left out)"
+  where "$dir/$label.callgrind" "$N"
   echo
   echo "-- top $TOP functions by inclusive cost"
   top "$dir/$label.callgrind" yes
@@ -121,9 +154,9 @@ fi
 
 if [ "${PROFILE_LINES:-1}" = 1 ]; then
   ln=$((N / 5))
-  echo "== Lua lines executed per notification (line hook, $ln notes, native)"
+  echo "== Lua VM instructions per notification, by Lua function (count hook, $ln notes, native)"
   PROFILE_LINES_OUT=$dir/lines.txt backlog "$ln" lines "$runner" --log-level warn "$here/consumers/notes_lines.lua" &&
-    head -n 40 "$dir/lines.txt"
+    head -n 32 "$dir/lines.txt"
 fi
 echo
 echo "callgrind files kept in $dir (callgrind_annotate --inclusive=yes FILE)"

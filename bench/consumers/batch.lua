@@ -13,17 +13,18 @@ local N, now, UPSERT = C.N, pg.now, C.UPSERT
 local BATCH = math.tointeger(tonumber(os.getenv("BENCH_LUA_BATCH") or "")) or 1000
 -- Notes the runner takes from libpq per read (its batch_size; default 256).
 local DRAIN = math.tointeger(tonumber(os.getenv("BENCH_LUA_DRAIN") or ""))
-local dst
+local dst, spec
 local n, failed, calls, first = 0, 0, 0, 0.0
 
 local function report()
   local secs = now() - first
   local count, sum = C.target_totals(dst)
-  C.finish("lua-pglisten-batch", ("RESULT count=%d sum=%d secs=%.4f rate=%.0f failed=%d calls=%d mean_batch=%.1f"):format(
+  local name = spec.batch_size and ("lua-pglisten-batch-drain" .. spec.batch_size) or "lua-pglisten-batch"
+  C.finish(name, ("RESULT count=%d sum=%d secs=%.4f rate=%.0f failed=%d calls=%d mean_batch=%.1f"):format(
     count, sum, secs, secs > 0 and n / secs or 0, failed, calls, n / calls))
 end
 
-return {
+spec = {
   batch_size = DRAIN,
   channels = {
     users = {
@@ -53,3 +54,5 @@ return {
     C.wait_go()   -- sync.sh sets no BENCH_GO; bench.sh's backlog run does
   end,
 }
+
+return spec

@@ -8,7 +8,7 @@
 -- Latencies go into a histogram, exact to 1 us below 10 ms (100 us buckets
 -- to 1 s, 10 ms beyond), not into an array of BENCH_N numbers: such an array
 -- (16 bytes a number, grown by doubling, and the garbage the collector lets
--- accumulate in proportion to it) would add about 8 MiB to the peak RSS the
+-- accumulate in proportion to it) would add about 9 MiB to the peak RSS the
 -- bench reports for the runner.  BENCH_LAT_ARRAY=1 keeps every latency.
 
 local pg = require "pglisten"
