@@ -3,36 +3,7 @@
 local H = require "helpers"
 local pg = H.pg
 
--- A handler script whose handlers print one line per call on stdout.
-local function script(body)
-  return H.file("handler.lua", [[
-local pglisten = require "pglisten"
-local function out(...)
-  local t = table.pack(...)
-  for i = 1, t.n do t[i] = tostring(t[i]) end
-  io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
-  io.stdout:flush()
-end
-]] .. body)
-end
-
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
-  return t
-end
-
--- Starts the runner and waits until it listens (its log says so).
-local function start(path, args, env)
-  local argv = { H.runner }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = path
-  local p = H.spawn(argv, env)
-  assert(H.eventually(function() return p.stderr():find("listening", 1, true) or not p.running() end, 10),
-    "runner did not start: " .. p.stderr())
-  assert(p.running(), "runner exited: " .. p.stderr())
-  return p
-end
+local script, lines, start = H.script, H.lines, H.start
 
 local function notify(ch, payload)
   local c = H.connect()

@@ -3,36 +3,7 @@
 -- and a million-notification burst against the memory bound.
 local H = require "helpers"
 
-local function script(body)
-  return H.file("handler.lua", [[
-local pglisten = require "pglisten"
-local function out(...)
-  local t = table.pack(...)
-  for i = 1, t.n do t[i] = tostring(t[i]) end
-  io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
-  io.stdout:flush()
-end
-]] .. body)
-end
-
-local function lines(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
-  return t
-end
-
-local function start(path, args, env, wait_for)
-  local argv = { H.runner }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = path
-  local p = H.spawn(argv, env)
-  if wait_for ~= false then
-    assert(H.eventually(function() return p.stderr():find("listening", 1, true) or not p.running() end, 15),
-      "runner did not start: " .. p.stderr())
-    assert(p.running(), "runner exited: " .. p.stderr())
-  end
-  return p
-end
+local script, lines, start = H.script, H.lines, H.start
 
 local function count(s, pat)
   return select(2, s:gsub(pat, ""))

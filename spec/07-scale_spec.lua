@@ -3,20 +3,7 @@
 -- dead letters, competing consumers, and single-active failover.
 local H = require "helpers"
 
-local function start(path, args, env, wait_for)
-  local argv = { H.runner }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  argv[#argv + 1] = path
-  local p = H.spawn(argv, env)
-  if wait_for ~= false then
-    assert(H.eventually(function()
-      local e = p.stderr()
-      return e:find("listening", 1, true) or e:find("standing by", 1, true) or not p.running()
-    end, 15), "runner did not start: " .. p.stderr())
-    assert(p.running(), "runner exited: " .. p.stderr())
-  end
-  return p
-end
+local start = H.start
 
 -- A database with schema pglisten installed and a table `handled` where
 -- handlers record (event id, runner tag).

@@ -168,6 +168,44 @@ function H.spawn(argv, env)
   return p
 end
 
+--- Lines of a string, empty ones dropped.
+function H.lines(s)
+  local t = {}
+  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
+  return t
+end
+
+--- A handler script file whose handlers can call out(...) to print one line
+-- (arguments tostring'ed) on stdout; `pglisten` is required already.
+function H.script(body)
+  return H.file("handler.lua", [[
+local pglisten = require "pglisten"
+local function out(...)
+  local t = table.pack(...)
+  for i = 1, t.n do t[i] = tostring(t[i]) end
+  io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
+  io.stdout:flush()
+end
+]] .. body)
+end
+
+--- Starts the runner on `path` and, unless wait_for is false, waits until
+-- it listens or stands by (its log says so); raises if it exits instead.
+function H.start(path, args, env, wait_for)
+  local argv = { H.runner }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  argv[#argv + 1] = path
+  local p = H.spawn(argv, env)
+  if wait_for ~= false then
+    assert(H.eventually(function()
+      local e = p.stderr()
+      return e:find("listening", 1, true) or e:find("standing by", 1, true) or not p.running()
+    end, 15), "runner did not start: " .. p.stderr())
+    assert(p.running(), "runner exited: " .. p.stderr())
+  end
+  return p
+end
+
 --- Runs the runner to completion (for --check, --help and the like).
 function H.run_runner(args, env)
   local p = H.spawn({ H.runner, table.unpack(args) }, env)
