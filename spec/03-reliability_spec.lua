@@ -293,7 +293,7 @@ return {
     assert.matches("raw 7999", out)
     assert.matches("on_error handler tbl", out)
     assert.matches("on_connect failed; listening goes on", p.stderr())
-    assert.matches("too many nested", p.stderr():lower())
+    assert.matches("nested deeper than 1000 levels", p.stderr())
     assert.is_true(p.running())
   end)
 

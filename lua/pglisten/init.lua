@@ -28,43 +28,51 @@ M.MAX_CHANNEL = 63
 -- JSON
 ---------------------------------------------------------------------------
 
--- Our own cjson instances, so that a script that reconfigures `cjson` does
--- not change how payloads are decoded.
-local enc = cjson.new()
-local safe = require("cjson.safe").new()
-local intify = core.intify
-local raw_decode, safe_decode = enc.decode, safe.decode
+-- Decoding is ours too (src/json.c, core.json_decode): lua-cjson 2.1.0
+-- returns every number as a double, so a bigint id above 2^53 came back
+-- rounded, and it was 40% of the runner's work per notification.  lua-cjson
+-- stays for its null sentinel (scripts compare with `cjson.null`) and as a
+-- channel's `decode = "cjson"`.
+local json_encode, json_decode = core.json_encode, core.json_decode
 
 --- JSON as this module uses it.  `encode` writes Lua integers exactly and
--- floats with 17 digits.  `decode` (lua-cjson) returns integers for integral
--- numbers up to 2^53 (lua-cjson 2.1 alone returns floats; beyond 2^53 its
--- doubles have already rounded them), JSON null as `pglisten.null`.
--- `encode`/`decode` raise on bad input; `safe.encode`/`safe.decode` return
--- `nil, err` instead.
--- Encoding is ours (src/json.c): lua-cjson 2.1.0 prints numbers with
--- "%.14g", which would change 123456789012345 into 1.2345678901234e+14.
-local json_encode = core.json_encode
+-- floats with 17 digits.  `decode` is strict RFC 8259: numbers written
+-- without fraction or exponent are Lua integers (exact to 64 bits), others
+-- floats; JSON null is `pglisten.null`.  `encode`/`decode` raise on bad
+-- input; `safe.encode`/`safe.decode` return `nil, err` instead.
 local function safe_json_encode(v)
   local ok, s = pcall(json_encode, v)
   if ok then return s end
   return nil, s
 end
 
+local function raising_decode(s)
+  local v, err = json_decode(s)
+  if v == nil then error(err, 2) end
+  return v
+end
+
 M.json = {
   encode = json_encode,
-  decode = function(s) return intify(raw_decode(s)) end,
+  decode = raising_decode,
   null = cjson.null,
   safe = {
     encode = safe_json_encode,
-    decode = function(s)
-      local v, err = safe_decode(s)
-      if v == nil then return nil, err end
-      return intify(v)
-    end,
+    decode = json_decode,
   },
 }
 
-core.setup(json_encode, M.json.safe.decode, cjson.null)
+-- lua-cjson's decoder with integral numbers made integers again (up to
+-- 2^53; it has rounded larger ones already): `decode = "cjson"`.
+local cjson_safe = require("cjson.safe").new()
+local cjson_decode, intify = cjson_safe.decode, core.intify
+function M.json.cjson_decode(s)
+  local v, err = cjson_decode(s)
+  if v == nil then return nil, "invalid JSON: " .. tostring(err) end
+  return intify(v)
+end
+
+core.setup(json_encode, json_decode, cjson.null)
 
 --- Current time in seconds since the epoch, with microseconds.
 M.now = core.now

@@ -1,7 +1,7 @@
 --- Loading and validating a handler script.
 --
 -- A script returns a table: `channels` (required) maps channel names to a
--- handler function or to `{ handler = fn, decode = "json"|"raw", retry =
+-- handler function or to `{ handler = fn, decode = "json"|"raw"|"cjson", retry =
 -- { attempts = N, backoff = s }, batch = N, durable = true, max_attempts = N }`;
 -- optional `on_connect(db, info)`, `on_error(err, note, info)`, `reconnect =
 -- { min = s, max = s }`, `heartbeat`, `heartbeat_timeout`, `stats_interval`,
@@ -60,8 +60,8 @@ local function channel_entry(name, v, path)
     error(("%s: handler must be a function, got %s"):format(label, type(e.handler)), 0)
   end
   e.decode = e.decode or "json"
-  if e.decode ~= "json" and e.decode ~= "raw" then
-    error(("%s: decode must be \"json\" or \"raw\", got %s"):format(label, tostring(e.decode)), 0)
+  if e.decode ~= "json" and e.decode ~= "raw" and e.decode ~= "cjson" then
+    error(("%s: decode must be \"json\", \"raw\" or \"cjson\", got %s"):format(label, tostring(e.decode)), 0)
   end
   if e.retry ~= nil then
     if type(e.retry) ~= "table" then
