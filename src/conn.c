@@ -149,19 +149,26 @@ static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*
 
 /*
  * Sends `sql` (with params when nparams > 0, else as a simple query that may
- * hold several statements) and collects the results.  On success returns 1
- * with the last result boxed on the stack.  On failure pushes nil, message[,
- * sqlstate] and returns -(count).  The deadline comes from c->timeout.
+ * hold several statements) and collects the results.  With `stmt`, prepares
+ * `sql` under that name (`prepare`) or executes the statement of that name.
+ * On success returns 1 with the last result boxed on the stack.  On failure
+ * pushes nil, message[, sqlstate] and returns -(count).
  */
-static int run_query(lua_State *L, pgl_conn *c, const char *sql, int nparams,
-                     const char *const *values, double timeout) {
+static int run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
+                     int nparams, const char *const *values, double timeout) {
   PGconn *pg = c->pg;
   double deadline = timeout > 0 ? deadline_in(timeout) : -1;
   PGresult **box, **err;
   int sent, fd, n, copy_out = 0;
 
-  sent = nparams > 0 ? PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0)
-                     : PQsendQuery(pg, sql);
+  if (stmt && prepare)
+    sent = PQsendPrepare(pg, stmt, sql, nparams, NULL);
+  else if (stmt)
+    sent = PQsendQueryPrepared(pg, stmt, nparams, values, NULL, NULL, 0);
+  else if (nparams > 0)
+    sent = PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0);
+  else
+    sent = PQsendQuery(pg, sql);
   if (!sent)
     return -pgl_conn_fail(L, c, "could not send query");
 
@@ -274,10 +281,172 @@ lost:
   return -pgl_conn_fail(L, c, "connection lost");
 }
 
+/* ------------------------------------------------------------------ */
+/* The statement cache                                                 */
+/* ------------------------------------------------------------------ */
+
+/* Forgets every entry (a new session, or the server dropped them). */
+static void stmts_forget(pgl_conn *c) {
+  int i;
+  for (i = 0; i < PGL_STMTS; i++) {
+    free(c->stmts[i].sql);
+    memset(&c->stmts[i], 0, sizeof c->stmts[i]);
+  }
+}
+
+static void stmt_drop(pgl_stmt *s) {
+  free(s->sql);
+  memset(s, 0, sizeof *s);
+}
+
+static unsigned stmt_hash(const char *sql, size_t len) {
+  unsigned h = 2166136261u; /* FNV-1a */
+  size_t i;
+  for (i = 0; i < len; i++)
+    h = (h ^ (unsigned char)sql[i]) * 16777619u;
+  return h;
+}
+
+static void stmt_name(char *buf, size_t size, unsigned id) {
+  snprintf(buf, size, "pglisten_%u", id);
+}
+
+/* Runs `sql` with no result wanted; 1 when it worked.  Leaves nothing. */
+static int run_quiet(lua_State *L, pgl_conn *c, const char *sql) {
+  int top = lua_gettop(L), r = run_query(L, c, sql, NULL, 0, 0, NULL, c->timeout > 0 ? c->timeout : 10);
+  if (r > 0)
+    pgl_unbox_result((PGresult **)lua_touserdata(L, -1));
+  lua_settop(L, top);
+  return r > 0;
+}
+
+/*
+ * Remembers a statement seen for the first time: in a free slot, else in
+ * place of the least recently used one.  A prepared one is deallocated
+ * first, which only happens outside a transaction block (a failed
+ * DEALLOCATE would abort the caller's transaction); otherwise the statement
+ * is not remembered.
+ */
+static void stmt_remember(lua_State *L, pgl_conn *c, const char *sql, size_t len, int nparams,
+                          unsigned hash) {
+  pgl_stmt *victim = NULL;
+  char *copy;
+  int i;
+  for (i = 0; i < PGL_STMTS; i++) {
+    pgl_stmt *s = &c->stmts[i];
+    if (!s->sql) {
+      victim = s;
+      break;
+    }
+    if (!victim || s->used < victim->used)
+      victim = s;
+  }
+  if (victim->sql && victim->prepared) {
+    char name[32], cmd[48];
+    if (PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+      return;
+    stmt_name(name, sizeof name, victim->id);
+    snprintf(cmd, sizeof cmd, "DEALLOCATE %s", name);
+    if (!run_quiet(L, c, cmd) && PQstatus(c->pg) == CONNECTION_BAD)
+      return;
+  }
+  if ((copy = (char *)malloc(len + 1)) == NULL)
+    return; /* not cached: no harm done */
+  memcpy(copy, sql, len + 1);
+  stmt_drop(victim);
+  victim->sql = copy;
+  victim->len = len;
+  victim->hash = hash;
+  victim->nparams = nparams;
+  victim->used = ++c->stmt_clock;
+}
+
+/* Case-insensitive: does `sql`, after white space, start with `word`? */
+static int starts_with(const char *sql, const char *word) {
+  while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r')
+    sql++;
+  for (; *word; word++, sql++)
+    if ((*sql | 0x20) != *word)
+      return 0;
+  return 1;
+}
+
+/*
+ * exec of a parameterized statement through the cache: the first time as
+ * an unnamed statement (as without the cache), the second time prepared,
+ * then by name.  A prepared statement the server no longer has (26000:
+ * DISCARD ALL, a pooler that switched sessions) or can no longer run as
+ * planned (0A000: its result type changed after ALTER TABLE) is forgotten,
+ * and run again unnamed when no transaction block was involved (the
+ * failure happened before anything was executed).  Returns like run_query.
+ */
+static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, int nparams,
+                       const char *const *values) {
+  unsigned hash = stmt_hash(sql, len);
+  PGTransactionStatusType tx = PQtransactionStatus(c->pg);
+  pgl_stmt *s = NULL;
+  char name[32];
+  int i, r;
+  for (i = 0; i < PGL_STMTS; i++) {
+    pgl_stmt *e = &c->stmts[i];
+    if (e->sql && e->hash == hash && e->len == len && e->nparams == nparams &&
+        memcmp(e->sql, sql, len) == 0) {
+      s = e;
+      break;
+    }
+  }
+  if (!s) {
+    if (tx == PQTRANS_IDLE || tx == PQTRANS_INTRANS)
+      stmt_remember(L, c, sql, len, nparams, hash);
+    return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
+  }
+  s->used = ++c->stmt_clock;
+  if (!s->prepared) {
+    if (tx != PQTRANS_IDLE && tx != PQTRANS_INTRANS)
+      return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
+    s->id = ++c->stmt_next;
+    stmt_name(name, sizeof name, s->id);
+    r = run_query(L, c, sql, name, 1, nparams, NULL, c->timeout);
+    if (r < 0) { /* the statement's own error (as unnamed), or a lost connection */
+      const char *code = r == -3 ? lua_tostring(L, -1) : NULL;
+      stmt_drop(s);
+      if (code && strcmp(code, "42P05") == 0 && tx == PQTRANS_IDLE) {
+        lua_pop(L, 3); /* the session has a statement of that name already */
+        return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
+      }
+      return r;
+    }
+    pgl_unbox_result((PGresult **)lua_touserdata(L, -1));
+    lua_pop(L, 1);
+    s->prepared = 1;
+  }
+  stmt_name(name, sizeof name, s->id);
+  r = run_query(L, c, sql, name, 0, nparams, values, c->timeout);
+  if (r == -3) {
+    const char *code = lua_tostring(L, -1);
+    int gone = code && strcmp(code, "26000") == 0, stale = code && strcmp(code, "0A000") == 0;
+    if (gone || stale) {
+      int idle = PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+      if (stale && idle) {
+        char cmd[48];
+        snprintf(cmd, sizeof cmd, "DEALLOCATE %s", name);
+        run_quiet(L, c, cmd);
+      }
+      stmt_drop(s);
+      if (idle && tx == PQTRANS_IDLE) {
+        lua_pop(L, 3);
+        return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
+      }
+    }
+  }
+  return r;
+}
+
 /* conn:exec(sql, ...) -> rows | nil, err[, sqlstate] */
 static int conn_exec(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
-  const char *sql = luaL_checkstring(L, 2);
+  size_t len;
+  const char *sql = luaL_checklstring(L, 2, &len);
   int nparams = lua_gettop(L) - 2, nerr = 0, r;
   const char *const *values = NULL;
   if (nparams > 65535)
@@ -290,11 +459,33 @@ static int conn_exec(lua_State *L) {
       return 2;
     }
   }
-  r = run_query(L, c, sql, nparams, values, c->timeout);
+  if (nparams > 0 && c->stmt_cache && strlen(sql) == len)
+    r = exec_cached(L, c, sql, len, nparams, values);
+  else
+    r = run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
+  if (nparams == 0 && (starts_with(sql, "discard") || starts_with(sql, "deallocate")))
+    stmts_forget(c); /* they may be gone from the server */
   if (r < 0)
     return -r;
   pgl_push_rows(L, *(PGresult **)lua_touserdata(L, -1));
   pgl_unbox_result((PGresult **)lua_touserdata(L, -2));
+  return 1;
+}
+
+/*
+ * conn:statement_cache([on]) -> whether exec prepares repeated statements
+ * (before this call); `on` false turns it off and forgets the entries
+ * (their statements stay on the server until the session ends).
+ */
+static int conn_statement_cache(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  int was = c->stmt_cache;
+  if (!lua_isnone(L, 2)) {
+    c->stmt_cache = lua_toboolean(L, 2);
+    if (!c->stmt_cache)
+      stmts_forget(c);
+  }
+  lua_pushboolean(L, was);
   return 1;
 }
 
@@ -304,7 +495,7 @@ static int conn_ping(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, c->timeout > 0 ? c->timeout : 10);
   int r;
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
-  r = run_query(L, c, "", 0, NULL, timeout);
+  r = run_query(L, c, "", NULL, 0, 0, NULL, timeout);
   if (r < 0)
     return -r;
   pgl_unbox_result((PGresult **)lua_touserdata(L, -1));
@@ -321,7 +512,7 @@ static int conn_ping(lua_State *L) {
  * The strings go to the connection's scratch buffer first and the PGnotify is
  * freed before any Lua allocation, so a memory error cannot leak it.
  */
-static int push_notify(lua_State *L, pgl_conn *c, PGnotify *n) {
+static int push_notify(lua_State *L, pgl_conn *c, int connidx, PGnotify *n) {
   size_t clen = strlen(n->relname), plen = strlen(n->extra), need = clen + plen;
   int pid = n->be_pid;
   if (need > c->scratch_len || !c->scratch) {
@@ -340,8 +531,18 @@ static int push_notify(lua_State *L, pgl_conn *c, PGnotify *n) {
   memcpy(c->scratch + clen, n->extra, plen);
   PQfreemem(n);
   lua_createtable(L, 0, 4);
-  lua_pushlstring(L, c->scratch, clen);
-  lua_setfield(L, -2, "channel");
+  /* the channel: the connection's user value keeps the last one, so that a
+   * run of notes on one channel does not intern its name again and again */
+  if (lua_getiuservalue(L, connidx, 1) == LUA_TSTRING && lua_rawlen(L, -1) == clen &&
+      memcmp(lua_tostring(L, -1), c->scratch, clen) == 0) {
+    lua_setfield(L, -2, "channel");
+  } else {
+    lua_pop(L, 1);
+    lua_pushlstring(L, c->scratch, clen);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, connidx, 1);
+    lua_setfield(L, -2, "channel");
+  }
   lua_pushlstring(L, c->scratch + clen, plen);
   lua_setfield(L, -2, "payload");
   lua_pushinteger(L, pid);
@@ -360,13 +561,13 @@ static int next_notify(lua_State *L, pgl_conn *c, double timeout) {
   double deadline = deadline_in(timeout);
   PGnotify *n = PQnotifies(c->pg);
   if (n)
-    return push_notify(L, c, n);
+    return push_notify(L, c, 1, n);
   for (;;) {
     int r;
     if (!PQconsumeInput(c->pg))
       return pgl_conn_fail(L, c, "connection lost");
     if ((n = PQnotifies(c->pg)) != NULL)
-      return push_notify(L, c, n);
+      return push_notify(L, c, 1, n);
     if (PQstatus(c->pg) == CONNECTION_BAD)
       return pgl_conn_fail(L, c, "connection lost");
     r = pgl_waitfd(L, PQsocket(c->pg), POLLIN, deadline, 1);
@@ -433,7 +634,7 @@ static int conn_drain(lua_State *L) {
       }
       continue;
     }
-    push_notify(L, c, n);
+    push_notify(L, c, 1, n);
     lua_rawseti(L, 3, ++i);
   }
   lua_pushinteger(L, i);
@@ -583,6 +784,7 @@ static int conn_server_version(lua_State *L) {
 static int conn_reset(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
   double timeout = luaL_optnumber(L, 2, 10);
+  stmts_forget(c); /* a new session has none of them */
   if (!PQresetStart(c->pg)) {
     lua_pushnil(L);
     pgl_push_trimmed(L, PQerrorMessage(c->pg));
@@ -609,6 +811,7 @@ static void conn_release(pgl_conn *c) {
   c->scratch = NULL;
   c->scratch_len = 0;
   clear_notices(c);
+  stmts_forget(c);
 }
 
 static int conn_close(lua_State *L) {
@@ -648,8 +851,9 @@ int pgl_conn_connect(lua_State *L) {
   double timeout = luaL_optnumber(L, 2, 10);
   pgl_conn *c;
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
-  c = (pgl_conn *)lua_newuserdatauv(L, sizeof *c, 0);
+  c = (pgl_conn *)lua_newuserdatauv(L, sizeof *c, 1); /* user value: the last channel name */
   memset(c, 0, sizeof *c);
+  c->stmt_cache = 1;
   luaL_setmetatable(L, PGL_CONN_MT);
   c->pg = PQconnectStart(conninfo);
   if (!c->pg) {
@@ -677,6 +881,7 @@ int pgl_conn_connect(lua_State *L) {
 
 static const luaL_Reg conn_methods[] = {
   {"exec", conn_exec},
+  {"statement_cache", conn_statement_cache},
   {"ping", conn_ping},
   {"wait", conn_wait},
   {"drain", conn_drain},

@@ -252,10 +252,29 @@ static int core_json_encode(lua_State *L) {
 #define CHUNK 256           /* elements kept on the stack before a flush */
 #define KEEP_BUF (64 * 1024) /* a larger unescape buffer is freed after use */
 
+/*
+ * Object keys repeat from one payload to the next, and interning a string
+ * (hash, look-up, compare) is the decoder's largest cost.  KEYS recently
+ * seen keys are kept in a direct-mapped cache: the strings live in a Lua
+ * table (the state's user value), which anchors them, so `p` (their bytes:
+ * Lua 5.4 never moves a string) stays valid while the slot holds them.
+ */
+#define KEYS 64
+#define KEY_MAX 40 /* Lua's short strings */
+
+typedef struct jstate {
+  jbuf buf; /* first: JBUF_MT's __gc frees it */
+  struct {
+    const char *p;
+    size_t len;
+  } keys[KEYS];
+} jstate;
+
 typedef struct jdec {
   const char *start, *p, *end;
+  jstate *st;
   jbuf *buf;
-  int nullidx;
+  int nullidx, keysidx;
   const char *err; /* what is wrong, at p */
 } jdec;
 
@@ -314,14 +333,51 @@ static void put_utf8(lua_State *L, jbuf *b, unsigned long cp) {
   jput(L, b, u, n);
 }
 
-/* At the opening quote: pushes the string; 0 on bad input. */
-static int dstring(lua_State *L, jdec *d) {
+/* Pushes the key s[0..len), from the cache when it was seen lately. */
+static void push_key(lua_State *L, jdec *d, const char *s, size_t len) {
+  unsigned h;
+  if (len == 0 || len > KEY_MAX) {
+    lua_pushlstring(L, s, len);
+    return;
+  }
+  h = ((unsigned)len * 131u + (unsigned char)s[0] * 31u + (unsigned char)s[len - 1] * 7u +
+       (unsigned char)s[len / 2]) & (KEYS - 1);
+  if (d->st->keys[h].len == len && memcmp(d->st->keys[h].p, s, len) == 0) {
+    lua_rawgeti(L, d->keysidx, (lua_Integer)h + 1);
+    return;
+  }
+  lua_pushlstring(L, s, len);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->keysidx, (lua_Integer)h + 1);
+  d->st->keys[h].p = lua_tostring(L, -1);
+  d->st->keys[h].len = len;
+}
+
+/* 1 for the bytes that end a plain run inside a string: '"', '\\' and the
+ * control characters. */
+static const unsigned char special[256] = {
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+  0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* '"' */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, /* '\\' */
+};
+
+/* At the opening quote: pushes the string (through the key cache when
+ * `key`); 0 on bad input. */
+static int dstring(lua_State *L, jdec *d, int key) {
   const char *p = d->p + 1, *e = d->end, *s = p;
   jbuf *b = d->buf;
+  while (p < e && !special[(unsigned char)*p])
+    p++;
   while (p < e) {
     unsigned char c = (unsigned char)*p;
     if (c == '"') {
-      lua_pushlstring(L, s, (size_t)(p - s));
+      if (key)
+        push_key(L, d, s, (size_t)(p - s));
+      else
+        lua_pushlstring(L, s, (size_t)(p - s));
       d->p = p + 1;
       return 1;
     }
@@ -530,7 +586,7 @@ static int dcontainer(lua_State *L, jdec *d, int depth, int object) {
       skip_ws(d);
       if (d->p >= d->end || *d->p != '"')
         return dfail(d, d->p >= d->end ? "unexpected end" : "expected a string key");
-      if (!dstring(L, d))
+      if (!dstring(L, d, 1))
         return 0;
       skip_ws(d);
       if (d->p >= d->end || *d->p != ':')
@@ -568,7 +624,7 @@ static int dvalue(lua_State *L, jdec *d, int depth) {
   switch (*d->p) {
   case '{': return dcontainer(L, d, depth, 1);
   case '[': return dcontainer(L, d, depth, 0);
-  case '"': return dstring(L, d);
+  case '"': return dstring(L, d, 0);
   case 't':
     if (!literal(d, "true", 4)) return 0;
     lua_pushboolean(L, 1);
@@ -590,14 +646,19 @@ static int dvalue(lua_State *L, jdec *d, int depth) {
 
 /* Decodes s[0..len) onto the stack: 1 with the value pushed, or 0 with
  * nil, message pushed. */
-static int decode_string(lua_State *L, const char *s, size_t len, jbuf *b) {
+static int decode_string(lua_State *L, const char *s, size_t len, int stidx) {
   jdec d;
+  jstate *st = (jstate *)lua_touserdata(L, stidx);
+  jbuf *b = &st->buf;
   int base = lua_gettop(L), ok;
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null); /* base + 1 */
+  lua_getiuservalue(L, stidx, 1);                   /* base + 2: the key strings */
   d.start = d.p = s;
   d.end = s + len;
+  d.st = st;
   d.buf = b;
   d.nullidx = base + 1;
+  d.keysidx = base + 2;
   d.err = NULL;
   ok = dvalue(L, &d, 0);
   if (ok) {
@@ -636,19 +697,18 @@ static int decode_string(lua_State *L, const char *s, size_t len, jbuf *b) {
   return 0;
 }
 
-/* core.json_decode(s) -> value | nil, err; upvalue 1: the unescape buffer. */
+/* core.json_decode(s) -> value | nil, err; upvalue 1: the decoder's state. */
 static int core_json_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  jbuf *b = (jbuf *)lua_touserdata(L, lua_upvalueindex(1));
   lua_settop(L, 1);
-  return decode_string(L, s, len, b) ? 1 : 2;
+  return decode_string(L, s, len, lua_upvalueindex(1)) ? 1 : 2;
 }
 
 /* Adds core.json_encode and core.json_decode to the module table on the top
  * of the stack. */
 void pgl_json_open(lua_State *L) {
-  jbuf *b;
+  jstate *st;
   if (luaL_newmetatable(L, JBUF_MT)) {
     lua_pushcfunction(L, jbuf_gc);
     lua_setfield(L, -2, "__gc");
@@ -656,10 +716,11 @@ void pgl_json_open(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, core_json_encode);
   lua_setfield(L, -2, "json_encode");
-  b = (jbuf *)lua_newuserdatauv(L, sizeof *b, 0);
-  b->p = NULL;
-  b->n = b->cap = 0;
+  st = (jstate *)lua_newuserdatauv(L, sizeof *st, 1);
+  memset(st, 0, sizeof *st);
   luaL_setmetatable(L, JBUF_MT);
+  lua_createtable(L, KEYS, 0);
+  lua_setiuservalue(L, -2, 1);
   lua_pushcclosure(L, core_json_decode, 1);
   lua_setfield(L, -2, "json_decode");
 }

@@ -23,6 +23,23 @@ extern const char pgl_key_encode;  /* function(table) -> json string        */
 extern const char pgl_key_decode;  /* function(string) -> value | nil, err  */
 extern const char pgl_key_null;    /* sentinel for SQL NULL / JSON null     */
 
+/*
+ * exec's statement cache: a parameterized statement seen a second time is
+ * prepared on the server as pglisten_<id> and executed by name from then
+ * on (no parse, and plans the server may cache).
+ */
+#define PGL_STMTS 32
+
+typedef struct pgl_stmt {
+  char *sql;          /* malloc'd copy; NULL: a free slot */
+  size_t len;
+  unsigned hash;
+  int nparams;
+  int prepared;       /* exists on the server as pglisten_<id> */
+  unsigned id;
+  unsigned long used; /* for least-recently-used eviction */
+} pgl_stmt;
+
 typedef struct pgl_conn {
   PGconn *pg;          /* NULL once closed */
   double timeout;      /* client-side bound for queries, seconds; 0: none */
@@ -31,6 +48,10 @@ typedef struct pgl_conn {
   char *notices[PGL_MAX_NOTICES]; /* ring of server notices, malloc'd strings */
   int notice_head, notice_count;
   int notices_dropped;
+  int stmt_cache;      /* 1: exec prepares statements it sees again */
+  unsigned stmt_next;  /* the last id given */
+  unsigned long stmt_clock;
+  pgl_stmt stmts[PGL_STMTS];
 } pgl_conn;
 
 /* time.c-like helpers (core.c) */

@@ -183,7 +183,11 @@ end
 --   nil or "" uses libpq's defaults (PGHOST, PGPORT, PGUSER, ...).
 -- @tparam[opt] table opts `timeout` (seconds to connect, default 10),
 --   `query_timeout` (client-side bound for each query, default none),
---   `heal` (reconnect a broken connection on its next call, default true).
+--   `heal` (reconnect a broken connection on its next call, default true),
+--   `statement_cache` (exec prepares a parameterized statement the second
+--   time it runs it and executes it by name from then on; default true;
+--   false for poolers that cannot keep prepared statements, such as
+--   PgBouncer before 1.21 in transaction mode).
 -- @return conn, or nil and a message without the password
 function M.connect(conninfo, opts)
   if conninfo ~= nil and type(conninfo) ~= "string" then
@@ -200,6 +204,7 @@ function M.connect(conninfo, opts)
   local conn, err = core.connect(M.with_keepalives(conninfo or ""), timeout)
   if not conn then return nil, redact(err, conninfo) end
   if opts.query_timeout then conn:settimeout(opts.query_timeout) end
+  if opts.statement_cache == false then conn:statement_cache(false) end
   state[conn] = {
     channels = {},
     conninfo = conninfo,
