@@ -10,7 +10,7 @@
 # total instruction count (Ir), Ir per notification, Ir by shared object and
 # the top functions by inclusive cost (callgrind_annotate).
 #
-# Debian's liblua5.4.so and lua-cjson's cjson.so are stripped, so their
+# Debian's liblua5.4.so is stripped, so its
 # internal functions have no names in that profile.  When liblua5.4.a is
 # there (liblua5.4-dev) a second run profiles the same src/main.c linked
 # statically against it (built in a temp dir; same modules, same scripts) to
@@ -90,8 +90,9 @@ where() {   # where FILE N
   { listing "$1" yes | sed 's/^/I /'; listing "$1" no | sed 's/^/S /'; } | awk -v n="$2" '
     function add(label, kind, re) { L[++k] = label; K[k] = kind; R[k] = re }
     BEGIN {
-      add("JSON decode: lua-cjson (cjson.safe.decode: tokens, tables, strings)", "I", "cjson.*MAXCJSON")
-      add("  intify: floats to integers (src/core.c core_intify)", "I", ":core_intify( |$)")
+      add("JSON decode: core.json_decode (src/json.c: tokens, tables, strings)", "I", ":core_json_decode( |$)")
+      add("  tables: flush (created at their size, filled)", "I", ":flush( |$)")
+      add("  strings: dstring (scan, key cache, interning)", "I", ":dstring( |$)")
       add("receive: conn:drain (src/conn.c conn_drain)", "I", ":conn_drain( |$)")
       add("  note tables: push_notify (4 fields, 2 strings)", "I", ":push_notify( |$)")
       add("  libpq: PQnotifies (parses the input)", "I", ":PQnotifies( |$)")
@@ -104,12 +105,10 @@ where() {   # where FILE N
       add("histogram sort at the end (bench harness): auxsort", "I", ":auxsort \\[")
     }
     { ir = $2; gsub(",", "", ir); kind = $1
-      if (kind == "I" && $0 ~ /liblua5.4-cjson/ && ir + 0 > cj) cj = ir + 0
       # inclusive: the largest match (a function may be listed twice, with and without
       # its object); self: the sum (luaV_execute and its recursion level, the parts of malloc)
       for (i = 1; i <= k; i++) if (K[i] == kind && $0 ~ R[i]) v[i] = kind == "S" ? v[i] + ir : (ir + 0 > v[i] ? ir + 0 : v[i]) }
     END {
-      v[1] = cj
       for (i = 1; i <= k; i++) if (v[i] > 0) printf "%8.0f Ir  %s\n", v[i] / n, L[i]
     }'
 }

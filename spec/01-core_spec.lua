@@ -547,6 +547,107 @@ describe("JSON encoding", function()
   end)
 end)
 
+describe("JSON decoding (core.json_decode)", function()
+  local decode = pg.json.safe.decode
+
+  it("keeps integers exact to 64 bits and floats as floats", function()
+    local v = assert(decode([[{"big":9007199254740993,"max":9223372036854775807,"min":-9223372036854775808,
+      "neg":-42,"zero":-0,"f":1.5,"one":1.0,"e":1e3,"E":-2.5E-3,"huge":123456789012345678901234567890}]]))
+    assert.equal(9007199254740993, v.big); assert.equal("integer", math.type(v.big))
+    assert.equal(math.maxinteger, v.max); assert.equal(math.mininteger, v.min)
+    assert.equal(-42, v.neg); assert.equal("integer", math.type(v.zero))
+    assert.equal(1.5, v.f)
+    assert.equal("float", math.type(v.one)); assert.equal("float", math.type(v.e)); assert.equal(1000.0, v.e)
+    assert.equal(-0.0025, v.E)
+    assert.equal("float", math.type(v.huge)); assert.equal(1.2345678901234568e29, v.huge)
+  end)
+
+  it("decodes strings, escapes, literals, arrays and nesting", function()
+    local v = assert(decode([[ { "s" : "a\\\"b\/\b\f\n\r\t\u00e9\u20ac\ud83d\ude00\u0000z" ,
+      "a" : [ true , false , null , [ ] , { } , "" ] } ]]))
+    assert.equal('a\\"b/\b\f\n\r\té€😀\0z', v.s)
+    assert.same({ true, false, pg.null }, { v.a[1], v.a[2], v.a[3] })
+    assert.same({}, v.a[4]); assert.same({}, v.a[5]); assert.equal("", v.a[6]); assert.equal(6, #v.a)
+    assert.equal(2, assert(decode('{"k":1,"k":2}')).k)                -- the last duplicate wins
+    local deep = assert(decode(("["):rep(999) .. "7" .. ("]"):rep(999)))  -- 999 levels: accepted
+    for _ = 1, 999 do deep = deep[1] end
+    assert.equal(7, deep)
+  end)
+
+  it("builds large arrays and objects, and maps many distinct keys right", function()
+    local parts, keys = {}, {}
+    for i = 1, 3000 do parts[i] = tostring(i * 3) end
+    local a = assert(decode("[" .. table.concat(parts, ",") .. "]"))
+    assert.equal(3000, #a); assert.equal(3, a[1]); assert.equal(768, a[256]); assert.equal(771, a[257]); assert.equal(9000, a[3000])
+    for i = 1, 700 do keys[i] = ('"key%d":%d'):format(i, i) end
+    local o = assert(decode("{" .. table.concat(keys, ",") .. "}"))
+    local n = 0
+    for k, val in pairs(o) do n = n + 1; assert.equal("key" .. val, k) end
+    assert.equal(700, n)
+    -- keys seen before come from a cache: same keys, other values, other order
+    for round = 1, 3 do
+      local seen = {}
+      for i = 1, 200 do
+        local j = (i * 7 + round) % 200 + 1
+        seen[#seen + 1] = ('"k%d":"%d-%d"'):format(j, j, round)
+      end
+      local t = assert(decode("{" .. table.concat(seen, ",") .. "}"))
+      for j = 1, 200 do assert.equal(j .. "-" .. round, t["k" .. j]) end
+    end
+  end)
+
+  it("refuses what RFC 8259 refuses, saying where", function()
+    local cases = {
+      { "", "^invalid JSON: empty input$" },
+      { "   ", "unexpected end of input %(byte 4%)" },
+      { "{", "unexpected end of input" },
+      { '{"a":1,}', "expected a string key at byte 8 %('}'%)" },
+      { "[1,]", "unexpected character at byte 4 %(']'%)" },
+      { "[1 2]", "expected ',' or ']' at byte 4" },
+      { '{"a" 1}', "expected ':' at byte 6" },
+      { "01", "unexpected data after the value at byte 2" },
+      { "1.", "invalid number" }, { "-", "invalid number" }, { "1e", "invalid number" },
+      { ".5", "unexpected character at byte 1" },
+      { "NaN", "unexpected character" }, { "Infinity", "unexpected character" },
+      { "0x10", "unexpected data after the value at byte 2" },
+      { "nul", "unexpected character" }, { "tru", "unexpected character" },
+      { '"abc', "unterminated string" },
+      { [["a\xb"]], "invalid escape in a string at byte 3" },
+      { [["\u12"]], "invalid \\u escape" },
+      { [["\ud800"]], "unpaired UTF%-16 surrogate" },
+      { [["\udc00x"]], "unpaired UTF%-16 surrogate" },
+      { '"a' .. "\t" .. 'b"', "control character in a string at byte 3 %(0x09%)" },
+      { '"' .. "\0" .. '"', "control character in a string at byte 2 %(0x00%)" },
+      { "{} {}", "unexpected data after the value at byte 4" },
+      { ("["):rep(1001) .. ("]"):rep(1001), "nested deeper than 1000 levels" },
+      { "// c\n{}", "unexpected character at byte 1 %('/'%)" },
+    }
+    for _, c in ipairs(cases) do
+      local v, err = decode(c[1])
+      assert.is_nil(v, c[1])
+      assert.matches("^invalid JSON: ", err)
+      assert.matches(c[2], err)
+    end
+    assert.has_error(function() pg.json.decode("[1,]") end, "invalid JSON: unexpected character at byte 4 (']')")
+  end)
+
+  it("decodes json and jsonb columns with exact bigints", function()
+    local c = H.connect()
+    local r = assert(c:exec([[SELECT '{"id":9007199254740993,"x":[1.5,null]}'::jsonb AS b,
+      '{"id":9223372036854775807}'::json AS j]]))[1]
+    assert.equal(9007199254740993, r.b.id); assert.equal(1.5, r.b.x[1]); assert.equal(pg.null, r.b.x[2])
+    assert.equal(math.maxinteger, r.j.id)
+    c:close()
+  end)
+
+  it("keeps lua-cjson as json.cjson_decode (integral floats made integers)", function()
+    local v = assert(pg.json.cjson_decode('{"a":1,"b":2.5,"n":null}'))
+    assert.equal("integer", math.type(v.a)); assert.equal(2.5, v.b); assert.equal(pg.null, v.n)
+    local bad, err = pg.json.cjson_decode("{bad")
+    assert.is_nil(bad); assert.matches("^invalid JSON: ", err)
+  end)
+end)
+
 describe("pglisten module", function()
   it("has null, _VERSION and json with safe variants", function()
     assert.is_string(pg._VERSION)

@@ -114,6 +114,55 @@ return {
       "nulls true" }, l)
   end)
 
+  it("hands handlers integers exact to 64 bits, and decodes with lua-cjson on request", function()
+    p = start(script([[
+return {
+  channels = {
+    big = function(row) out("big", math.type(row.id), row.id, math.type(row.f), row.f) end,
+    old = { decode = "cjson", handler = function(row) out("old", row.id, math.type(row.small), row.small) end },
+  },
+}]]))
+    notify("big", '{"id":9007199254740993,"f":1.0}')
+    notify("old", '{"id":9007199254740993,"small":12}')
+    local l = wait_lines(p, 2)
+    -- lua-cjson reads numbers as doubles: 2^53 + 1 arrives rounded
+    assert.same({ "big integer 9007199254740993 float 1.0", "old 9007199254740992 integer 12" }, l)
+  end)
+
+  it("fills a batch beyond one read (256) from notes that have already arrived", function()
+    local go = H.file("go", "")
+    os.remove(go)
+    p = start(script(([[
+local go = %q
+return {
+  channels = { b = { decode = "raw", batch = 1000, handler = function(rows)
+    out("batch", #rows, rows[1], rows[#rows])
+  end } },
+  on_connect = function()
+    while not io.open(go) do pglisten.sleep(0.01) end
+  end,
+}]]):format(go)))
+    local c = H.connect()
+    assert(c:exec("BEGIN"))
+    assert(c:exec("SELECT pg_notify('b', g::text) FROM generate_series(1, 1000) g"))
+    assert(c:exec("COMMIT"))
+    c:close()
+    assert(io.open(go, "w")):close()
+    local total = 0
+    local l = H.eventually(function()
+      local got, n = lines(p.stdout()), 0
+      for _, line in ipairs(got) do n = n + tonumber(line:match("^batch (%d+)")) end
+      total = n
+      return n >= 1000 and got
+    end, 10)
+    assert(l, p.stdout() .. p.stderr())
+    assert.equal(1000, total)
+    local first, lo, hi = l[1]:match("^batch (%d+) (%d+) (%d+)$")
+    assert.equal("1", lo)
+    assert.is_true(tonumber(first) > 256, "first batch: " .. l[1])
+    assert.equal(tonumber(first), tonumber(hi))
+  end)
+
   it("rejects invalid JSON to on_error and goes on", function()
     p = start(script([[
 return {
@@ -176,6 +225,33 @@ return { channels = {
     for i = 1, 300 do
       assert.equal(((i % 3 == 0) and "b " or "a ") .. i .. " " .. i, l[i])
     end
+  end)
+
+  it("keeps server order across plain, batch, retry and unrouted channels mixed in one stream", function()
+    p = start(script([[
+local failed = {}
+return { channels = {
+  a = function(row) out(row.i) end,
+  b = { batch = 5, handler = function(rows) for _, r in ipairs(rows) do out(r.i) end end },
+  c = { retry = { attempts = 2, backoff = 0.01 }, handler = function(row)
+    if row.i % 2 == 0 and not failed[row.i] then failed[row.i] = true; error("once") end
+    out(row.i)
+  end },
+  d = { decode = "raw", handler = function(t) out(t) end } } }]]))
+    local c = H.connect()
+    -- a: 1-3 mod 11, b: runs of 4-7, c: 8-9, d: 10, e: unrouted (no output)
+    assert(c:exec([[SELECT pg_notify(CASE WHEN g % 11 < 4 THEN 'a' WHEN g % 11 < 8 THEN 'b'
+      WHEN g % 11 < 10 THEN 'c' WHEN g % 22 = 10 THEN 'd' ELSE 'e' END,
+      CASE WHEN g % 22 = 10 THEN g::text ELSE json_build_object('i', g)::text END)
+      FROM generate_series(1, 440) g]]))
+    c:close()
+    local want = {}
+    for g = 1, 440 do
+      local m = g % 11
+      if not (m == 10 and g % 22 ~= 10) then want[#want + 1] = tostring(g) end
+    end
+    local l = wait_lines(p, #want)
+    assert.same(want, l)
   end)
 
   it("gives on_connect the listening connection after the LISTENs", function()

@@ -43,7 +43,10 @@ end
 --- Prints the RESULT line and exits 0 (closing the state: connections too).
 -- With BENCH_LUA_LOG set (bench/bench.sh sets it), the line is also appended
 -- there with the consumer's name: the bench scripts keep only some fields.
+-- cpu_s: the runner's CPU time so far (os.clock: user + system), start-up
+-- included, so that the client's share of a run can be told from the servers'.
 function M.finish(name, line)
+  line = line .. (" cpu_s=%.3f"):format(os.clock())
   io.stdout:write(line, "\n")
   io.stdout:flush()
   local log = os.getenv("BENCH_LUA_LOG")
