@@ -631,6 +631,36 @@ describe("JSON decoding (core.json_decode)", function()
     assert.has_error(function() pg.json.decode("[1,]") end, "invalid JSON: unexpected character at byte 4 (']')")
   end)
 
+  it("decodes or refuses 20,000 mutated payloads, never anything else (fixed seed)", function()
+    local seeds = {
+      [[{"id":1,"ts":1732372000123456,"name":"user1","email":"user1@example.com","active":true}]],
+      [[{"a":[1,2.5e-3,-0,{"b":null}],"s":"x\u00e9\ud83d\ude00\n","t":[[],{}]}]],
+    }
+    local alphabet = '{}[]",:\\ -+.eE0123456789truefalsnu\1\31\127\255'
+    local rng = 12345
+    local function rand(n) rng = (rng * 1103515245 + 12345) % 2147483648; return rng % n + 1 end
+    local ok, bad = 0, 0
+    for i = 1, 20000 do
+      local s = seeds[i % 2 + 1]
+      for _ = 1, rand(4) do
+        local at, how = rand(#s), rand(3)
+        local ch = alphabet:sub(rand(#alphabet)):sub(1, 1)
+        if how == 1 then s = s:sub(1, at - 1) .. s:sub(at + 1)           -- delete
+        elseif how == 2 then s = s:sub(1, at - 1) .. ch .. s:sub(at)     -- insert
+        else s = s:sub(1, at - 1) .. ch .. s:sub(at + 1) end             -- replace
+      end
+      if rand(10) == 1 then s = s:sub(1, rand(#s)) end                     -- truncate
+      local v, err = decode(s)
+      if v == nil then
+        bad = bad + 1
+        assert.matches("^invalid JSON: ", err, 1, false, s)
+      else
+        ok = ok + 1
+      end
+    end
+    assert.is_true(ok > 100 and bad > 100, ("decoded %d, refused %d"):format(ok, bad))
+  end)
+
   it("decodes json and jsonb columns with exact bigints", function()
     local c = H.connect()
     local r = assert(c:exec([[SELECT '{"id":9007199254740993,"x":[1.5,null]}'::jsonb AS b,
