@@ -91,7 +91,7 @@ machine() {
     "$( [ -d "$tmp/bench/node_modules/pg" ] && echo "node $(node --version) pg $(node -p 'require(process.argv[1]).version' "$tmp/bench/node_modules/pg/package.json")" || echo 'node-pg missing')"
   echo "- kernel: $(uname -sr)"
   echo "- load average (1, 5, 15 min) at start: $load0; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
-  echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; runner built $(date -u -r "$runner" '+%Y-%m-%d %H:%M UTC')"
+  echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; build of $(date -u -r "$(ls -t "$runner" "$repo/build/pglisten/core.so" | head -n 1)" '+%Y-%m-%d %H:%M UTC') (the newer of the runner and core.so)"
 }
 
 # --- The runs ---
