@@ -8,7 +8,8 @@
 #   run.sh   lua-pglisten         bench/consumers/notes.lua   JSON decode + per-note handler
 #   sync.sh  lua-pglisten-upsert  bench/consumers/upsert.lua  one conn:exec upsert per note
 #            lua-pglisten-batch   bench/consumers/batch.lua   batch handler, conn:execmany
-#            lua-pglisten-batch-drain1000  consumers/batch_drain.lua  the same, batch_size = 1000
+#            lua-pglisten-batch-json  bench/consumers/batch_json.lua  batch handler, one statement
+#                                 per batch (rows as one JSON parameter, json_populate_recordset)
 # then, on a cluster of its own, sync.sh's inserts with no listener and the
 # batch consumers with every row queued before they read (their capacity),
 # and writes the tables, the machine, the commands and the targets to
@@ -103,7 +104,7 @@ src_db=$(sed -n 's/.*BENCH_SRC_DB=\([A-Za-z0-9_]*\).*/\1/p' "$shared/sync.sh" | 
 src_db=${src_db:-source}
 sync_cmd=("lua-pglisten-upsert=$runner --log-level warn --db dbname=$src_db $here/consumers/upsert.lua"
           "lua-pglisten-batch=$runner --log-level warn --db dbname=$src_db $here/consumers/batch.lua"
-          "lua-pglisten-batch-drain1000=$runner --log-level warn --db dbname=$src_db $here/consumers/batch_drain.lua")
+          "lua-pglisten-batch-json=$runner --log-level warn --db dbname=$src_db $here/consumers/batch_json.lua")
 
 run_run() {
   say "bench: run.sh (N=$N, $RUNS runs)"
@@ -201,8 +202,8 @@ targets() {
       if (B in srate) row("sync, batch handler + execmany >= 100,000 rows/s, target complete", srate[B] " rows/s, complete: " sok[B], srate[B] >= 100000 && sok[B] == "yes")
       if (U in srate && P in srate) row("sync, per-note upsert >= psycopg2", sprintf("%.0f / %.0f = %.2f x, complete: %s", srate[U], srate[P], srate[U] / srate[P], sok[U]), srate[U] >= srate[P] && sok[U] == "yes")
       if (B in xrate) row("(same, rows queued before the consumer reads: its own capacity)", xrate[B] " rows/s, complete: " xok[B], xrate[B] >= 100000 && xok[B] == "yes")
-      D = "lua-pglisten-batch-drain1000"
-      if (D in srate) row("(same with batch_size = 1000)", srate[D] " rows/s live; " (D in xrate ? xrate[D] " rows/s queued" : "") ", complete: " sok[D], srate[D] >= 100000 && sok[D] == "yes")
+      J = "lua-pglisten-batch-json"
+      if (J in srate) row("(batch handler, one statement per batch: json_populate_recordset)", srate[J] " rows/s live; " (J in xrate ? xrate[J] " rows/s queued" : "") ", complete: " sok[J], srate[J] >= 100000 && sok[J] == "yes")
       if (B in srate && P in srate) printf "| (sync, batch vs psycopg2) | %.2f x | |\n", srate[B] / srate[P]
     }' "$tmp/run.out" "$tmp/sync.out" "$tmp/sync_extra.out"
 }
@@ -255,8 +256,9 @@ write_results() {
       echo
       cat "$tmp/sync.out"
       echo
-      echo "lua-pglisten-batch-drain1000: the same batch consumer with the script's batch_size = 1000 (notes"
-      echo "the runner takes from libpq per read; default 256, which caps the batches near 256)."
+      echo "lua-pglisten-batch-json: a batch handler (batch = 1000) writing each batch with one statement:"
+      echo "the rows as one JSON parameter, json_populate_recordset on the server, the last version of"
+      echo "each id only (consumers/batch_json.lua)."
       if [ -s "$tmp/sync_extra.out" ]; then
         echo
         echo "### The producer alone, and the batch consumers' own capacity"

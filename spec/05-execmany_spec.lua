@@ -339,3 +339,31 @@ describe("conn:execmany", function()
     end)
   end)
 end)
+
+-- The README's fastest batch recipe: the whole batch as one JSON parameter.
+describe("a batch as one JSON parameter (json_populate_recordset)", function()
+  it("writes every row exactly, nulls, 64-bit ids and unicode included, in one statement", function()
+    local c = H.connect()
+    assert(c:exec("CREATE TEMP TABLE jr (id bigint PRIMARY KEY, name text, score float8)"))
+    local UPSERT = [[INSERT INTO jr (id, name, score)
+      SELECT id, name, score FROM json_populate_recordset(NULL::jr, $1)
+      ON CONFLICT (id) DO UPDATE SET name = excluded.name, score = excluded.score]]
+    local rows = {}
+    for i = 1, 1000 do
+      rows[i] = { id = 9007199254740993 + i, name = (i % 7 == 0) and pg.null or ("n\"é\\" .. i), score = i / 3 }
+    end
+    local r = assert(c:exec(UPSERT, rows))
+    assert.equal(1000, r.affected)
+    local got = assert(c:exec("SELECT id, name, score FROM jr ORDER BY id"))
+    assert.equal(1000, got.n)
+    for i = 1, 1000 do
+      assert.equal(9007199254740993 + i, got[i].id)
+      assert.equal(rows[i].name, got[i].name)
+      assert.equal(i / 3, got[i].score)
+    end
+    -- a batch holding two versions of one id must be collapsed first
+    local ok, err, code = c:exec(UPSERT, { { id = 1, name = "a" }, { id = 1, name = "b" } })
+    assert.is_nil(ok); assert.equal("21000", code); assert.matches("a second time", err)
+    c:close()
+  end)
+end)
