@@ -569,6 +569,8 @@ describe("JSON decoding (core.json_decode)", function()
     assert.same({ true, false, pg.null }, { v.a[1], v.a[2], v.a[3] })
     assert.same({}, v.a[4]); assert.same({}, v.a[5]); assert.equal("", v.a[6]); assert.equal(6, #v.a)
     assert.equal(2, assert(decode('{"k":1,"k":2}')).k)                -- the last duplicate wins
+    assert.equal("\n", assert(decode([["\n"]])))                    -- an escape first
+    assert.same({ ["\t"] = "\"" }, assert(decode([[{"\t":"\""}]])))
     local deep = assert(decode(("["):rep(999) .. "7" .. ("]"):rep(999)))  -- 999 levels: accepted
     for _ = 1, 999 do deep = deep[1] end
     assert.equal(7, deep)
@@ -621,6 +623,8 @@ describe("JSON decoding (core.json_decode)", function()
       { "{} {}", "unexpected data after the value at byte 4" },
       { ("["):rep(1001) .. ("]"):rep(1001), "nested deeper than 1000 levels" },
       { "// c\n{}", "unexpected character at byte 1 %('/'%)" },
+      { "[1e999]", "number out of range at byte 2" },
+      { "-" .. ("9"):rep(400), "number out of range at byte 1" },
     }
     for _, c in ipairs(cases) do
       local v, err = decode(c[1])

@@ -92,11 +92,40 @@ describe("statement cache", function()
     for _ = 1, 3 do assert.equal(7, assert(c:exec(q, 1))[1].extra) end
     -- inside a transaction block the caller gets the error, as any client would
     assert(c:exec("ALTER TABLE sc ADD COLUMN more int DEFAULT 8"))
+    local old = ours(c)
+    assert.equal(1, #old)
     assert(c:exec("BEGIN"))
     local ok, err, code = c:exec(q, 1)
     assert.is_nil(ok); assert.equal("0A000", code); assert.matches("result type", err)
     assert(c:exec("ROLLBACK"))
     assert.equal(8, assert(c:exec(q, 1))[1].more)
+    -- the stale statement was deallocated once outside the transaction
+    for _, row in ipairs(ours(c)) do assert.are_not.equal(old[1].name, row.name) end
+  end)
+
+  it("never runs a statement twice: an 0A000 raised while it runs is returned as it is", function()
+    assert(c:exec("CREATE TEMP SEQUENCE runs"))
+    assert(c:exec([[CREATE FUNCTION pg_temp.fails(x int) RETURNS int LANGUAGE plpgsql AS $$
+      BEGIN PERFORM nextval('runs'); RAISE EXCEPTION 'not here' USING ERRCODE = 'feature_not_supported'; END $$]]))
+    for _ = 1, 4 do
+      local ok, err, code = c:exec("SELECT pg_temp.fails($1)", 1)
+      assert.is_nil(ok); assert.equal("0A000", code); assert.matches("not here", err)
+    end
+    assert.equal(4, assert(c:exec("SELECT last_value FROM runs"))[1].last_value)
+  end)
+
+  it("leaks nothing on the server: DISCARD TEMP keeps the cache, one-off statements spare prepared ones", function()
+    local q = "SELECT $1::int AS x"
+    for _ = 1, 5 do
+      assert(c:exec(q, 1)); assert(c:exec(q, 2))
+      assert(c:exec("DISCARD TEMP"))
+    end
+    local p = ours(c)
+    assert.equal(1, #p); assert.equal(q, p[1].statement)
+    for i = 1, 40 do assert(c:exec(("SELECT $1::int + %d AS once"):format(i), 1)) end
+    p = ours(c)
+    assert.equal(1, #p); assert.equal(q, p[1].statement)
+    assert.equal(3, assert(c:exec(q, 3))[1].x)
   end)
 
   it("keeps at most 32 statements, evicting the least recently used", function()

@@ -292,6 +292,7 @@ static void stmts_forget(pgl_conn *c) {
     free(c->stmts[i].sql);
     memset(&c->stmts[i], 0, sizeof c->stmts[i]);
   }
+  c->nstale = 0;
 }
 
 static void stmt_drop(pgl_stmt *s) {
@@ -311,21 +312,51 @@ static void stmt_name(char *buf, size_t size, unsigned id) {
   snprintf(buf, size, "pglisten_%u", id);
 }
 
-/* Runs `sql` with no result wanted; 1 when it worked.  Leaves nothing. */
+/* Runs `sql` with no result wanted, bounded by the connection's query
+ * timeout; 1 when it worked.  Leaves nothing. */
 static int run_quiet(lua_State *L, pgl_conn *c, const char *sql) {
-  int top = lua_gettop(L), r = run_query(L, c, sql, NULL, 0, 0, NULL, c->timeout > 0 ? c->timeout : 10);
+  int top = lua_gettop(L), r = run_query(L, c, sql, NULL, 0, 0, NULL, c->timeout);
   if (r > 0)
     pgl_unbox_result((PGresult **)lua_touserdata(L, -1));
   lua_settop(L, top);
   return r > 0;
 }
 
+/* DEALLOCATEs statement `id`; 1 when it worked (or is gone). */
+static int stmt_deallocate(lua_State *L, pgl_conn *c, unsigned id) {
+  char cmd[48];
+  snprintf(cmd, sizeof cmd, "DEALLOCATE pglisten_%u", id);
+  return run_quiet(L, c, cmd) || PQstatus(c->pg) == CONNECTION_OK;
+}
+
+/* Outside a transaction block: deallocates the statements that went stale
+ * inside one (a failed DEALLOCATE there would have aborted it). */
+static void stmts_sweep(lua_State *L, pgl_conn *c) {
+  while (c->nstale > 0 && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+    if (!stmt_deallocate(L, c, c->stale[c->nstale - 1]))
+      return; /* the connection is gone: so are they */
+    c->nstale--;
+  }
+}
+
+/* A prepared statement that can no longer run: deallocated now when outside
+ * a transaction block, else queued for stmts_sweep; its slot is freed. */
+static void stmt_retire(lua_State *L, pgl_conn *c, pgl_stmt *s) {
+  if (s->prepared) {
+    if (PQtransactionStatus(c->pg) == PQTRANS_IDLE)
+      stmt_deallocate(L, c, s->id);
+    else if (c->nstale < PGL_STMTS)
+      c->stale[c->nstale++] = s->id;
+  }
+  stmt_drop(s);
+}
+
 /*
  * Remembers a statement seen for the first time: in a free slot, else in
- * place of the least recently used one.  A prepared one is deallocated
- * first, which only happens outside a transaction block (a failed
- * DEALLOCATE would abort the caller's transaction); otherwise the statement
- * is not remembered.
+ * place of the least recently used entry that was never prepared, else of
+ * the least recently used prepared one, which is deallocated first.  That
+ * only happens outside a transaction block (a failed DEALLOCATE would abort
+ * the caller's transaction); otherwise the statement is not remembered.
  */
 static void stmt_remember(lua_State *L, pgl_conn *c, const char *sql, size_t len, int nparams,
                           unsigned hash) {
@@ -338,21 +369,19 @@ static void stmt_remember(lua_State *L, pgl_conn *c, const char *sql, size_t len
       victim = s;
       break;
     }
-    if (!victim || s->used < victim->used)
+    if (!victim || (victim->prepared && !s->prepared) ||
+        (victim->prepared == s->prepared && s->used < victim->used))
       victim = s;
   }
-  if (victim->sql && victim->prepared) {
-    char name[32], cmd[48];
-    if (PQtransactionStatus(c->pg) != PQTRANS_IDLE)
-      return;
-    stmt_name(name, sizeof name, victim->id);
-    snprintf(cmd, sizeof cmd, "DEALLOCATE %s", name);
-    if (!run_quiet(L, c, cmd) && PQstatus(c->pg) == CONNECTION_BAD)
-      return;
-  }
+  if (victim->sql && victim->prepared && PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+    return;
   if ((copy = (char *)malloc(len + 1)) == NULL)
     return; /* not cached: no harm done */
   memcpy(copy, sql, len + 1);
+  if (victim->sql && victim->prepared && !stmt_deallocate(L, c, victim->id)) {
+    free(copy);
+    return;
+  }
   stmt_drop(victim);
   victim->sql = copy;
   victim->len = len;
@@ -361,24 +390,42 @@ static void stmt_remember(lua_State *L, pgl_conn *c, const char *sql, size_t len
   victim->used = ++c->stmt_clock;
 }
 
-/* Case-insensitive: does `sql`, after white space, start with `word`? */
-static int starts_with(const char *sql, const char *word) {
-  while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r')
-    sql++;
-  for (; *word; word++, sql++)
-    if ((*sql | 0x20) != *word)
+/* Case-insensitive: does `*sql`, after white space, start with the word
+ * `word`?  Moves *sql past it when it does. */
+static int take_word(const char **sql, const char *word) {
+  const char *p = *sql;
+  while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+    p++;
+  for (; *word; word++, p++)
+    if ((*p | 0x20) != *word)
       return 0;
+  if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_')
+    return 0;
+  *sql = p;
   return 1;
+}
+
+/* DISCARD ALL, DEALLOCATE [PREPARE] ALL: the session's prepared statements
+ * are gone.  (Any other loss is found by 26000 when a statement runs.) */
+static int drops_all(const char *sql) {
+  if (take_word(&sql, "discard"))
+    return take_word(&sql, "all");
+  if (take_word(&sql, "deallocate")) {
+    take_word(&sql, "prepare");
+    return take_word(&sql, "all");
+  }
+  return 0;
 }
 
 /*
  * exec of a parameterized statement through the cache: the first time as
  * an unnamed statement (as without the cache), the second time prepared,
  * then by name.  A prepared statement the server no longer has (26000:
- * DISCARD ALL, a pooler that switched sessions) or can no longer run as
- * planned (0A000: its result type changed after ALTER TABLE) is forgotten,
- * and run again unnamed when no transaction block was involved (the
- * failure happened before anything was executed).  Returns like run_query.
+ * DISCARD ALL, a pooler that switched sessions) or whose plan no longer
+ * fits (0A000 "cached plan must not change result type", after ALTER
+ * TABLE) is forgotten; both errors come before anything was executed, so
+ * the statement runs again unnamed when no transaction block was involved.
+ * Returns like run_query.
  */
 static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, int nparams,
                        const char *const *values) {
@@ -387,6 +434,8 @@ static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, i
   pgl_stmt *s = NULL;
   char name[32];
   int i, r;
+  if (c->nstale > 0 && tx == PQTRANS_IDLE)
+    stmts_sweep(L, c);
   for (i = 0; i < PGL_STMTS; i++) {
     pgl_stmt *e = &c->stmts[i];
     if (e->sql && e->hash == hash && e->len == len && e->nparams == nparams &&
@@ -423,20 +472,18 @@ static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, i
   stmt_name(name, sizeof name, s->id);
   r = run_query(L, c, sql, name, 0, nparams, values, c->timeout);
   if (r == -3) {
-    const char *code = lua_tostring(L, -1);
-    int gone = code && strcmp(code, "26000") == 0, stale = code && strcmp(code, "0A000") == 0;
-    if (gone || stale) {
-      int idle = PQtransactionStatus(c->pg) == PQTRANS_IDLE;
-      if (stale && idle) {
-        char cmd[48];
-        snprintf(cmd, sizeof cmd, "DEALLOCATE %s", name);
-        run_quiet(L, c, cmd);
-      }
+    const char *code = lua_tostring(L, -1), *msg = lua_tostring(L, -2);
+    int gone = code && strcmp(code, "26000") == 0;
+    int stale = code && strcmp(code, "0A000") == 0 && msg &&
+                strstr(msg, "cached plan must not change result type") != NULL;
+    if (gone) {
       stmt_drop(s);
-      if (idle && tx == PQTRANS_IDLE) {
-        lua_pop(L, 3);
-        return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
-      }
+    } else if (stale) {
+      stmt_retire(L, c, s);
+    }
+    if ((gone || stale) && tx == PQTRANS_IDLE && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+      lua_pop(L, 3);
+      return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
     }
   }
   return r;
@@ -463,8 +510,8 @@ static int conn_exec(lua_State *L) {
     r = exec_cached(L, c, sql, len, nparams, values);
   else
     r = run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
-  if (nparams == 0 && (starts_with(sql, "discard") || starts_with(sql, "deallocate")))
-    stmts_forget(c); /* they may be gone from the server */
+  if (nparams == 0 && drops_all(sql))
+    stmts_forget(c); /* gone from the server */
   if (r < 0)
     return -r;
   pgl_push_rows(L, *(PGresult **)lua_touserdata(L, -1));

@@ -45,6 +45,8 @@ static int jbuf_gc(lua_State *L) {
 }
 
 static void jput(lua_State *L, jbuf *j, const char *s, size_t len) {
+  if (len == 0)
+    return; /* memcpy to a NULL buffer, even of 0 bytes, is undefined */
   if (len > j->cap - j->n) {
     size_t cap = j->cap ? j->cap : 256;
     char *np;
@@ -237,8 +239,9 @@ static int core_json_encode(lua_State *L) {
  * no comments, no trailing commas, no control characters inside strings, no
  * lone UTF-16 surrogates).  Objects become tables, arrays sequences, null the
  * null sentinel.  A number written without fraction or exponent that fits in
- * 64 bits is a Lua integer, exactly; any other number is a float.  Duplicate
- * keys: the last one wins.
+ * 64 bits is a Lua integer, exactly; any other number is a float, and one
+ * beyond the range of a double (1e999) is refused.  Duplicate keys: the last
+ * one wins.
  *
  * A container's elements are pushed on the Lua stack as they are parsed and
  * moved into a table created with their exact count, so no table is ever
@@ -520,6 +523,11 @@ static int dnumber(lua_State *L, jdec *d) {
     if (lua_stringtonumber(L, z) == 0) {
       d->p = s;
       return dfail(d, "invalid number");
+    }
+    if (!lua_isinteger(L, -1) && isinf(lua_tonumber(L, -1))) {
+      lua_pop(L, 1); /* 1e999: no double holds it, and JSON has no infinity */
+      d->p = s;
+      return dfail(d, "number out of range");
     }
   }
   return 1;

@@ -52,6 +52,8 @@ typedef struct pgl_conn {
   unsigned stmt_next;  /* the last id given */
   unsigned long stmt_clock;
   pgl_stmt stmts[PGL_STMTS];
+  unsigned stale[PGL_STMTS]; /* ids to DEALLOCATE once outside a transaction block */
+  int nstale;
 } pgl_conn;
 
 /* time.c-like helpers (core.c) */
