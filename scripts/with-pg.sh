@@ -39,6 +39,9 @@ cleanup() {
       "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$data" -m immediate -w -t 30 stop >/dev/null 2>&1
     fi
   done
+  # a server a control script was restarting when we were interrupted (no
+  # postmaster.pid at the moment we looked): its postmaster names our dir
+  pkill -KILL -f "^$PGBIN/postgres -D $dir/" 2>/dev/null
   rm -rf "$dir"
   exit "$rc"
 }
