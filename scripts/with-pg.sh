@@ -85,6 +85,8 @@ CONF
   cat >"$dir/$name.ctl" <<CTL
 #!/bin/sh
 # \$0 stop|start|restart -- a throwaway server of this test run
+# (never with make check's sanitizer runtimes, which specs' children inherit)
+unset LD_PRELOAD
 case "\$1" in
   stop) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop ;;
   start) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -w -t 30 start ;;
