@@ -10,8 +10,8 @@
 --   {"op":..., "seq":N, "id":"42", "old_id":..., "keys_only":true}
 -- and the handler reads the row from the source itself.
 --
--- Ids travel as text: JSON numbers are decoded as doubles, which hold
--- integers exactly only up to 2^53, and a bigint goes to 2^63.
+-- Ids travel as text, so that any key type (bigint, numeric, uuid) reaches
+-- the handler exactly as the source wrote it.
 --
 -- "seq" makes every payload unique.  PostgreSQL delivers a notification
 -- only once when the same channel gets the same payload twice in one

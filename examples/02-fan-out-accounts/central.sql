@@ -4,8 +4,8 @@
 --   psql -d CENTRAL -f examples/02-fan-out-accounts/central.sql
 --
 -- Payload (text, JSON): {"op":"INSERT"|"UPDATE"|"DELETE", "seq":N, "id":"42",
--- "row":{...} | null}.  The id travels as text (a JSON number is a double,
--- exact only up to 2^53); "seq" keeps two changes of one transaction from
+-- "row":{...} | null}.  The id travels as text (any key type arrives exactly
+-- as the source wrote it); "seq" keeps two changes of one transaction from
 -- having the same payload, which PostgreSQL would deliver only once.
 -- A NOTIFY payload must stay under 8000 bytes: the CHECKs keep an account
 -- row well below that (example 1 shows what to do with large rows).
