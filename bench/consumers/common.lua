@@ -93,4 +93,46 @@ end
 M.UPSERT = "INSERT INTO users (id, name, email) VALUES ($1, $2, $3) "
   .. "ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email"
 
+--- A sync.sh batch consumer: channel "users" with batch = BENCH_LUA_BATCH
+-- (1000), handing each batch to write(dst, rows) -> ok, err, sqlstate.
+-- After BENCH_N notes: RESULT with the target's row count and id sum, secs
+-- from the first note to the last batch done, and the mean batch size.
+-- BENCH_LUA_DRAIN sets the script's batch_size (notes taken per read).
+function M.batch_consumer(name, write)
+  local now = pg.now
+  local batch = math.tointeger(tonumber(os.getenv("BENCH_LUA_BATCH") or "")) or 1000
+  local dst
+  local n, failed, calls, first = 0, 0, 0, 0.0
+  local function report()
+    local secs = now() - first
+    local count, sum = M.target_totals(dst)
+    M.finish(name, ("RESULT count=%d sum=%d secs=%.4f rate=%.0f failed=%d calls=%d mean_batch=%.1f"):format(
+      count, sum, secs, secs > 0 and n / secs or 0, failed, calls, n / calls))
+  end
+  return {
+    batch_size = math.tointeger(tonumber(os.getenv("BENCH_LUA_DRAIN") or "")),
+    channels = {
+      users = {
+        batch = batch,
+        handler = function(rows)
+          if n == 0 then first = now() end
+          local ok, err, code = write(dst, rows)
+          if not ok then
+            failed = failed + #rows
+            io.stderr:write(name, ": write failed: ", tostring(err), " ", tostring(code), "\n")
+          end
+          n, calls = n + #rows, calls + 1
+          if n >= M.N then report() end
+        end,
+      },
+    },
+    on_connect = function(db)
+      M.check_db(db, os.getenv("BENCH_SRC_DB"))
+      dst = dst or M.connect_dst()
+      M.ready()
+      M.wait_go()   -- sync.sh sets no BENCH_GO; bench.sh's backlog run does
+    end,
+  }
+end
+
 return M
