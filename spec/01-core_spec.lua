@@ -671,6 +671,9 @@ describe("JSON decoding (core.json_decode)", function()
       '{"id":9223372036854775807}'::json AS j]]))[1]
     assert.equal(9007199254740993, r.b.id); assert.equal(1.5, r.b.x[1]); assert.equal(pg.null, r.b.x[2])
     assert.equal(math.maxinteger, r.j.id)
+    -- what cannot be decoded comes back as the text
+    r = assert(c:exec([[SELECT '[1e999]'::jsonb AS big]]))[1]
+    assert.equal("[1" .. ("0"):rep(999) .. "]", r.big)
     c:close()
   end)
 

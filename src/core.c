@@ -196,7 +196,8 @@ static int core_setup(lua_State *L) {
  * a decoded JSON value into a Lua integer, in place.  lua-cjson 2.1.0 decodes
  * all numbers as floats, so {"id":1} would otherwise give id = 1.0, which
  * prints and formats as "1.0".  Floats beyond 2^53 were already rounded by
- * the decoder and stay floats.
+ * the decoder and stay floats.  Used for a channel's decode = "cjson"; the
+ * default decoder (json.c) makes integers itself.
  */
 static void intify(lua_State *L, int idx, int depth) {
   if (depth > 1000)

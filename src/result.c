@@ -130,7 +130,7 @@ const char *const *pgl_params(lua_State *L, int first, int n, int *nerr) {
     case LUA_TTABLE:
       lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_encode);
       lua_pushvalue(L, idx);
-      lua_call(L, 1, 1); /* a value cjson cannot encode raises: a programmer error */
+      lua_call(L, 1, 1); /* a value JSON cannot carry raises: a programmer error */
       if (lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "JSON encoder returned %s for parameter $%d", luaL_typename(L, -1), i + 1);
       break;
