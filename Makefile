@@ -6,6 +6,7 @@
 #   make demo       the same set-up, then example 1 end to end under the runner
 #   make check      the specs with the C code built under ASan + UBSan
 #   make bench      ../shared/bench with lua-pglisten beside the peers
+#   make lint       luacheck over every Lua file of the tree (.luacheckrc)
 #   make install    into PREFIX (LuaRocks passes its own LUADIR/LIBDIR/BINDIR)
 #
 # Every variable can be overridden on the command line.  Flags come from
@@ -66,6 +67,7 @@ BUILD   ?= build
 SRC      = src/core.c src/conn.c src/result.c src/pipeline.c src/json.c
 HDR      = src/pgl.h
 LUASRC   = $(wildcard lua/pglisten/*.lua) $(wildcard lua/pglisten/*.sql)
+LUASUBDIRS = sources services
 
 MODULE        = $(BUILD)/pglisten/core.so
 RUNNER        = $(BUILD)/lua-pglisten
@@ -76,7 +78,7 @@ DEV_CPATH = $(CURDIR)/$(BUILD)/?.so
 INST_LPATH = $(RUNTIME_LUADIR)/?.lua;$(RUNTIME_LUADIR)/?/init.lua
 INST_CPATH = $(RUNTIME_LIBDIR)/?.so
 
-.PHONY: all deps test demo check bench install clean FORCE
+.PHONY: all deps test demo check bench lint install clean FORCE
 
 all: $(MODULE) $(RUNNER) $(RUNNER_INST)
 
@@ -132,9 +134,17 @@ bench: deps
 	@$(MAKE) --no-print-directory all
 	@bench/bench.sh
 
+# Every Lua file of the tree, with the settings of .luacheckrc (std = "lua54").
+LUACHECK ?= luacheck
+LINT_DIRS = lua spec examples bench
+lint: deps
+	@$(LUACHECK) --no-color -q $(LINT_DIRS)
+
 install: all
 	install -d $(DESTDIR)$(LUADIR)/pglisten $(DESTDIR)$(LIBDIR)/pglisten $(DESTDIR)$(BINDIR)
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUADIR)/pglisten/
+	for d in $(LUASUBDIRS); do install -d $(DESTDIR)$(LUADIR)/pglisten/$$d && \
+	  install -m 644 lua/pglisten/$$d/*.lua $(DESTDIR)$(LUADIR)/pglisten/$$d/ || exit 1; done
 	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/pglisten/core.so
 	install -m 755 $(RUNNER_INST) $(DESTDIR)$(BINDIR)/lua-pglisten
 

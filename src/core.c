@@ -3,10 +3,13 @@
  * descriptor, and the hooks the Lua facade installs (JSON codec, null).
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "pgl.h"
 
@@ -33,9 +36,16 @@ const char pgl_key_null = 0;
  * "interrupted" while the flag is set: no signal is missed, even one that
  * lands just before poll().  Without them EINTR is retried, as a library
  * must.
+ *
+ * A connect waits for a stop signal only (PGL_WAIT_STOP): the host also
+ * stores, under PGL_STOPFLAG, a pointer to its count of stop signals (TERM,
+ * INT), which no one resets.  A HUP or USR1 that arrives meanwhile leaves
+ * its flag for the host to read later; the wait only empties the pipe, so
+ * that the pending byte does not wake poll() again and again.
  */
-#define PGL_SIGFLAG "pglisten.sigflag"
-#define PGL_SIGFD   "pglisten.sigfd"
+#define PGL_SIGFLAG  "pglisten.sigflag"
+#define PGL_SIGFD    "pglisten.sigfd"
+#define PGL_STOPFLAG "pglisten.stopflag"
 
 /* ------------------------------------------------------------------ */
 /* Clocks and waiting                                                  */
@@ -64,6 +74,29 @@ int pgl_interrupted(lua_State *L) {
   lua_pop(L, 1);
   set = flag && *flag;
   return set;
+}
+
+int pgl_stopping(lua_State *L) {
+  volatile sig_atomic_t *stops;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, PGL_STOPFLAG) != LUA_TLIGHTUSERDATA) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  stops = (volatile sig_atomic_t *)lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return stops && *stops;
+}
+
+/* Does a signal end a wait of kind `interruptible`? */
+static int wait_ends(lua_State *L, int interruptible) {
+  return interruptible == PGL_WAIT_STOP ? pgl_stopping(L) : pgl_interrupted(L);
+}
+
+/* Empties the host's self-pipe (non-blocking) without touching its flags. */
+static void drain_pipe(int fd) {
+  char buf[64];
+  while (read(fd, buf, sizeof buf) > 0)
+    ;
 }
 
 /* Milliseconds until `deadline` for poll(), rounded up so we never wake early. */
@@ -97,7 +130,7 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
   p[0].fd = fd;
   p[0].events = events;
   if (interruptible) {
-    if (pgl_interrupted(L))
+    if (wait_ends(L, interruptible))
       return -2;
     p[1].fd = sigfd(L);
     p[1].events = POLLIN;
@@ -109,8 +142,12 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
     p[0].revents = p[1].revents = 0;
     r = poll(p, n, ms_until(deadline));
     if (r > 0) {
-      if (n == 2 && p[1].revents && pgl_interrupted(L))
-        return -2; /* the host drains the pipe when it reads its signals */
+      if (n == 2 && p[1].revents) {
+        if (wait_ends(L, interruptible))
+          return -2; /* the host drains the pipe when it reads its signals */
+        if (interruptible == PGL_WAIT_STOP)
+          drain_pipe(p[1].fd); /* HUP/USR1: their flags stay for the host */
+      }
       if (p[0].revents)
         return 1; /* readable, writable, or hung up: the caller's libpq call tells which */
       continue;
@@ -122,7 +159,7 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
     }
     if (errno != EINTR)
       return -1;
-    if (interruptible && pgl_interrupted(L))
+    if (interruptible && wait_ends(L, interruptible))
       return -2;
   }
 }
@@ -272,6 +309,163 @@ static int core_conninfo_keys(lua_State *L) {
   return 1;
 }
 
+/*
+ * core.poll(fds [, timeout]) -> ready | nil, "timeout" | nil, "interrupted"
+ * The runner's loop waits here on every source's socket at once, and on the
+ * host's signal pipe (a signal ends the wait, as in pgl_waitfd).  `fds` is an
+ * array whose items are a descriptor (wait to read) or `{fd, "r"|"w"|"rw"}`.
+ * `ready` is an array of the 1-based indices that are ready (readable,
+ * writable, hung up or in error: the source's own libpq call tells which).
+ */
+#define PGL_POLL_MAX 16
+static int core_poll(lua_State *L) {
+  struct pollfd p[PGL_POLL_MAX + 1];
+  lua_Integer n = 0, i;
+  double deadline = -1;
+  int sfd, base, k;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (!lua_isnoneornil(L, 2)) {
+    double t = luaL_checknumber(L, 2);
+    luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
+    deadline = pgl_monotonic() + t;
+  }
+  n = (lua_Integer)lua_rawlen(L, 1);
+  luaL_argcheck(L, n <= PGL_POLL_MAX, 1, "too many descriptors (at most 16)");
+  for (i = 0; i < n; i++) {
+    const char *ev = "r";
+    lua_Integer fd;
+    if (lua_rawgeti(L, 1, i + 1) == LUA_TTABLE) {
+      lua_rawgeti(L, -1, 1);
+      lua_rawgeti(L, -2, 2);
+      fd = lua_isinteger(L, -2) ? lua_tointeger(L, -2) : -1;
+      ev = lua_isstring(L, -1) ? lua_tostring(L, -1) : "?";
+      lua_pop(L, 2);
+    } else {
+      fd = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
+    }
+    lua_pop(L, 1);
+    if (fd < 0 || fd > INT_MAX || (strcmp(ev, "r") && strcmp(ev, "w") && strcmp(ev, "rw")))
+      return luaL_argerror(L, 1, "items must be descriptors >= 0 or {fd, \"r\"|\"w\"|\"rw\"}");
+    p[i].fd = (int)fd;
+    p[i].events = (short)((strchr(ev, 'r') ? POLLIN : 0) | (strchr(ev, 'w') ? POLLOUT : 0));
+  }
+  base = (int)n;
+  sfd = sigfd(L);
+  if (sfd >= 0) {
+    p[n].fd = sfd;
+    p[n].events = POLLIN;
+    n++;
+  }
+  for (;;) {
+    int r;
+    if (pgl_interrupted(L))
+      break;
+    for (i = 0; i < n; i++)
+      p[i].revents = 0;
+    r = poll(p, (nfds_t)n, ms_until(deadline));
+    if (r < 0 && errno != EINTR) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "poll failed: %s", strerror(errno));
+      return 2;
+    }
+    if (r > 0) {
+      lua_createtable(L, r, 0);
+      for (i = 0, k = 0; i < base; i++)
+        if (p[i].revents)
+          { lua_pushinteger(L, i + 1); lua_rawseti(L, -2, ++k); }
+      if (k > 0)
+        return 1;
+      lua_pop(L, 1); /* only the signal pipe: interrupted when the flag is set */
+      continue;
+    }
+    if (r == 0 && !(deadline >= 0 && pgl_monotonic() < deadline)) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+  }
+  lua_pushnil(L);
+  lua_pushliteral(L, "interrupted");
+  return 2;
+}
+
+/*
+ * core.conninfo_parse(conninfo) -> array of {keyword=, value=, dispchar=}
+ * for every option libpq knows, in libpq's order (value nil when the string
+ * does not set it; dispchar "*" marks a secret such as password or
+ * sslpassword, "D" a debug option, "" the others), or nil, err when libpq
+ * cannot parse the string.  `conninfo_parse("")` lists every keyword.  The
+ * values are the ones libpq will use (URI percent escapes and keyword/value
+ * quotes already decoded): the facade masks secrets with them.
+ *
+ * The options and libpq's error message live in a box whose __gc frees
+ * them, so that a Lua memory error while copying them out leaks nothing.
+ */
+#define PGL_CONNINFO_BOX "pglisten.conninfo_box"
+
+typedef struct conninfo_box {
+  PQconninfoOption *opts;
+  char *err;
+} conninfo_box;
+
+static void conninfo_box_free(conninfo_box *b) {
+  if (b->opts)
+    PQconninfoFree(b->opts); /* also frees every val */
+  if (b->err)
+    PQfreemem(b->err);
+  b->opts = NULL;
+  b->err = NULL;
+}
+
+static int conninfo_box_gc(lua_State *L) {
+  conninfo_box_free((conninfo_box *)luaL_checkudata(L, 1, PGL_CONNINFO_BOX));
+  return 0;
+}
+
+static conninfo_box *conninfo_box_new(lua_State *L) {
+  conninfo_box *b = (conninfo_box *)lua_newuserdatauv(L, sizeof *b, 0);
+  b->opts = NULL;
+  b->err = NULL;
+  if (luaL_newmetatable(L, PGL_CONNINFO_BOX)) {
+    lua_pushcfunction(L, conninfo_box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return b;
+}
+
+static int core_conninfo_parse(lua_State *L) {
+  const char *s = luaL_checkstring(L, 1);
+  conninfo_box *b = conninfo_box_new(L); /* at index 2 */
+  PQconninfoOption *o;
+  lua_Integer i = 0;
+  b->opts = PQconninfoParse(s, &b->err);
+  if (!b->opts) {
+    lua_pushnil(L);
+    if (b->err)
+      pgl_push_trimmed(L, b->err);
+    else
+      lua_pushliteral(L, "out of memory parsing a conninfo");
+    conninfo_box_free(b);
+    return 2;
+  }
+  lua_newtable(L);
+  for (o = b->opts; o->keyword; o++) {
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, o->keyword);
+    lua_setfield(L, -2, "keyword");
+    if (o->val) {
+      lua_pushstring(L, o->val);
+      lua_setfield(L, -2, "value");
+    }
+    lua_pushstring(L, o->dispchar ? o->dispchar : "");
+    lua_setfield(L, -2, "dispchar");
+    lua_rawseti(L, -2, ++i);
+  }
+  conninfo_box_free(b); /* now, rather than at the next collection */
+  return 1;
+}
+
 static int core_libpq_version(lua_State *L) {
   lua_pushinteger(L, PQlibVersion());
   return 1;
@@ -282,10 +476,12 @@ static const luaL_Reg core_funcs[] = {
   {"now", core_now},
   {"monotonic", core_monotonic},
   {"sleep", core_sleep},
+  {"poll", core_poll},
   {"setup", core_setup},
   {"intify", core_intify},
   {"libpq_version", core_libpq_version},
   {"conninfo_keys", core_conninfo_keys},
+  {"conninfo_parse", core_conninfo_parse},
   {NULL, NULL}
 };
 

@@ -1,0 +1,201 @@
+--- The command line of lua-pglisten: options, --help, --version, --check,
+-- --sql / --install, and starting the runner (pglisten.runner).
+-- @module pglisten.cli
+
+local pg = require "pglisten"
+local host = require "pglisten.host"
+local logmod = require "pglisten.log"
+local scriptmod = require "pglisten.script"
+
+local M = {}
+
+local _
+
+local USAGE = [[
+usage: lua-pglisten [options] SCRIPT
+       lua-pglisten --sql | --install [--db CONNINFO]
+
+Runs the handler script SCRIPT: LISTENs on the channels it names and calls
+its handler for each notification, with the payload decoded from JSON.
+
+  -d, --db CONNINFO        database to listen on (default: $DATABASE_URL, else
+                           libpq's PG* environment)
+  -c, --check              load and validate SCRIPT, print its channels, exit
+  -l, --log-level LEVEL    error | warn | info | debug (default info)
+      --log-format FMT     text | json (one JSON object per line)
+      --reconnect-min SECS first reconnect delay, > 0 (default 0.1, doubling)
+      --reconnect-max SECS longest reconnect delay, > 0 (default 30)
+      --heartbeat SECS     check an idle connection after SECS (default 30; 0: off)
+      --stats-interval SECS  log statistics every SECS (default 60; 0: off)
+      --single-active      one active runner per script and database (leader
+                           elected with an advisory lock; others stand by)
+      --sql                print the SQL that installs schema pglisten, exit
+      --install            apply that SQL to --db, exit
+  -V, --version            print the version, exit
+  -h, --help               print this help, exit
+
+Signals: TERM/INT stop after the running handler (a second one exits at
+once), HUP reloads SCRIPT, USR1 logs statistics.
+Exit status: 0 clean shutdown, 1 fatal runtime error, 2 usage or script error.
+]]
+
+local OPTIONS = {
+  { short = "d", long = "db", arg = true },
+  { short = "c", long = "check" },
+  { short = "l", long = "log-level", arg = true },
+  { long = "log-format", arg = true },
+  { long = "reconnect-min", arg = true, number = true, positive = true },
+  { long = "reconnect-max", arg = true, number = true, positive = true },
+  { long = "heartbeat", arg = true, number = true },
+  { long = "stats-interval", arg = true, number = true },
+  { long = "single-active" },
+  { long = "sql" },
+  { long = "install" },
+  { short = "V", long = "version" },
+  { short = "h", long = "help" },
+}
+
+--- Parses argv; returns opts, or nil and a usage error.
+function M.parse_args(argv)
+  local opts, positional, i = {}, {}, 1
+  local function find(name, short)
+    for _, o in ipairs(OPTIONS) do
+      if (short and o.short == name) or (not short and o.long == name) then return o end
+    end
+  end
+  while i <= #argv do
+    local a = argv[i]
+    local o, val
+    if a == "--" then
+      for j = i + 1, #argv do positional[#positional + 1] = argv[j] end
+      break
+    elseif a:sub(1, 2) == "--" then
+      local name, v = a:match("^%-%-([^=]+)=(.*)$")
+      name = name or a:sub(3)
+      o, val = find(name, false), v
+      if not o then return nil, "unknown option --" .. name end
+    elseif a:sub(1, 1) == "-" and #a > 1 then
+      o = find(a:sub(2, 2), true)
+      if not o then return nil, "unknown option " .. a:sub(1, 2) end
+      if #a > 2 then
+        if not o.arg then return nil, "option -" .. o.short .. " takes no value" end
+        val = a:sub(3)
+      end
+    else
+      positional[#positional + 1] = a
+    end
+    if o then
+      if o.arg then
+        if val == nil then
+          i = i + 1
+          val = argv[i]
+          if val == nil then return nil, "option --" .. o.long .. " needs a value" end
+        end
+        if o.number then
+          local n = tonumber(val)
+          if not n or n < 0 or n ~= n then return nil, "option --" .. o.long .. " needs a number >= 0, got " .. val end
+          -- a reconnect delay of 0 would reconnect in a busy loop
+          if o.positive and n <= 0 then return nil, "option --" .. o.long .. " needs a number > 0, got " .. val end
+          val = n
+        end
+        opts[o.long] = val
+      else
+        if val ~= nil then return nil, "option --" .. o.long .. " takes no value" end
+        opts[o.long] = true
+      end
+    end
+    i = i + 1
+  end
+  if opts["log-level"] and not logmod.LEVELS[opts["log-level"]] then
+    return nil, "invalid --log-level " .. opts["log-level"] .. " (error, warn, info or debug)"
+  end
+  if opts["log-format"] and opts["log-format"] ~= "text" and opts["log-format"] ~= "json" then
+    return nil, "invalid --log-format " .. opts["log-format"] .. " (text or json)"
+  end
+  if #positional > 1 then return nil, "too many arguments: one SCRIPT expected" end
+  opts.script = positional[1]
+  if not opts.script and not (opts.help or opts.version or opts.sql or opts.install) then
+    return nil, "missing SCRIPT"
+  end
+  return opts
+end
+
+local function printerr(...)
+  io.stderr:write("lua-pglisten: ", ...)
+  io.stderr:write("\n")
+end
+
+--- Runs the program; returns the exit code.
+function M.main(argv)
+  local opts, err = M.parse_args(argv)
+  if not opts then
+    printerr(err)
+    io.stderr:write("Try 'lua-pglisten --help'.\n")
+    return 2
+  end
+  if opts.help then io.stdout:write(USAGE); return 0 end
+  if opts.version then
+    io.stdout:write(("lua-pglisten %s (%s, libpq %d)\n"):format(host.version, _VERSION, pg.libpq_version()))
+    return 0
+  end
+  if opts.sql or opts.install then return M.schema_command(opts) end
+
+  local log = logmod.new({ level = opts["log-level"], format = opts["log-format"] })
+  local spec
+  spec, err = scriptmod.load(opts.script)
+  if not spec then
+    if host.stopping() then -- SIGTERM/INT during the script's top level (a connect it waited on)
+      log.info("stopped: signal received while loading the script", { script = opts.script })
+      return 0
+    end
+    if opts.check then
+      printerr(err)
+    else
+      log.error("cannot load script", { script = opts.script, error = err })
+    end
+    return 2
+  end
+  if opts.check then
+    for _, name in ipairs(spec.names) do
+      local e = spec.channels[name]
+      local extra = {}
+      if e.decode ~= "json" then extra[#extra + 1] = "decode=" .. e.decode end
+      if e.batch then extra[#extra + 1] = "batch=" .. e.batch end
+      if e.retry then extra[#extra + 1] = ("retry=%dx%gs"):format(e.retry.attempts, e.retry.backoff) end
+      if e.durable then extra[#extra + 1] = "durable" end
+      io.stdout:write(name, #extra > 0 and ("\t" .. table.concat(extra, " ")) or "", "\n")
+    end
+    return 0
+  end
+  local runner = require("pglisten.runner").make_runner(opts, spec, log)
+  return runner:run()
+end
+
+--- --sql / --install.
+function M.schema_command(opts)
+  local ok, schema = pcall(require, "pglisten.schema")
+  if not ok then
+    printerr("schema unavailable: ", tostring(schema))
+    return 1
+  end
+  if opts.sql then
+    io.stdout:write(schema.sql, "\n")
+    return 0
+  end
+  local db = opts.db or os.getenv("DATABASE_URL") or ""
+  local conn, err = pg.connect(db)
+  if not conn then
+    printerr("cannot connect: ", err)
+    return 1
+  end
+  local r, xerr = conn:exec(schema.sql)
+  conn:close()
+  if not r then
+    printerr("install failed: ", xerr)
+    return 1
+  end
+  io.stdout:write("schema pglisten installed\n")
+  return 0
+end
+
+return M

@@ -1,0 +1,259 @@
+--- The LISTEN/NOTIFY source: the listening connection.
+--
+-- Its hooks, as the loop calls them:
+--   connect  -- tick while down: one attempt (through the leader service
+--               when single active), LISTEN, `on_connect`, then the session
+--               is put back to idle; failures wait `backoff.delay` (jittered)
+--   pollfd/events/pending/read -- the socket the loop polls, and reading:
+--               `conn:drain` into the dispatcher's lanes, up to `drain_max`
+--               notes a read and while the lanes hold fewer than `read_ahead`
+--   timeout/tick -- the heartbeat (an idle connection is pinged) and the
+--               next reconnect
+--   reload   -- LISTENs and UNLISTENs what the new spec wants and the old
+--               did not (wants: every channel of the script, and the
+--               outbox's wake-up channel when some channel is durable)
+--   close    -- closes the connection
+-- A lost connection first hands over the notes libpq has already parsed.
+-- @module pglisten.sources.notify
+
+local pg = require "pglisten"
+local outbox = require "pglisten.outbox"
+local backoff = require "pglisten.backoff"
+
+local M = {}
+M.__index = M
+
+local now = pg.monotonic
+
+local PERMANENT = {
+  "password authentication failed", "authentication failed", "does not exist",
+  "invalid connection option", 'missing "="', "invalid URI", "invalid port number",
+  "invalid sslmode", "unterminated quoted string", "invalid integer value",
+  "no password supplied", "is not permitted to log in", "pg_hba.conf",
+  "invalid value for parameter", "invalid percent-encoded token", "unexpected spaces",
+}
+
+--- True when a connect error will not go away by retrying.
+function M.permanent(err)
+  for _, p in ipairs(PERMANENT) do
+    if err:find(p, 1, true) then return true end
+  end
+  return false
+end
+
+--- Names the listening connection `lua-pglisten` in pg_stat_activity,
+-- unless the conninfo (or PGAPPNAME) names it already.
+function M.with_application_name(conninfo)
+  local set = pg.core.conninfo_keys(conninfo)
+  if not set or set.application_name or os.getenv("PGAPPNAME") then return conninfo end
+  if conninfo:match("^postgres[a-z]*://") then
+    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. "application_name=lua-pglisten"
+  end
+  return (conninfo == "" and "" or (conninfo .. " ")) .. "application_name=lua-pglisten"
+end
+
+--- The channels a spec wants LISTENed, sorted.  Durable channels are
+-- listened to as well, only to warn about plain NOTIFYs sent to them.
+function M.wants(spec)
+  local list, durable = {}, false
+  for _, n in ipairs(spec.names) do
+    local e = spec.channels[n]
+    if not e.source or e.source == "notify" then list[#list + 1] = n end
+    if e.durable then durable = true end
+  end
+  if durable then list[#list + 1] = outbox.WAKEUP_CHANNEL end
+  table.sort(list)
+  return list
+end
+
+--- A source for runtime `rt` (spec, log, stats, settings, dispatch, leader).
+function M.new(rt)
+  local self = setmetatable({ rt = rt, log = rt.log, stats = rt.stats, buf = {}, first = true }, M)
+  self.conninfo = M.with_application_name(rt.db)
+  self.next_connect, self.attempt, self.last_warn = now(), 0, -math.huge
+  return self
+end
+
+function M:pollfd()
+  local c = self.conn
+  if c and self.rt.dispatch:queued() < self.rt.settings.read_ahead then return c:pollfd() end
+end
+function M:events() return self.conn and self.conn:events() or "r" end
+--- True when libpq may hold notes already (the last read was full).
+function M:pending() return self.more and self.conn ~= nil and self.rt.dispatch:queued() < self.rt.settings.read_ahead end
+
+--- Moves up to `max` notes libpq has (or the socket has, without waiting)
+-- into the lanes.  Returns the count, or nil when the connection is lost.
+function M:read(max)
+  local conn = self.conn
+  if not conn then return 0 end
+  max = max or self.rt.settings.drain_max
+  local batch, err, code = conn:drain(max, self.buf)
+  if not batch then
+    self:lost(err .. (code and (" (" .. code .. ")") or ""))
+    return nil
+  end
+  local n = batch.n
+  self.more = n == max
+  if n > 0 then
+    self.rt.dispatch:append(batch, n)
+    self.last_io = now()
+    self.stats.received = self.stats.received + n
+  end
+  return n
+end
+
+-- Everything libpq has parsed, before the connection goes.
+function M:drain_all()
+  local conn = self.conn
+  while true do
+    local batch = conn:drain(self.rt.settings.drain_max, self.buf)
+    if not batch or batch.n == 0 then return end
+    self.rt.dispatch:append(batch, batch.n)
+    self.stats.received = self.stats.received + batch.n
+  end
+end
+
+--- The connection is gone: deliver what was parsed, close, reconnect soon.
+function M:lost(err)
+  if not self.conn then return end
+  self:drain_all()
+  self.log.warn("connection lost", { error = err, queued = self.rt.dispatch:queued() })
+  if self.rt.leader then self.rt.leader:lost() end
+  self.conn:close()
+  self.conn, self.more = nil, false
+  self.lost_at, self.next_connect, self.attempt = now(), now(), 0
+end
+
+function M:timeout(t)
+  if not self.conn then return self.next_connect - t end
+  local hb = self.rt.settings.heartbeat
+  if hb > 0 then return self.last_io + hb - t end
+end
+
+function M:tick(t)
+  if not self.conn then
+    if t >= self.next_connect and not self.rt:stopping() then self:connect() end
+    return
+  end
+  local s = self.rt.settings
+  if s.heartbeat > 0 and t - self.last_io >= s.heartbeat and self.rt.dispatch:queued() == 0 then
+    local ok, err = self.conn:ping(s.heartbeat_timeout)
+    if ok then
+      self.last_io, self.more = now(), true -- the ping may have brought notes
+    else
+      self:lost("heartbeat failed: " .. tostring(err))
+    end
+  end
+end
+
+-- One attempt: conn (listening), or nil, err ("standby": another leads).
+function M:open()
+  local leader = self.rt.leader
+  local conn, err
+  if leader then
+    conn, err = leader:acquire(self.conninfo)
+  else
+    conn, err = pg.connect(self.conninfo, { timeout = self.rt.settings.connect_timeout, heal = false })
+  end
+  if not conn then return nil, err end
+  local ok, lerr = conn:listen(table.unpack(M.wants(self.rt.spec)))
+  if not ok then
+    conn:close()
+    return nil, "LISTEN failed: " .. tostring(lerr)
+  end
+  return conn
+end
+
+--- One connection attempt; on failure the next one is scheduled.
+function M:connect()
+  self.attempt = self.attempt + 1
+  local conn, err = self:open()
+  if conn then return self:connected(conn) end
+  local leader, s = self.rt.leader, self.rt.settings
+  if err == "standby" then
+    self.attempt = 0
+    self.next_connect = now() + leader:standby()
+    return
+  end
+  if self.first and M.permanent(err) then
+    self.rt.fatal = err
+    return
+  end
+  local wait = backoff.delay(self.attempt, s.reconnect_min, s.reconnect_max, 0.5)
+  local t = now()
+  -- one warning at first, then one every 30 s; every attempt at debug
+  if t - self.last_warn >= 30 then
+    self.log.warn(self.first and "cannot connect yet; retrying" or "reconnect failed; retrying",
+      { error = err, attempt = self.attempt, next_in = ("%.2f"):format(wait) })
+    self.last_warn = t
+  else
+    self.log.debug("reconnect attempt failed", { error = err, attempt = self.attempt })
+  end
+  self.next_connect = t + wait
+end
+
+function M:connected(conn)
+  local first = self.first
+  self.conn, self.last_io, self.first, self.more = conn, now(), false, true
+  local info = { reconnect = not first, attempts = self.attempt }
+  if not first then
+    info.disconnected_for = now() - (self.lost_at or now())
+    self.stats.reconnects = self.stats.reconnects + 1
+  end
+  self.lost_at, self.attempt, self.last_warn = nil, 0, -math.huge
+  self.log.info(first and "listening" or "reconnected", {
+    db = pg.safe_conninfo(self.rt.db), pid = conn:pid(), channels = table.concat(M.wants(self.rt.spec), ","),
+    attempts = info.attempts, disconnected_for = info.disconnected_for and ("%.3f"):format(info.disconnected_for),
+  })
+  self.rt:connected(info)
+  self:call_on_connect(info)
+end
+
+-- on_connect, then the session back to idle: the server delivers nothing
+-- to a session inside a transaction.
+function M:call_on_connect(info)
+  local f, conn = self.rt.spec.on_connect, self.conn
+  if not f then return end
+  local ok, err, tb = self.rt.invoke(f, conn, info)
+  if not ok then
+    self.log.error("on_connect failed; listening goes on", { error = self.rt.errstring(err), traceback = tb })
+  end
+  if conn:isclosed() or conn:status() ~= "ok" then return self:lost("connection lost in on_connect") end
+  local tx = conn:txstatus()
+  if tx ~= "idle" then
+    local _, rerr = conn:exec("ROLLBACK")
+    self.log.error("on_connect left the listening connection inside a transaction; rolled back",
+      { txstatus = tx, error = rerr })
+    if rerr then return self:lost("ROLLBACK after on_connect failed: " .. tostring(rerr)) end
+  end
+end
+
+-- Sorted list of what is in `a` and not in `b`.
+local function minus(a, b)
+  local set, out = {}, {}
+  for _, n in ipairs(b) do set[n] = true end
+  for _, n in ipairs(a) do if not set[n] then out[#out + 1] = n end end
+  return out
+end
+
+--- LISTENs to what the new spec wants and the old one did not, UNLISTENs
+-- the reverse.
+function M:reload(old, new)
+  local conn = self.conn
+  if not conn then return end
+  local was, will = M.wants(old), M.wants(new)
+  local added, removed = minus(will, was), minus(was, will)
+  local ok, err = true, nil
+  if #added > 0 then ok, err = conn:listen(table.unpack(added)) end
+  if ok and #removed > 0 then ok, err = conn:unlisten(table.unpack(removed)) end
+  if not ok then return self:lost("LISTEN after reload failed: " .. tostring(err)) end
+  self.more = true
+end
+
+function M:close()
+  if self.conn then self.conn:close() end
+  self.conn = nil
+end
+
+return M
