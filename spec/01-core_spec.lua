@@ -514,7 +514,7 @@ describe("JSON encoding", function()
     { { id = math.maxinteger }, '{"id":9223372036854775807}' },
     { { 1, 2, 3 }, "[1,2,3]" },
     { {}, "{}" },
-    { { f = 0.1 }, '{"f":0.10000000000000001}' },
+    { { f = 0.1 }, '{"f":0.1}' },
     { { f = 1.0 }, '{"f":1}' },
     { { s = 'q"b\\n\n\1' }, '{"s":"q\\"b\\\\n\\n\\u0001"}' },
     { { n = H.pg.null }, '{"n":null}' },
@@ -555,11 +555,11 @@ describe("JSON decoding (core.json_decode)", function()
       "neg":-42,"zero":-0,"f":1.5,"one":1.0,"e":1e3,"E":-2.5E-3,"huge":123456789012345678901234567890}]]))
     assert.equal(9007199254740993, v.big); assert.equal("integer", math.type(v.big))
     assert.equal(math.maxinteger, v.max); assert.equal(math.mininteger, v.min)
-    assert.equal(-42, v.neg); assert.equal("integer", math.type(v.zero))
+    assert.equal(-42, v.neg); assert.equal(-math.huge, 1 / v.zero) -- "-0" keeps its sign
     assert.equal(1.5, v.f)
     assert.equal("float", math.type(v.one)); assert.equal("float", math.type(v.e)); assert.equal(1000.0, v.e)
     assert.equal(-0.0025, v.E)
-    assert.equal("float", math.type(v.huge)); assert.equal(1.2345678901234568e29, v.huge)
+    assert.equal("123456789012345678901234567890", v.huge) -- no double holds it: the text
   end)
 
   it("decodes strings, escapes, literals, arrays and nesting", function()
@@ -623,8 +623,6 @@ describe("JSON decoding (core.json_decode)", function()
       { "{} {}", "unexpected data after the value at byte 4" },
       { ("["):rep(1001) .. ("]"):rep(1001), "nested deeper than 1000 levels" },
       { "// c\n{}", "unexpected character at byte 1 %('/'%)" },
-      { "[1e999]", "number out of range at byte 2" },
-      { "-" .. ("9"):rep(400), "number out of range at byte 1" },
     }
     for _, c in ipairs(cases) do
       local v, err = decode(c[1])
@@ -672,8 +670,8 @@ describe("JSON decoding (core.json_decode)", function()
     assert.equal(9007199254740993, r.b.id); assert.equal(1.5, r.b.x[1]); assert.equal(pg.null, r.b.x[2])
     assert.equal(math.maxinteger, r.j.id)
     -- what cannot be decoded comes back as the text
-    r = assert(c:exec([[SELECT '[1e999]'::jsonb AS big]]))[1]
-    assert.equal("[1" .. ("0"):rep(999) .. "]", r.big)
+    r = assert(c:exec([[SELECT (repeat('[', 1001) || repeat(']', 1001))::json AS deep]]))[1]
+    assert.equal(("["):rep(1001) .. ("]"):rep(1001), r.deep)
     c:close()
   end)
 

@@ -8,9 +8,10 @@
  * double (a bigint id above 2^53 is rounded) and grows each table by
  * rehashing; it was about 40% of the runner's instructions per note.
  *
- * The encoder writes integers with all their digits and floats with 17
- * significant digits (NaN and infinities, which JSON cannot hold, as null).
- * The text grows in a
+ * The encoder writes integers with all their digits and floats in the
+ * shortest form that reads back as the same double (pgl_format_float: 0.1,
+ * 1e-20, -0.0; an integral float that fits 64 bits as an integer, 3.0 as 3);
+ * NaN and infinities, which JSON cannot hold, as null.  The text grows in a
  * malloc'd buffer owned by a userdata with __gc, so an error anywhere (a bad
  * value, out of memory) leaks nothing; luaL_Buffer cannot be used because
  * the encoder pushes keys and values between its additions.
@@ -102,21 +103,19 @@ static void put_string(lua_State *L, jbuf *b, const char *s, size_t len) {
 }
 
 static void put_number(lua_State *L, jbuf *b, int idx) {
-  char buf[64];
+  char buf[PGL_NUMBUF];
+  int n;
   if (lua_isinteger(L, idx)) {
-    snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
+    n = snprintf(buf, sizeof buf, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
   } else {
     double x = (double)lua_tonumber(L, idx);
     if (isnan(x) || isinf(x)) {
       jputs(L, b, "null");
       return;
     }
-    if (x == floor(x) && fabs(x) < 1e15)
-      snprintf(buf, sizeof buf, "%.0f", x); /* 1.0 -> 1, as JSON readers expect */
-    else
-      snprintf(buf, sizeof buf, "%.17g", x);
+    n = pgl_format_float(x, buf, 1); /* 1.0 -> 1, as JSON readers expect; -0.0 keeps its sign */
   }
-  jputs(L, b, buf);
+  jput(L, b, buf, (size_t)n);
 }
 
 /* The length n when the table's keys are exactly 1..n, else -1. */
@@ -238,10 +237,11 @@ static int core_json_encode(lua_State *L) {
  * Strict RFC 8259: one value, white space around it, nothing else (no NaN,
  * no comments, no trailing commas, no control characters inside strings, no
  * lone UTF-16 surrogates).  Objects become tables, arrays sequences, null the
- * null sentinel.  A number written without fraction or exponent that fits in
- * 64 bits is a Lua integer, exactly; any other number is a float, and one
- * beyond the range of a double (1e999) is refused.  Duplicate keys: the last
- * one wins.
+ * null sentinel.  Numbers are never rounded (pgl_push_number): one written
+ * without fraction or exponent that fits in 64 bits is a Lua integer ("-0"
+ * the float -0.0); any other is a float when the double's shortest form
+ * denotes the same value ("0.30", "1e20"), else the string as written
+ * (12345678901234567890, 1e400).  Duplicate keys: the last one wins.
  *
  * A container's elements are pushed on the Lua stack as they are parsed and
  * moved into a table created with their exact count, so no table is ever
@@ -453,58 +453,29 @@ static int dstring(lua_State *L, jdec *d, int key) {
   return dfail(d, "unterminated string");
 }
 
-static int is_digit(const char *p, const char *e) {
-  return p < e && *p >= '0' && *p <= '9';
-}
-
 /* Pushes the number at d->p; 0 on bad input. */
 static int dnumber(lua_State *L, jdec *d) {
-  const char *s = d->p, *p = s, *e = d->end, *digits;
-  int integral = 1;
-  if (p < e && *p == '-')
-    p++;
-  digits = p;
-  if (!is_digit(p, e)) {
+  const char *s = d->p, *p = s;
+  pgl_numscan ns;
+  if (!pgl_scan_number(&p, d->end, &ns)) {
     d->p = p;
     return dfail(d, "invalid number");
   }
-  if (*p == '0')
-    p++;
-  else
-    while (is_digit(p, e))
-      p++;
-  if (p < e && *p == '.') {
-    p++;
-    integral = 0;
-    if (!is_digit(p, e)) {
-      d->p = p;
-      return dfail(d, "invalid number");
-    }
-    while (is_digit(p, e))
-      p++;
-  }
-  if (p < e && (*p == 'e' || *p == 'E')) {
-    p++;
-    integral = 0;
-    if (p < e && (*p == '+' || *p == '-'))
-      p++;
-    if (!is_digit(p, e)) {
-      d->p = p;
-      return dfail(d, "invalid number");
-    }
-    while (is_digit(p, e))
-      p++;
-  }
   d->p = p;
-  if (integral && p - digits <= 18) { /* fits in 63 bits: no overflow check */
+  if (ns.integral && ns.ndig <= 18) { /* fits in 63 bits: no overflow check */
     lua_Integer v = 0;
     const char *q;
-    for (q = digits; q < p; q++)
+    for (q = (*s == '-') ? s + 1 : s; q < p; q++)
       v = v * 10 + (*q - '0');
-    lua_pushinteger(L, s == digits ? v : -v);
+    if (*s != '-')
+      lua_pushinteger(L, v);
+    else if (v != 0)
+      lua_pushinteger(L, -v);
+    else
+      lua_pushnumber(L, -0.0); /* "-0": keep the sign */
     return 1;
   }
-  /* Lua's own conversion: exact 64-bit integers, floats beyond, locale-safe */
+  /* exact 64-bit integers, floats that read back as the text, else the text */
   {
     char small[64];
     size_t len = (size_t)(p - s);
@@ -520,15 +491,7 @@ static int dnumber(lua_State *L, jdec *d) {
       jputc(L, b, '\0');
       z = b->p;
     }
-    if (lua_stringtonumber(L, z) == 0) {
-      d->p = s;
-      return dfail(d, "invalid number");
-    }
-    if (!lua_isinteger(L, -1) && isinf(lua_tonumber(L, -1))) {
-      lua_pop(L, 1); /* 1e999: no double holds it, and JSON has no infinity */
-      d->p = s;
-      return dfail(d, "number out of range");
-    }
+    pgl_push_number(L, z, len, &ns);
   }
   return 1;
 }

@@ -87,6 +87,30 @@ void pgl_pipeline_open(lua_State *L);      /* adds conn:execmany; leaves nothing
 
 /* result.c */
 void pgl_result_open(lua_State *L);
+
+/*
+ * Numbers, exact both ways (result.c; json.c uses them too).  A float is
+ * written as all its digits when it is integral and fits 64 bits ("3"),
+ * "-0.0" (JSON) or "-0" (parameters) when it is negative zero, else in the
+ * shortest "%.Ng" that reads back as the same double ("0.1", "1e-20").
+ * Returns the length; buf holds PGL_NUMBUF bytes; x must be finite.
+ */
+#define PGL_NUMBUF 40
+int pgl_format_float(double x, char *buf, int json);
+/* What pgl_scan_number saw: no fraction nor exponent; significant digits
+ * (from the first non-zero one, trailing zeros counted). */
+typedef struct pgl_numscan {
+  int integral;
+  size_t ndig;
+} pgl_numscan;
+/* Scans a JSON number from *pp (before e): 1, or 0 when it is not one;
+ * *pp is left at its end, or at the byte that is wrong. */
+int pgl_scan_number(const char **pp, const char *e, pgl_numscan *ns);
+/* Pushes the scanned number z[0..len) (z[len] is '\0'): a Lua integer when
+ * it fits one ("-0": the float -0.0), a float when the shortest form of the
+ * double denotes the same value as the text ("0.30", "1e20"), else the
+ * text itself, so that no digit is lost (1e400, 12345678901234567890). */
+void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns);
 /* Build the parameter arrays for args [first, first+n) on the stack.  Pushes
  * one userdata holding the arrays (kept alive by the stack) plus the strings;
  * returns the values array.  Returns NULL and pushes nil, message when a value

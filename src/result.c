@@ -1,11 +1,16 @@
 /*
- * result.c -- query parameters from Lua values, and query results to Lua.
+ * result.c -- query parameters from Lua values, and query results to Lua,
+ * with numbers exact both ways (also for json.c): a float leaves in the
+ * shortest form that reads back as the same double, and a number text that
+ * no Lua integer or double holds exactly arrives as the text.
  *
  * Every PGresult that is held while Lua code may run (an allocation can raise
  * a memory error) is kept in a "box" userdata whose __gc clears it, so an
  * error in the middle of a conversion cannot leak it.
  */
 #include <errno.h>
+#include <float.h>
+#include <locale.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -76,20 +81,174 @@ int pgl_push_result_error(lua_State *L, const PGresult *res) {
 }
 
 /* ------------------------------------------------------------------ */
+/* Numbers: exact both ways (exec parameters, json.c, numeric columns) */
+/* ------------------------------------------------------------------ */
+
+/*
+ * The finite x in the shortest "%.Ng" that strtod reads back as the same
+ * double.  A normal double needs 15 to 17 digits (%.15g also finds any
+ * shorter form: it drops trailing zeros); a subnormal has fewer bits, so
+ * 5e-324 is searched from one digit.  Formatted and read back in the
+ * current locale, then given a '.' whatever the locale's decimal point.
+ */
+static int shortest_g(double x, char *buf) {
+  int p = fabs(x) < DBL_MIN ? 1 : 15, n;
+  char dp = localeconv()->decimal_point[0];
+  for (;; p++) {
+    n = snprintf(buf, PGL_NUMBUF, "%.*g", p, x);
+    if (p >= 17 || strtod(buf, NULL) == x)
+      break;
+  }
+  if (dp != '.') {
+    char *q = strchr(buf, dp);
+    if (q)
+      *q = '.';
+  }
+  return n;
+}
+
+int pgl_format_float(double x, char *buf, int json) {
+  if (x == 0 && signbit(x))
+    return snprintf(buf, PGL_NUMBUF, "%s", json ? "-0.0" : "-0");
+  if (x == floor(x) && x >= -9223372036854775808.0 && x < 9223372036854775808.0)
+    return snprintf(buf, PGL_NUMBUF, "%.0f", x); /* all digits: integer columns accept it */
+  return shortest_g(x, buf);
+}
+
+int pgl_scan_number(const char **pp, const char *e, pgl_numscan *ns) {
+  const char *p = *pp, *int0, *frac0;
+  ns->integral = 1;
+  ns->ndig = 0;
+  if (p < e && *p == '-')
+    p++;
+  int0 = p;
+  if (p >= e || *p < '0' || *p > '9')
+    goto bad;
+  if (*p == '0')
+    p++;
+  else
+    while (p < e && *p >= '0' && *p <= '9')
+      p++;
+  ns->ndig = (*int0 == '0') ? 0 : (size_t)(p - int0);
+  if (p < e && *p == '.') {
+    ns->integral = 0;
+    frac0 = ++p;
+    if (p >= e || *p < '0' || *p > '9')
+      goto bad;
+    while (p < e && *p >= '0' && *p <= '9')
+      p++;
+    if (ns->ndig == 0) /* 0.000123: the zeros before the 1 are not significant */
+      while (frac0 < p && *frac0 == '0')
+        frac0++;
+    ns->ndig += (size_t)(p - frac0);
+  }
+  if (p < e && (*p == 'e' || *p == 'E')) {
+    ns->integral = 0;
+    p++;
+    if (p < e && (*p == '+' || *p == '-'))
+      p++;
+    if (p >= e || *p < '0' || *p > '9')
+      goto bad;
+    while (p < e && *p >= '0' && *p <= '9')
+      p++;
+  }
+  *pp = p;
+  return 1;
+bad:
+  *pp = p;
+  return 0;
+}
+
+/*
+ * The significant digits of the number text s[0..e) into dig, without
+ * leading or trailing zeros, and *exp such that the value is
+ * +-0.DIGITS * 10^*exp.  Returns their count (0 for zero), or -1 when
+ * there are more than 17, which no shortest form of a double has.
+ */
+static int significant(const char *s, const char *e, char dig[17], long *exp) {
+  long intlen = 0, idx = 0, first = -1, x = 0;
+  int n = 0, zeros = 0, point = 0, neg = 0;
+  for (; s < e && *s != 'e' && *s != 'E'; s++) {
+    if (*s == '.')
+      point = 1;
+    if (*s < '0' || *s > '9')
+      continue;
+    intlen += !point;
+    idx++;
+    if (*s == '0') {
+      zeros += first >= 0; /* kept only if a non-zero digit follows */
+      continue;
+    }
+    if (first < 0)
+      first = idx - 1;
+    if (n + zeros >= 17)
+      return -1;
+    for (; zeros > 0; zeros--)
+      dig[n++] = '0';
+    dig[n++] = *s;
+  }
+  if (first < 0)
+    return 0;
+  if (s < e) { /* the exponent: saturated, far beyond any double's */
+    if (++s < e && (*s == '+' || *s == '-'))
+      neg = *s++ == '-';
+    for (; s < e; s++)
+      if (x < 100000000L)
+        x = x * 10 + (*s - '0');
+  }
+  *exp = intlen - first + (neg ? -x : x);
+  return n;
+}
+
+/* 1 when the shortest form of the finite x denotes exactly the value of the
+ * number text s[0..e). */
+static int denotes(const char *s, const char *e, double x) {
+  char a[17], b[17], f[PGL_NUMBUF];
+  long ea = 0, eb = 0;
+  int na = significant(s, e, a, &ea), nb;
+  if (na <= 0)
+    return na == 0; /* zero is any zero; more than 17 digits never */
+  nb = significant(f, f + shortest_g(x, f), b, &eb);
+  return na == nb && ea == eb && memcmp(a, b, (size_t)na) == 0;
+}
+
+void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns) {
+  double x;
+  if (lua_stringtonumber(L, z) != len + 1) { /* cannot happen after pgl_scan_number */
+    lua_pushlstring(L, z, len);
+    return;
+  }
+  if (lua_isinteger(L, -1)) {
+    if (lua_tointeger(L, -1) == 0 && z[0] == '-') { /* "-0": keep the sign */
+      lua_pop(L, 1);
+      lua_pushnumber(L, -0.0);
+    }
+    return;
+  }
+  x = (double)lua_tonumber(L, -1);
+  /* up to 15 digits, a normal double reads back as the text (DBL_DIG) */
+  if (ns->ndig == 0 || (ns->ndig <= 15 && isnormal(x)))
+    return;
+  if (isfinite(x) && denotes(z, z + len, x))
+    return;
+  lua_pop(L, 1);
+  lua_pushlstring(L, z, len);
+}
+
+/* ------------------------------------------------------------------ */
 /* Parameters                                                          */
 /* ------------------------------------------------------------------ */
 
-/* Formats a float so that the server reads back the same double. */
+/* A float as a text parameter: "NaN", "Infinity" and "-Infinity" as the
+ * server spells them, any other in the shortest form (pgl_format_float). */
 static void push_float(lua_State *L, lua_Number x) {
-  char buf[64];
+  char buf[PGL_NUMBUF];
   if (isnan(x))
     lua_pushliteral(L, "NaN");
   else if (isinf(x))
     lua_pushstring(L, x > 0 ? "Infinity" : "-Infinity");
-  else {
-    snprintf(buf, sizeof buf, "%.17g", (double)x);
-    lua_pushstring(L, buf);
-  }
+  else
+    lua_pushlstring(L, buf, pgl_format_float((double)x, buf, 0));
 }
 
 /*
@@ -172,44 +331,13 @@ static int parse_int(const char *s, lua_Integer *out) {
   return 1;
 }
 
-/*
- * Significant digits of a numeric's text: from the first non-zero digit to
- * the last digit that is not a trailing zero of the fraction.  99 for text
- * that is not plain decimal (NaN, Infinity).
- */
-static int significant_digits(const char *s) {
-  const char *p, *first = NULL, *last = NULL;
-  int point = 0, n = 0;
-  for (p = s; *p; p++) {
-    if (*p >= '1' && *p <= '9') {
-      if (!first)
-        first = p;
-      last = p;
-    } else if (*p == '0') {
-      if (first && !point)
-        last = p;
-    } else if (*p == '.') {
-      point = 1;
-    } else if (*p != '-' && *p != '+') {
-      return 99;
-    }
-  }
-  for (p = first; p && p <= last; p++)
-    n += (*p != '.');
-  return n;
-}
-
-/*
- * numeric: an integer that fits a Lua integer comes back as one; a value whose
- * significant digits a double holds exactly (15 or fewer) as a float; anything
- * else stays a string, so that no digit is silently lost.
- */
+/* numeric: by the rule of JSON numbers (pgl_push_number); NaN, Infinity
+ * and -Infinity stay strings. */
 static void push_numeric(lua_State *L, const char *s, size_t len) {
-  lua_Integer iv;
-  if (parse_int(s, &iv))
-    lua_pushinteger(L, iv);
-  else if (significant_digits(s) <= 15)
-    lua_pushnumber(L, (lua_Number)strtod(s, NULL));
+  const char *end = s;
+  pgl_numscan ns;
+  if (pgl_scan_number(&end, s + len, &ns) && end == s + len)
+    pgl_push_number(L, s, len, &ns);
   else
     lua_pushlstring(L, s, len);
 }
