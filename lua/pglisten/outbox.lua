@@ -179,26 +179,139 @@ function M.claim(conn, channels, limit)
   return events
 end
 
-local DELETE_DONE = "DELETE FROM pglisten.outbox WHERE id = ANY($1::bigint[])"
+---------------------------------------------------------------------------
+-- Error texts
+---------------------------------------------------------------------------
 
--- Moves the event to pglisten.dead when this failure is its last allowed
--- one (decided on the row's own attempts, which the claim keeps locked).
-local BURY = [[
-WITH gone AS (
-  DELETE FROM pglisten.outbox
-   WHERE id = $1 AND attempts + 1 >= $3::int
-  RETURNING id, channel, payload, created_at, run_at, attempts
-)
-INSERT INTO pglisten.dead (id, channel, payload, created_at, run_at, attempts, last_error, failed_at)
-SELECT id, channel, payload, created_at, run_at, attempts + 1, $2::text, clock_timestamp()
-  FROM gone]]
+--- Longest `last_error` stored, in bytes.
+M.MAX_ERROR = 4000
 
+local REPLACEMENT = "\u{FFFD}"
+
+-- Valid UTF-8 from any bytes: each byte that does not start a valid sequence
+-- (a stray continuation byte, an overlong form, a surrogate, a sequence cut
+-- short, a code point above U+10FFFF) becomes U+FFFD.
+local function valid_utf8(s)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local ok, bad = utf8.len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      break
+    end
+    out[#out + 1] = s:sub(i, bad - 1)
+    out[#out + 1] = REPLACEMENT
+    i = bad + 1
+  end
+  return concat(out)
+end
+
+-- The longest head of valid UTF-8 `s` of at most `max` bytes that ends on a
+-- character boundary.
+local function utf8_head(s, max)
+  if #s <= max then return s end
+  local j = max
+  while j > 0 do
+    local b = s:byte(j + 1)
+    if b < 0x80 or b >= 0xC0 then break end -- s[j + 1] starts a character
+    j = j - 1
+  end
+  return s:sub(1, j)
+end
+
+local function as_string(msg)
+  if msg == nil then return "unknown error" end
+  if type(msg) ~= "string" then return tostring(msg) end
+  return msg
+end
+
+--- An error text fit for `last_error`: zero bytes removed, bytes that are
+-- not valid UTF-8 replaced with U+FFFD, at most `MAX_ERROR` bytes (cut on a
+-- character boundary, with a note of the full length).  nil is
+-- "unknown error"; other values go through tostring.
+-- @param msg the handler's error
+-- @treturn string
+function M.error_text(msg)
+  local raw = as_string(msg)
+  local s = raw:gsub("\0", "")
+  local cut = #s > M.MAX_ERROR
+  if cut then s = s:sub(1, M.MAX_ERROR + 3) end -- the character across the cut stays whole
+  s = valid_utf8(s)
+  if cut or #s > M.MAX_ERROR then
+    local note = (" [... cut; %d bytes in all]"):format(#raw)
+    s = utf8_head(s, M.MAX_ERROR - #note) .. note
+  end
+  return s
+end
+
+-- The same in ASCII (other bytes as \xNN), for a database whose encoding
+-- cannot hold what error_text keeps.
+local function ascii_text(msg)
+  local raw = as_string(msg)
+  local s = raw:gsub("\0", ""):sub(1, M.MAX_ERROR)
+    :gsub("[\128-\255]", function(c) return ("\\x%02x"):format(c:byte()) end)
+  if #s > M.MAX_ERROR or #raw > M.MAX_ERROR then
+    local note = (" [... cut; %d bytes in all]"):format(#raw)
+    s = s:sub(1, M.MAX_ERROR - #note):gsub("\\x%x?$", "") .. note
+  end
+  return s
+end
+
+---------------------------------------------------------------------------
+-- Finishing
+---------------------------------------------------------------------------
+
+-- One statement for the whole batch: delete the done events ($1), and for
+-- each failure ($2..$5: id, error, max_attempts, backoff) move it to
+-- pglisten.dead when this failure is its last allowed one, else reschedule
+-- it.  Decided on the row's own attempts, which the claim keeps locked; the
+-- two branches test complementary conditions on the statement's snapshot.
+-- An event whose id pglisten.dead holds already (written by hand, or an
+-- identity reset) is rescheduled, with a note, rather than fail the batch.
+-- A NULL backoff is 1 s doubling from the row's attempts, capped at 300 s.
 -- clock_timestamp(): now() is the claim's start, maybe long ago.
-local RETRY = [[
-UPDATE pglisten.outbox
-   SET attempts = attempts + 1, last_error = $2::text,
-       run_at = clock_timestamp() + make_interval(secs => $3::float8)
- WHERE id = $1]]
+local FINISH = [[
+WITH f AS (
+  SELECT * FROM unnest($2::bigint[], $3::text[], $4::int[], $5::float8[]) AS f(id, err, max_attempts, backoff)
+), done AS (
+  DELETE FROM pglisten.outbox WHERE id = ANY($1::bigint[])
+  RETURNING id
+), gone AS (
+  DELETE FROM pglisten.outbox o USING f
+   WHERE o.id = f.id AND o.attempts + 1 >= f.max_attempts
+     AND NOT EXISTS (SELECT 1 FROM pglisten.dead d WHERE d.id = o.id)
+  RETURNING o.id, o.channel, o.payload, o.created_at, o.run_at, o.attempts + 1 AS attempts, f.err
+), buried AS (
+  INSERT INTO pglisten.dead (id, channel, payload, created_at, run_at, attempts, last_error, failed_at)
+  SELECT id, channel, payload, created_at, run_at, attempts, err, clock_timestamp() FROM gone
+  RETURNING id
+), retried AS (
+  UPDATE pglisten.outbox o
+     SET attempts = o.attempts + 1,
+         last_error = CASE WHEN o.attempts + 1 < f.max_attempts THEN f.err
+           ELSE 'not moved to pglisten.dead, which holds an event with this id already: ' || f.err END,
+         run_at = clock_timestamp() + make_interval(secs =>
+           coalesce(f.backoff, least(300, 2 ^ least(o.attempts, 30))))
+    FROM f
+   WHERE o.id = f.id
+     AND (o.attempts + 1 < f.max_attempts OR EXISTS (SELECT 1 FROM pglisten.dead d WHERE d.id = o.id))
+  RETURNING o.id
+)
+SELECT (SELECT count(*) FROM done) AS done, (SELECT count(*) FROM buried) AS buried,
+       (SELECT count(*) FROM retried) AS retried]]
+
+-- The last resort for failures: attempts + 1 and a later run_at, no dead
+-- letter (for when FINISH cannot run, e.g. without privileges on
+-- pglisten.dead).
+local RETRY_ONLY = [[
+UPDATE pglisten.outbox o
+   SET attempts = o.attempts + 1, last_error = f.err,
+       run_at = clock_timestamp() + make_interval(secs =>
+         coalesce(f.backoff, least(300, 2 ^ least(o.attempts, 30))))
+  FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, err, backoff)
+ WHERE o.id = f.id]]
+
+local INT_MAX, BACKOFF_MAX = 2147483647, 1e9 -- seconds: some 31 years
 
 local function check_failure(f, i)
   if type(f) ~= "table" then argerror(3, "finish", ("failure %d must be a table, got %s"):format(i, type(f))) end
@@ -219,27 +332,121 @@ local function check_failure(f, i)
   if f.attempts ~= nil and mtype(f.attempts) ~= "integer" then
     argerror(3, "finish", ("failure %d: attempts must be an integer, got %s"):format(i, tostring(f.attempts)))
   end
-  local msg = f.error
-  if msg == nil then
-    msg = "unknown error"
-  elseif type(msg) ~= "string" then
-    msg = tostring(msg)
+  return {
+    id = f.id, error = f.error,
+    max_attempts = math.max(0, math.min(maxa, INT_MAX)),
+    backoff = math.min(backoff, BACKOFF_MAX),
+  }
+end
+
+-- The failures as array literals for FINISH ($2..$5) or RETRY_ONLY: texts
+-- through `text` (error_text or ascii_text), each prefixed with `prefix`.
+local function failure_arrays(fails, text, prefix)
+  local ids, errs, maxas, backoffs = {}, {}, {}, {}
+  for i, f in ipairs(fails) do
+    ids[i] = ("%d"):format(f.id)
+    local e = text((prefix or "") .. as_string(f.error))
+    errs[i] = '"' .. e:gsub('[\\"]', "\\%0") .. '"'
+    maxas[i] = ("%d"):format(f.max_attempts)
+    backoffs[i] = f.backoff and ("%.17g"):format(f.backoff) or "NULL"
   end
-  return f.id, msg, maxa, backoff
+  local function arr(t) return "{" .. concat(t, ",") .. "}" end
+  return arr(ids), arr(errs), arr(maxas), arr(backoffs)
+end
+
+-- Runs one statement under a savepoint.  On failure the savepoint is
+-- rolled back, so the claim's transaction and its locks live on; `fatal` is
+-- true when they did not (the connection is gone, or rolling back failed).
+local function guarded(conn, sql, ...)
+  local ok, err, code = conn:exec("SAVEPOINT pglisten_finish")
+  if not ok then return nil, err, code, true end
+  local r
+  r, err, code = conn:exec(sql, ...)
+  if r then return r end
+  if conn:status() ~= "ok" or conn:txstatus() ~= "inerror" then return nil, err, code, true end
+  local rok, rerr, rcode = conn:exec("ROLLBACK TO SAVEPOINT pglisten_finish")
+  if not rok then return nil, rerr, rcode, true end
+  return nil, err, code, false
+end
+
+-- Failures without duplicates (the last report of an id wins) and without
+-- the ids that are done as well.
+local function distinct_failures(fails, done_ids)
+  local is_done, last = {}, {}
+  for _, id in ipairs(done_ids or {}) do is_done[id] = true end
+  for i, f in ipairs(fails) do last[f.id] = i end
+  local out = {}
+  for i, f in ipairs(fails) do
+    if not is_done[f.id] and last[f.id] == i then out[#out + 1] = f end
+  end
+  return out
+end
+
+-- untranslatable_character, character_not_in_repertoire
+local UNTRANSLATABLE = { ["22P05"] = true, ["22021"] = true }
+
+-- When the one statement failed (the server refused a text, a user trigger
+-- raised, a privilege is missing): the same work in steps, each under its
+-- own savepoint, so that what can be recorded is.  Handled events that
+-- cannot be deleted become failures (handled again later, after a backoff);
+-- failures are recorded as usual, or with ASCII texts when the database's
+-- encoding cannot hold theirs, else only rescheduled.  Returns
+-- notes, or nil, err, code when the transaction is gone.
+local function finish_in_steps(conn, done, done_ids, fails, first_err)
+  local notes = { "finish: " .. first_err .. "; recorded step by step" }
+  if done_ids and #done_ids > 0 then
+    local ok, err, code, fatal = guarded(conn, FINISH, done, "{}", "{}", "{}", "{}")
+    if not ok then
+      if fatal then return nil, err, code end
+      notes[#notes + 1] = "the handled events could not be deleted and will be handled again: " .. err
+      for _, id in ipairs(done_ids) do
+        fails[#fails + 1] = { id = id, max_attempts = M.MAX_ATTEMPTS,
+          error = "handled, but removing it from the outbox failed: " .. err }
+      end
+    end
+  end
+  if #fails == 0 then return notes end
+  local ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, M.error_text))
+  if ok then return notes end
+  if fatal then return nil, err, code end
+  if UNTRANSLATABLE[code] then -- the database's encoding lacks a character: ASCII then
+    ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, ascii_text))
+    if ok then return notes end
+    if fatal then return nil, err, code end
+  end
+  local ids, errs, _, backoffs = failure_arrays(fails, ascii_text,
+    "could not record this failure as usual (" .. err .. "): ")
+  local rerr
+  ok, rerr, code, fatal = guarded(conn, RETRY_ONLY, ids, errs, backoffs)
+  if not ok then
+    if fatal then return nil, rerr, code end
+    notes[#notes + 1] = "the failures' attempts could not be advanced: " .. rerr
+  else
+    notes[#notes + 1] = "failures rescheduled without dead letters: " .. err
+  end
+  return notes
 end
 
 --- Ends the transaction `claim` opened: deletes the events handled, and for
 -- each failure either reschedules it (attempts + 1, last_error, run_at =
 -- now + backoff) or, when attempts + 1 reaches max_attempts, moves it to
--- `pglisten.dead`; then commits.  On any error it rolls back, so that every
--- claimed event becomes claimable again.
+-- `pglisten.dead`; then commits.  All of it is one statement, whatever the
+-- number of events.  Error texts go through `error_text` (valid UTF-8, no
+-- zero bytes, at most `MAX_ERROR` bytes).  Should that statement fail, the
+-- work is redone in steps, each under a savepoint, so that the bookkeeping
+-- of one event cannot undo the others' and a failing event's attempts still
+-- advance: handled events that cannot be deleted are rescheduled as
+-- failures, and failures that cannot be buried are rescheduled.  Only a
+-- lost connection or a failed COMMIT rolls everything back (the events are
+-- claimable again: at least once).
 -- @param conn the connection that claimed
 -- @tparam {integer,...} done_ids ids handled successfully (may be empty or nil)
 -- @tparam[opt] {table,...} failed `{id=, error=, attempts=, max_attempts=, backoff=}`:
 --   `error` a message (kept as last_error); `attempts` as claimed;
 --   `max_attempts` default `outbox.MAX_ATTEMPTS`; `backoff` seconds until the
---   next try, default `outbox.backoff(attempts + 1)`
--- @return true, or nil, err, sqlstate
+--   next try, default `outbox.backoff(attempts + 1)`, at most 1e9
+-- @return true, or true and a note of what had to be recorded step by step
+--   (for the log), or nil, err, sqlstate
 function M.finish(conn, done_ids, failed)
   check_conn(conn, "finish")
   local done, ndone = bigint_array(done_ids, 2, "finish")
@@ -247,7 +454,7 @@ function M.finish(conn, done_ids, failed)
     argerror(3, "finish", "array of failures expected, got " .. type(failed))
   end
   local fails = {}
-  for i = 1, failed and #failed or 0 do fails[i] = table.pack(check_failure(failed[i], i)) end
+  for i = 1, failed and #failed or 0 do fails[i] = check_failure(failed[i], i) end
 
   local tx = conn:status() == "ok" and conn:txstatus() or "lost"
   if tx ~= "intrans" then
@@ -261,22 +468,19 @@ function M.finish(conn, done_ids, failed)
     end
     return nil, err, code
   end
-  local ok, err, code
-  if ndone > 0 then
-    ok, err, code = conn:exec(DELETE_DONE, done)
-    if not ok then return abort(conn, err, code) end
-  end
-  for _, f in ipairs(fails) do
-    local id, msg, maxa, backoff = f[1], f[2], f[3], f[4]
-    ok, err, code = conn:exec(BURY, id, msg, maxa)
-    if not ok then return abort(conn, err, code) end
-    if ok.affected == 0 then
-      ok, err, code = conn:exec(RETRY, id, msg, backoff + 0.0)
-      if not ok then return abort(conn, err, code) end
+  fails = distinct_failures(fails, done_ids)
+  local notes
+  if ndone > 0 or #fails > 0 then
+    local ok, err, code, fatal = guarded(conn, FINISH, done, failure_arrays(fails, M.error_text))
+    if not ok then
+      if fatal then return abort(conn, err, code) end
+      notes, err, code = finish_in_steps(conn, done, done_ids, fails, err)
+      if not notes then return abort(conn, err, code) end
     end
   end
-  ok, err, code = conn:exec("COMMIT")
+  local ok, err, code = conn:exec("COMMIT")
   if not ok then return abort(conn, err, code) end
+  if notes then return true, concat(notes, "; ") end
   return true
 end
 
