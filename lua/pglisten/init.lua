@@ -87,47 +87,18 @@ M.libpq_version = core.libpq_version
 -- Messages without passwords
 ---------------------------------------------------------------------------
 
-local function plain_find_replace(s, needle, repl)
-  if needle == nil or needle == "" then return s end
-  local out, i = {}, 1
-  while true do
-    local a, b = s:find(needle, i, true)
-    if not a then break end
-    out[#out + 1] = s:sub(i, a - 1)
-    out[#out + 1] = repl
-    i = b + 1
-  end
-  out[#out + 1] = s:sub(i)
-  return table.concat(out)
-end
+-- pglisten.conninfo finds every option libpq marks secret (password,
+-- sslpassword, ...) in keyword/value strings and URIs, and masks each in
+-- every form it can take.
+local conninfo_lib = require "pglisten.conninfo"
 
---- The password a conninfo carries, if any (URI userinfo, `?password=`, or a
--- `password=` keyword, quoted or not).
-local function conninfo_password(conninfo)
-  if type(conninfo) ~= "string" then return nil end
-  local pw = conninfo:match("^%a[%w+.-]*://[^/@?#]-:([^@/?#]*)@")
-  if pw and pw ~= "" then return pw end
-  pw = conninfo:match("[?&]password=([^&#]*)")
-  if pw and pw ~= "" then return pw end
-  pw = conninfo:match("password%s*=%s*'(.-[^\\])'") or conninfo:match("password%s*=%s*([^%s']+)")
-  return pw
-end
-
---- Removes the password (raw and percent-decoded) from `msg`.
-local function redact(msg, conninfo)
-  local pw = conninfo_password(conninfo)
-  if not pw then return msg end
-  msg = plain_find_replace(msg, pw, "********")
-  local decoded = pw:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
-  return plain_find_replace(msg, decoded, "********")
-end
+--- `redact(msg, conninfo)`: msg with every secret of conninfo masked.
+local redact = conninfo_lib.redact
 M._redact = redact
 
---- A conninfo fit for a log: the password replaced by `********`.
-function M.safe_conninfo(conninfo)
-  if conninfo == nil or conninfo == "" then return "(libpq defaults)" end
-  return redact(conninfo, conninfo)
-end
+--- A conninfo fit for a log: rebuilt from libpq's parse as keyword=value
+-- pairs, every secret as `********`; never the string as given.
+M.safe_conninfo = conninfo_lib.safe
 
 ---------------------------------------------------------------------------
 -- Connections
