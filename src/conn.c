@@ -108,6 +108,11 @@ static void clear_notices(pgl_conn *c) {
 /*
  * Drives PQconnectPoll / PQresetPoll to completion or the deadline.
  * Returns 1 when connected; otherwise pushes nil, message and returns 0.
+ * In the host program a stop signal (TERM/INT) ends the wait at once with
+ * the message "interrupted", as does one that came before the connect
+ * began: a program on its way out opens no new session.  HUP and USR1 do
+ * not end it (their flags wait for the host).  The name lookup is libpq's
+ * own, blocking, inside PQconnectStart and not covered.
  */
 static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*pollfn)(PGconn *),
                          double timeout) {
@@ -122,7 +127,13 @@ static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*
       pgl_push_trimmed(L, PQerrorMessage(c->pg));
       return 0;
     }
-    r = pgl_waitfd(L, PQsocket(c->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline, 0);
+    r = pgl_waitfd(L, PQsocket(c->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline,
+                   PGL_WAIT_STOP);
+    if (r == -2) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "interrupted");
+      return 0;
+    }
     if (r == 0) {
       lua_pushnil(L);
       lua_pushfstring(L, "timeout: could not connect to the server within %f s", timeout);
@@ -827,10 +838,16 @@ static int conn_server_version(lua_State *L) {
   return 1;
 }
 
-/* conn:reset([timeout]) -> true | nil, err: reconnect with the same conninfo. */
+/* conn:reset([timeout]) -> true | nil, err: reconnect with the same conninfo
+ * (nil, "interrupted" on a stop signal of the host, as core.connect). */
 static int conn_reset(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
   double timeout = luaL_optnumber(L, 2, 10);
+  if (pgl_stopping(L)) { /* as drive_connect would, but without the network */
+    lua_pushnil(L);
+    lua_pushliteral(L, "interrupted");
+    return 2;
+  }
   stmts_forget(c); /* a new session has none of them */
   if (!PQresetStart(c->pg)) {
     lua_pushnil(L);
@@ -892,12 +909,18 @@ static int conn_tostring(lua_State *L) {
  * core.connect(conninfo, timeout) -> conn | nil, err
  * conninfo: keyword/value string or URI ("" for libpq's defaults).  The
  * message is libpq's own; the Lua facade removes any password from it.
+ * nil, "interrupted" when the host program got a stop signal (drive_connect).
  */
 int pgl_conn_connect(lua_State *L) {
   const char *conninfo = luaL_optstring(L, 1, "");
   double timeout = luaL_optnumber(L, 2, 10);
   pgl_conn *c;
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
+  if (pgl_stopping(L)) { /* as drive_connect would, but without DNS or a socket */
+    lua_pushnil(L);
+    lua_pushliteral(L, "interrupted");
+    return 2;
+  }
   c = (pgl_conn *)lua_newuserdatauv(L, sizeof *c, 1); /* user value: the last channel name */
   memset(c, 0, sizeof *c);
   c->stmt_cache = 1;

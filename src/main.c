@@ -43,7 +43,7 @@ static volatile sig_atomic_t sig_any;   /* some signal is waiting to be read */
 static volatile sig_atomic_t sig_term;  /* SIGTERM or SIGINT */
 static volatile sig_atomic_t sig_hup;
 static volatile sig_atomic_t sig_usr1;
-static volatile sig_atomic_t stops;     /* SIGTERM/SIGINT seen */
+static volatile sig_atomic_t stops;     /* SIGTERM/SIGINT seen; never reset */
 static int sigpipe_fds[2] = {-1, -1};
 
 /* Only flags and a write(2): both async-signal-safe. */
@@ -128,10 +128,18 @@ static int host_pending(lua_State *L) {
   return 1;
 }
 
+/* host.stopping() -> true once a stop signal (TERM/INT) arrived, whether or
+ * not host.signals() has returned it since: it stays true. */
+static int host_stopping(lua_State *L) {
+  lua_pushboolean(L, stops != 0);
+  return 1;
+}
+
 static int open_host(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"signals", host_signals},
     {"pending", host_pending},
+    {"stopping", host_stopping},
     {NULL, NULL}
   };
   luaL_newlib(L, funcs);
@@ -188,6 +196,9 @@ static int pmain(lua_State *L) {
   lua_setfield(L, LUA_REGISTRYINDEX, "pglisten.sigflag");
   lua_pushinteger(L, sigpipe_fds[0]);
   lua_setfield(L, LUA_REGISTRYINDEX, "pglisten.sigfd");
+  /* connects end on a stop signal only (pglisten.core's pgl_waitfd) */
+  lua_pushlightuserdata(L, (void *)&stops);
+  lua_setfield(L, LUA_REGISTRYINDEX, "pglisten.stopflag");
 
   lua_pushcfunction(L, msghandler);
   lua_getglobal(L, "require");

@@ -61,10 +61,18 @@ double pgl_monotonic(void);
 double pgl_realtime(void);
 int pgl_interrupted(lua_State *L);
 
+/* 1 once the host program was told to stop (SIGTERM/SIGINT); it stays set. */
+int pgl_stopping(lua_State *L);
+
+/* pgl_waitfd's `interruptible`: what ends the wait early in the host program. */
+#define PGL_WAIT_ANY  1 /* any signal it handles (conn:wait, sleep) */
+#define PGL_WAIT_STOP 2 /* only a stop signal, or one received before (connects) */
+
 /*
  * Wait until fd is ready for `events` (POLLIN/POLLOUT), or until `deadline`
  * (monotonic seconds; < 0: no deadline).  Returns 1 when ready, 0 on timeout,
- * -1 on a poll error (errno set), -2 when a signal arrived and the host asked
+ * -1 on a poll error (errno set), -2 when the host program got a signal that
+ * `interruptible` (0, PGL_WAIT_ANY or PGL_WAIT_STOP) says ends the wait.
  */
 int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible);
 

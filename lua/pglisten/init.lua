@@ -158,7 +158,10 @@ end
 --   `statement_cache` (exec prepares a parameterized statement the second
 --   time it runs it and executes it by name from then on; default true;
 --   false for poolers that cannot keep prepared statements, such as
---   PgBouncer before 1.21 in transaction mode).
+--   PgBouncer before 1.21 in transaction mode),
+--   `lazy` (return at once without the network and connect on first use;
+--   a first use that cannot connect returns nil, err, "08001"; see
+--   pglisten.lazy).  nil, "interrupted" when the runner got SIGTERM/SIGINT.
 -- @return conn, or nil and a message without the password
 function M.connect(conninfo, opts)
   if conninfo ~= nil and type(conninfo) ~= "string" then
@@ -172,6 +175,7 @@ function M.connect(conninfo, opts)
   if type(timeout) ~= "number" or timeout <= 0 then
     error("bad argument #2 to 'connect' (opts.timeout must be a positive number)", 2)
   end
+  if opts.lazy then return require("pglisten.lazy").new(M, conninfo, opts, redact) end
   local conn, err = core.connect(M.with_keepalives(conninfo or ""), timeout)
   if not conn then return nil, redact(err, conninfo) end
   if opts.query_timeout then conn:settimeout(opts.query_timeout) end
