@@ -91,19 +91,24 @@ int pgl_push_result_error(lua_State *L, const PGresult *res) {
  * 5e-324 is searched from one digit.  Formatted and read back in the
  * current locale, then given a '.' whatever the locale's decimal point.
  */
-static int shortest_g(double x, char *buf) {
-  int p = fabs(x) < DBL_MIN ? 1 : 15, n;
+/* Gives buf's number a '.' whatever the locale's decimal point. */
+static void to_dot(char *buf) {
   char dp = localeconv()->decimal_point[0];
-  for (;; p++) {
-    n = snprintf(buf, PGL_NUMBUF, "%.*g", p, x);
-    if (p >= 17 || strtod(buf, NULL) == x)
-      break;
-  }
   if (dp != '.') {
     char *q = strchr(buf, dp);
     if (q)
       *q = '.';
   }
+}
+
+static int shortest_g(double x, char *buf) {
+  int p = fabs(x) < DBL_MIN ? 1 : 15, n;
+  for (;; p++) {
+    n = snprintf(buf, PGL_NUMBUF, "%.*g", p, x);
+    if (p >= 17 || strtod(buf, NULL) == x)
+      break;
+  }
+  to_dot(buf);
   return n;
 }
 
