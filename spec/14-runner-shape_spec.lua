@@ -1,0 +1,212 @@
+-- The runner's defects that came from its old shape (issue 11), each with
+-- the real binary: reload between plain and durable, one leader across a
+-- reload, on_connect leaving a transaction, notes parsed before a lost
+-- connection, reconnect delays of 0, durable backoff, and the runtime
+-- warnings about plain NOTIFYs on durable channels and unserved outbox rows.
+local H = require "helpers"
+
+local script, lines, start = H.script, H.lines, H.start
+
+local function rewrite(path, body)
+  local f = assert(io.open(path, "w"))
+  f:write([[
+local pglisten = require "pglisten"
+local function out(...)
+  local t = table.pack(...)
+  for i = 1, t.n do t[i] = tostring(t[i]) end
+  io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
+  io.stdout:flush()
+end
+]] .. body)
+  f:close()
+end
+
+local function count(s, pat)
+  local n = 0
+  for _ in s:gmatch(pat) do n = n + 1 end
+  return n
+end
+
+local function installed_db(prefix)
+  local db, ci = H.createdb(prefix)
+  local rc, out, err = H.run_runner({ "--install", "--db", ci })
+  assert.equal(0, rc, out .. err)
+  return db, ci, H.connect(ci)
+end
+
+describe("reload", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("switches a channel between plain and durable: each way it is served the new way", function()
+    local _, ci, c = installed_db("rl")
+    local plain = [[return { poll_interval = 60, channels = {
+      a = function(row, note) out("a", row.k, note.durable and "durable" or "plain") end } }]]
+    local durable = [[return { poll_interval = 60, channels = {
+      a = { durable = true, handler = function(row, note) out("a", row.k, note.durable and "durable" or "plain") end } } }]]
+    local path = script(plain)
+    p = start(path, { "--db", ci })
+    assert(c:notify("a", { k = 1 }))
+    assert(H.eventually(function() return p.stdout():find("a 1 plain", 1, true) end, 5), p.stderr())
+    -- plain -> durable: published events are served, plain NOTIFYs are not handled
+    rewrite(path, durable)
+    p.kill("HUP")
+    assert(H.eventually(function() return count(p.stderr(), "reloaded") == 1 end, 5), p.stderr())
+    assert(c:exec("SELECT pglisten.publish('a', '{\"k\":2}')"))
+    assert(H.eventually(function() return p.stdout():find("a 2 durable", 1, true) end, 5), p.stderr())
+    assert(c:notify("a", { k = 3 }))
+    assert(H.eventually(function() return p.stderr():find("use pglisten.publish", 1, true) end, 5), p.stderr())
+    assert.is_nil(p.stdout():find("a 3", 1, true))
+    -- durable -> plain: the channel is LISTENed and its NOTIFYs handled
+    rewrite(path, plain)
+    p.kill("HUP")
+    assert(H.eventually(function() return count(p.stderr(), "reloaded") == 2 end, 5), p.stderr())
+    assert(c:notify("a", { k = 4 }))
+    assert(H.eventually(function() return p.stdout():find("a 4 plain", 1, true) end, 5),
+      "not handled after the switch back to plain:\n" .. p.stdout() .. p.stderr())
+  end)
+
+  it("never makes a second leader: a reload that adds a channel keeps the lock name", function()
+    local _, ci, c = installed_db("lead")
+    assert(c:exec("CREATE TABLE handled (k int NOT NULL, tag text NOT NULL)"))
+    local body = [[
+local db = assert(pglisten.connect(%q))
+return { single_active = true, channels = {
+  plain = function(row) assert(db:exec("INSERT INTO handled (k, tag) VALUES ($1, $2)", row.k, os.getenv("TAG"))) end,
+  %s } }]]
+    local path = script(body:format(ci, ""))
+    local a = start(path, { "--db", ci }, { TAG = "a" })
+    local b = start(path, { "--db", ci }, { TAG = "b" })
+    local ok, err = pcall(function()
+      assert(H.eventually(function()
+        return (a.stderr() .. b.stderr()):find("standing by", 1, true)
+      end, 5))
+      rewrite(path, body:format(ci, "extra = function() end,"))
+      a.kill("HUP"); b.kill("HUP")
+      assert(H.eventually(function()
+        return a.stderr():find("reloaded", 1, true) and b.stderr():find("reloaded", 1, true)
+      end, 5), a.stderr() .. b.stderr())
+      H.sleep(2.5) -- a standby tries every second
+      local s = H.connect(ci)
+      for k = 1, 20 do assert(s:notify("plain", { k = k })) end
+      assert(H.eventually(function()
+        return c:exec("SELECT count(DISTINCT k) AS n FROM handled")[1].n == 20
+      end, 5))
+      H.sleep(0.5)
+      local r = c:exec("SELECT count(*) AS n, count(DISTINCT tag) AS t FROM handled")[1]
+      assert.equal(20, r.n, "a notification was handled twice: two leaders")
+      assert.equal(1, r.t)
+    end)
+    a.stop(); b.stop()
+    assert(ok, err)
+  end)
+
+  it("delivers the notes libpq had parsed when a reload's LISTEN finds the connection lost", function()
+    local db, ci = H.createdb("lost")
+    local path = script([[return { channels = {
+      slow = function(row) out("slow", row.i); pglisten.sleep(1.5) end,
+      fast = function(row) out("fast", row.i) end } }]])
+    p = start(path, { "--db", ci })
+    local c = H.connect(ci)
+    assert(c:notify("slow", { i = 1 }))
+    assert(H.eventually(function() return p.stdout():find("slow 1", 1, true) end, 5))
+    -- while the handler sleeps: notes reach the client's socket, then its backend dies
+    for i = 1, 3 do assert(c:notify("fast", { i = i })) end
+    H.sleep(0.3)
+    local pid = assert(H.runner_backend(db))
+    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+    rewrite(path, [[return { channels = {
+      slow = function(row) out("slow", row.i) end,
+      fast = function(row) out("fast", row.i) end,
+      added = function() end } }]])
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reconnected", 1, true) end, 10), p.stderr())
+    assert(H.eventually(function() return p.stdout():find("fast 3", 1, true) end, 3),
+      "notes parsed before the loss were dropped:\n" .. p.stdout() .. p.stderr())
+    assert.same({ "slow 1", "fast 1", "fast 2", "fast 3" }, lines(p.stdout()))
+  end)
+end)
+
+describe("the listening session", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("is put back to idle after an on_connect that leaves a transaction open, with an error logged", function()
+    p = start(script([[return {
+  channels = { a = function(row) out("a", row.k) end },
+  on_connect = function(conn) assert(conn:exec("BEGIN")); assert(conn:exec("SELECT 1")) end,
+}]]))
+    assert(H.eventually(function() return p.stderr():find("rolled back", 1, true) end, 5), p.stderr())
+    local c = H.connect()
+    assert(c:notify("a", { k = 1 }))
+    assert(H.eventually(function() return p.stdout():find("a 1", 1, true) end, 5),
+      "nothing delivered after on_connect:\n" .. p.stderr())
+    assert.matches("ERROR on_connect left the listening connection inside a transaction", p.stderr())
+  end)
+
+  it("is put back to idle after an on_connect that leaves an aborted transaction", function()
+    p = start(script([[return {
+  channels = { a = function(row) out("a", row.k) end },
+  on_connect = function(conn) conn:exec("BEGIN"); conn:exec("SELECT 1/0") end,
+}]]))
+    local c = H.connect()
+    assert(c:notify("a", { k = 2 }))
+    assert(H.eventually(function() return p.stdout():find("a 2", 1, true) end, 5), p.stderr())
+    assert.matches("txstatus=inerror", p.stderr())
+  end)
+end)
+
+describe("reconnect delays", function()
+  it("must be > 0: --reconnect-min 0 and --reconnect-max 0 are usage errors", function()
+    local path = script("return { channels = { a = function() end } }")
+    for _, o in ipairs({ "--reconnect-min", "--reconnect-max" }) do
+      local p = H.spawn({ H.runner, o, "0", path })
+      local rc = p.wait(3)
+      if rc == nil then p.stop() end
+      assert.equal(2, rc, o .. " 0 was accepted: " .. p.stderr())
+      assert.matches("needs a number > 0", p.stderr())
+    end
+  end)
+end)
+
+describe("durable channels", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("retry after the documented backoff (1 s, 2 s), not at the next poll", function()
+    local _, ci, c = installed_db("dback")
+    p = start(script([[return { poll_interval = 60, channels = {
+  jobs = { durable = true, handler = function(row, note)
+    out("try", note.attempts, ("%.1f"):format(pglisten.monotonic()))
+    if note.attempts < 2 then error("not yet") end
+    out("done", row.k)
+  end } } }]]), { "--db", ci })
+    assert(c:exec("SELECT pglisten.publish('jobs', '{\"k\":1}')"))
+    assert(H.eventually(function() return p.stdout():find("done 1", 1, true) end, 10),
+      "the retries waited for the poll:\n" .. p.stdout() .. p.stderr())
+    local t = {}
+    for _, l in ipairs(lines(p.stdout())) do
+      local a, at = l:match("^try (%d) ([%d.]+)")
+      if a then t[tonumber(a)] = tonumber(at) end
+    end
+    assert.is_true(t[1] - t[0] >= 0.9 and t[1] - t[0] < 2.5, ("first retry after %.1f s"):format(t[1] - t[0]))
+    assert.is_true(t[2] - t[1] >= 1.9 and t[2] - t[1] < 3.5, ("second retry after %.1f s"):format(t[2] - t[1]))
+  end)
+
+  it("warns about outbox events waiting on a channel no running runner serves durably", function()
+    local _, ci, c = installed_db("orph")
+    -- a 'durable' trigger, but the script serves the channel as plain
+    p = start(script([[return { poll_interval = 0.2, channels = {
+      users = function() end, jobs = { durable = true, handler = function() end } } }]]), { "--db", ci })
+    assert(c:exec("SELECT pglisten.publish('users', '{\"id\":1}')"))
+    assert(c:exec("SELECT pglisten.publish('users', '{\"id\":2}')"))
+    assert(H.eventually(function()
+      return p.stderr():find("no running runner serves", 1, true)
+    end, 10), p.stderr())
+    local line = p.stderr():match("[^\n]*no running runner serves[^\n]*")
+    assert.matches("channel=users", line)
+    assert.matches("count=2", line)
+    H.sleep(2)
+    assert.equal(1, count(p.stderr(), "no running runner serves"), "warned more than once a minute")
+  end)
+end)
