@@ -34,26 +34,20 @@ local RESYNC_BATCH = math.tointeger(tonumber(os.getenv("RESYNC_BATCH") or "")) o
 local log = logmod.new()
 
 ---------------------------------------------------------------------------
--- Connections: opened on first use, then kept.  A connection from
--- pglisten.connect reconnects by itself on its next use after it broke.
+-- Connections: lazy, so that the script loads while a database is down (at
+-- boot, say).  Each connects on its first query; one that cannot fails with
+-- SQLSTATE 08001 and the channel's retry tries again.  Afterwards a broken
+-- connection reconnects by itself on its next use.
 ---------------------------------------------------------------------------
 
-local urls = { source = SOURCE_URL, target = TARGET_URL }
-local conns = {}
-
-local function db(name)
-  local c = conns[name]
-  if c then return c end
-  local err
-  c, err = pg.connect(urls[name])
-  if not c then error(name .. ": cannot connect: " .. err, 0) end
-  conns[name] = c
-  return c
-end
+local conns = {
+  source = assert(pg.connect(SOURCE_URL, { lazy = true })),
+  target = assert(pg.connect(TARGET_URL, { lazy = true })),
+}
 
 -- Runs a query on "source" or "target"; raises on error.
 local function exec(name, sql, ...)
-  local rows, err, code = db(name):exec(sql, ...)
+  local rows, err, code = conns[name]:exec(sql, ...)
   if not rows then
     error(("%s: %s%s"):format(name, err, code and (" [" .. code .. "]") or ""), 0)
   end

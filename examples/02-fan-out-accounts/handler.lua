@@ -19,9 +19,15 @@ local logmod = require "pglisten.log"
 
 local log = logmod.new()
 
+-- Each client's connection is lazy: it connects on the first change (a
+-- client that is down at start-up does not stop the script from loading,
+-- and is tried again on every change), and heals itself after that.
 local clients = {}
 for url in (os.getenv("CLIENT_URLS") or ""):gmatch("%S+") do
-  clients[#clients + 1] = { url = url, label = pg.safe_conninfo(url) }
+  clients[#clients + 1] = {
+    label = pg.safe_conninfo(url),
+    conn = assert(pg.connect(url, { lazy = true, timeout = 5 })),
+  }
 end
 if #clients == 0 then
   error("set CLIENT_URLS to a space-separated list of client database URLs", 0)
@@ -42,21 +48,10 @@ ON CONFLICT (id) DO UPDATE
 
 local DELETE = "DELETE FROM accounts WHERE id = $1::bigint"
 
--- The client's connection, opened on first use (a client that is down at
--- start-up is tried again on the next change); it heals itself after that.
-local function connection(client)
-  if client.conn then return client.conn end
-  local conn, err = pg.connect(client.url, { timeout = 5 })
-  if not conn then return nil, err end
-  client.conn = conn
-  return conn
-end
-
 -- Applies one change to one client: true, or nil, err.
 local function apply_to(client, ev, payload)
-  local conn, err = connection(client)
-  if not conn then return nil, err end
-  local ok, code
+  local conn = client.conn
+  local ok, err, code
   if ev.op == "DELETE" then
     ok, err, code = conn:exec(DELETE, ev.id)
   else

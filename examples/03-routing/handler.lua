@@ -26,21 +26,14 @@ local pg = require "pglisten"
 local TARGET_URL = os.getenv("TARGET_URL")
 if not TARGET_URL then error("set TARGET_URL to the database that receives the rows", 0) end
 
--- The target connection, opened on first use; it heals itself after a
--- broken connection.
-local target
-local function connect()
-  if not target then
-    local err
-    target, err = pg.connect(TARGET_URL)
-    if not target then error("target: cannot connect: " .. err, 0) end
-  end
-  return target
-end
+-- The target connection, lazy: it connects on the first query (the script
+-- loads while the target is down) and heals itself after a broken
+-- connection.
+local target = assert(pg.connect(TARGET_URL, { lazy = true }))
 
 -- Runs a query on the target; raises on error.
 local function exec(sql, ...)
-  local rows, err, code = connect():exec(sql, ...)
+  local rows, err, code = target:exec(sql, ...)
   if not rows then error(("target: %s%s"):format(err, code and (" [" .. code .. "]") or ""), 0) end
   return rows
 end
@@ -90,7 +83,7 @@ local function insert_metrics(list)
     values[i] = ("($%d::text, $%d::float8, coalesce($%d::timestamptz, now()))"):format(b + 1, b + 2, b + 3)
     params[b + 1], params[b + 2], params[b + 3] = m.name, m.value, m.at
   end
-  return connect():exec("INSERT INTO metrics (name, value, at) VALUES " .. table.concat(values, ", "),
+  return target:exec("INSERT INTO metrics (name, value, at) VALUES " .. table.concat(values, ", "),
     table.unpack(params, 1, #list * 3))
 end
 
