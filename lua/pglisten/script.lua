@@ -1,17 +1,41 @@
 --- Loading and validating a handler script.
 --
 -- A script returns a table: `channels` (required) maps channel names to a
--- handler function or to `{ handler = fn, decode = "json"|"raw"|"cjson", retry =
--- { attempts = N, backoff = s }, batch = N, durable = true, max_attempts = N }`;
--- optional `on_connect(db, info)`, `on_error(err, note, info)`, `reconnect =
--- { min = s, max = s }`, `heartbeat`, `heartbeat_timeout`, `stats_interval`,
--- `poll_interval`, `single_active`.  Errors name the file, and the line
--- where one is known.
+-- handler function or to `{ handler = fn, decode = NAME, retry = { attempts
+-- = N, backoff = s, max_backoff = s }, batch = N, durable = true,
+-- max_attempts = N }`; optional `on_connect(db, info)`, `on_error(err, note,
+-- info)`, `reconnect = { min = s, max = s }`, `heartbeat`,
+-- `heartbeat_timeout`, `stats_interval`, `poll_interval`, `batch_size`,
+-- `single_active`, `ordering`.  `decode` names an entry of pglisten.decoders.
+--
+-- Every key is in one of the tables below, with its check: a key in none of
+-- them is refused with a "did you mean" suggestion, so a misspelt `durable`
+-- cannot pass unnoticed.  Keys of features a coming version adds
+-- (`replication`, `metrics`, a channel's `source`, `table`, `on_failure`,
+-- `ordered`) are known and type-checked; a value that needs the feature is
+-- refused until it exists.  Errors name the file, and the line where one is
+-- known.
 -- @module pglisten.script
 
 local pg = require "pglisten"
+local decoders = require "pglisten.decoders"
 
 local M = {}
+
+--- Channel names beginning with this are lua-pglisten's own (pglisten_outbox).
+M.RESERVED_PREFIX = "pglisten_"
+--- A retry's max_backoff when the script gives none (seconds).
+M.MAX_BACKOFF = 30
+
+local function fail(fmt, ...)
+  error(fmt:format(...), 0)
+end
+
+local NOT_YET = "is not in this version of lua-pglisten"
+
+----------------------------------------------------------------------------
+-- Where: file and line
+----------------------------------------------------------------------------
 
 local function where(path, fn)
   if type(fn) == "function" then
@@ -23,72 +47,324 @@ local function where(path, fn)
   return path
 end
 
-local function num(v, what, path, min, int)
+-- The line of `key = ...` in the script file when exactly one line has it.
+local function key_line(path, key)
+  if type(key) ~= "string" or not key:match("^[%a_][%w_]*$") then return nil end
+  local f = io.open(path, "r")
+  if not f then return nil end
+  local pat, n, found = "%f[%w_]" .. key .. "%s*=%f[^=]", 0, nil
+  for line in f:lines() do
+    n = n + 1
+    if line:find(pat) then
+      if found then found = false; break end
+      found = n
+    end
+  end
+  f:close()
+  return found or nil
+end
+
+----------------------------------------------------------------------------
+-- Did you mean
+----------------------------------------------------------------------------
+
+-- Optimal string alignment distance (Levenshtein plus transpositions).
+local function distance(a, b)
+  local la, lb = #a, #b
+  local d = {}
+  for i = 0, la do d[i] = { [0] = i } end
+  for j = 1, lb do d[0][j] = j end
+  for i = 1, la do
+    for j = 1, lb do
+      local cost = a:byte(i) == b:byte(j) and 0 or 1
+      local v = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
+        v = math.min(v, d[i - 2][j - 2] + 1)
+      end
+      d[i][j] = v
+    end
+  end
+  return d[la][lb]
+end
+
+-- The closest of `known` (a sorted list) to `word`: within 1 edit for words
+-- of up to 4 letters, 2 beyond.  Ties are all returned.
+local function closest(word, known)
+  if type(word) ~= "string" then return {} end
+  local w, bound, best, out = word:lower(), #word <= 4 and 1 or 2, math.huge, {}
+  for _, k in ipairs(known) do
+    local dist = distance(w, k:lower())
+    if dist <= bound and dist <= best then
+      if dist < best then best, out = dist, {} end
+      out[#out + 1] = k
+    end
+  end
+  return out
+end
+
+local function quoted(list, q)
+  local t = {}
+  for i, s in ipairs(list) do t[i] = q:format(s) end
+  if #t <= 2 then return table.concat(t, " or ") end
+  return table.concat(t, ", ", 1, #t - 1) .. " or " .. t[#t]
+end
+
+local function sorted_keys(set)
+  local t = {}
+  for k in pairs(set) do t[#t + 1] = k end
+  table.sort(t)
+  return t
+end
+
+-- How a value is shown in a message.
+local function shown(v)
+  if type(v) == "string" then return ("%q"):format(v) end
+  if type(v) == "number" or type(v) == "boolean" then return tostring(v) end
+  return type(v)
+end
+
+----------------------------------------------------------------------------
+-- Checks of one value: each returns the value (normalized) or raises
+----------------------------------------------------------------------------
+
+local function num(v, what, label, min, int)
   if v == nil then return nil end
   if type(v) ~= "number" or v ~= v or v < min or (int and math.type(v) ~= "integer") then
-    error(("%s: %s must be %s >= %s, got %s"):format(path, what, int and "an integer" or "a number",
-      tostring(min), type(v) == "number" and tostring(v) or type(v)), 0)
+    fail("%s: %s must be %s >= %s, got %s", label, what, int and "an integer" or "a number",
+      tostring(min), type(v) == "number" and tostring(v) or type(v))
   end
   return v
 end
 
+local function number(min, int)
+  return function(v, label, what) return num(v, what, label, min, int) end
+end
+
+local function boolean(v, label, what)
+  if v ~= nil and type(v) ~= "boolean" then fail("%s: %s must be a boolean, got %s", label, what, type(v)) end
+  return v
+end
+
+local function func(v, label, what)
+  if v ~= nil and type(v) ~= "function" then fail("%s: %s must be a function, got %s", label, what, type(v)) end
+  return v
+end
+
+-- One of a list of strings, with a suggestion for a near miss.
+local function one_of(list)
+  table.sort(list)
+  return function(v, label, what)
+    if v == nil then return nil end
+    for _, x in ipairs(list) do if v == x then return v end end
+    local near = closest(v, list)
+    fail("%s: %s must be %s%s, got %s%s", label, what, #list > 2 and "one of " or "", quoted(list, "%q"),
+      shown(v), #near > 0 and (" (did you mean %s?)"):format(quoted(near, "%q")) or "")
+  end
+end
+
+local function name63(v, label, what)
+  if v == nil then return nil end
+  if type(v) ~= "string" then fail("%s: %s must be a string, got %s", label, what, type(v)) end
+  if v == "" or #v > pg.MAX_CHANNEL or v:find("\0", 1, true) then
+    fail("%s: %s: invalid name %q (1 to %d bytes, no zero byte)", label, what, v, pg.MAX_CHANNEL)
+  end
+  return v
+end
+
+-- Refuses keys not in `keys`, naming the nearest known one.  A message
+-- starts with `where` .. `prefix` (`where` is the file and the line of the
+-- key when the file shows it once).  `others` is the key table of the other
+-- level, for a key put at the wrong level.
+local function refuse_unknown(t, keys, ctx, prefix, others)
+  local bad = {}
+  for k in pairs(t) do
+    if keys[k] == nil then bad[#bad + 1] = k end
+  end
+  if #bad == 0 then return end
+  table.sort(bad, function(a, b) return tostring(a) < tostring(b) end)
+  local k = bad[1]
+  local line = key_line(ctx.path, k)
+  local known = sorted_keys(keys)
+  local near = closest(k, known)
+  local hint
+  if #near > 0 then
+    hint = ("did you mean %s?"):format(quoted(near, "'%s'"))
+  elseif others and others.keys[k] ~= nil then
+    hint = ("%s is a %s"):format(k, others.where)
+  else
+    hint = "known keys: " .. table.concat(known, ", ")
+  end
+  fail("%s%s: unknown key %s (%s)", line and ("%s:%d"):format(ctx.path, line) or ctx.at, prefix,
+    type(k) == "string" and ("'%s'"):format(k) or ("[%s]"):format(tostring(k)), hint)
+end
+
+-- A nested table of settings (`what` in ctx): a table with known keys, each
+-- checked.  ctx = { path = file, at = file[:line], prefix = ": channels[..]" }.
+local function fields(v, ctx, what, keys, shape)
+  local label = ctx.at .. ctx.prefix
+  if type(v) ~= "table" then fail("%s: %s must be a table %s", label, what, shape) end
+  refuse_unknown(v, keys, ctx, ctx.prefix .. ": " .. what)
+  local out = {}
+  for k, check in pairs(keys) do out[k] = check(v[k], label, what .. "." .. k) end
+  return out
+end
+
+----------------------------------------------------------------------------
+-- The keys
+----------------------------------------------------------------------------
+
+local RETRY = { attempts = number(1, true), backoff = number(0), max_backoff = number(0) }
+local RECONNECT = { min = number(0.001), max = number(0.001) }
+local function slot_name(v, label, what)
+  if v ~= nil and not (name63(v, label, what)):match("^[a-z0-9_]+$") then
+    fail("%s: %s must be lower-case letters, digits and underscores, got %q", label, what, v)
+  end
+  return v
+end
+local REPLICATION = { slot = slot_name, publication = name63, snapshot = boolean, create = boolean }
+
+local function retry(v, ctx)
+  if v == nil then return nil end
+  local label = ctx.at .. ctx.prefix
+  local r = fields(v, ctx, "retry", RETRY, "{ attempts = N, backoff = seconds, max_backoff = seconds }")
+  r.attempts, r.backoff = r.attempts or 3, r.backoff or 1
+  if r.max_backoff == nil then
+    r.max_backoff = math.max(M.MAX_BACKOFF, r.backoff)
+  elseif r.max_backoff < r.backoff then
+    fail("%s: retry.max_backoff must be >= retry.backoff (%s), got %s", label, tostring(r.backoff),
+      tostring(r.max_backoff))
+  end
+  return r
+end
+
+local function metrics(v, label, what)
+  if v == nil then return nil end
+  local port = type(v) == "string" and tonumber(v:match("^.*:(%d+)$") or v:match("^(%d+)$"))
+  if not port or port < 1 or port > 65535 then
+    fail('%s: %s must be a string "ADDR:PORT", got %s', label, what, shown(v))
+  end
+  fail("%s: metrics: serving metrics %s", label, NOT_YET)
+end
+
+local CHANNEL = {
+  handler = func,
+  decode = false, -- checked against pglisten.decoders in channel_entry
+  retry = false, -- checked by retry(), which needs the file for its own keys
+  batch = number(1, true),
+  durable = boolean,
+  max_attempts = number(1, true),
+  source = one_of({ "notify", "replication" }),
+  table = function(v, label, what)
+    if v ~= nil and (type(v) ~= "string" or v == "") then
+      fail("%s: %s must be a string (\"schema.table\"), got %s", label, what, shown(v))
+    end
+    return v
+  end,
+  on_failure = one_of({ "block", "dead" }),
+  ordered = boolean,
+}
+
+local SCRIPT = {
+  channels = false, -- checked in M.validate
+  on_connect = func,
+  on_error = func,
+  reconnect = false,
+  heartbeat = number(0),
+  heartbeat_timeout = number(0.001),
+  stats_interval = number(0),
+  poll_interval = number(0.01),
+  batch_size = number(1, true),
+  single_active = function(v, label, what)
+    if v ~= nil and type(v) ~= "boolean" and type(v) ~= "string" then
+      fail("%s: %s must be a boolean or a lock name (string)", label, what)
+    end
+    return v
+  end,
+  ordering = one_of({ "global", "channel" }),
+  replication = false,
+  metrics = metrics,
+}
+
+local IN_SCRIPT = { keys = SCRIPT, where = "script setting: put it beside 'channels'" }
+local IN_CHANNEL = { keys = CHANNEL, where = "channel setting: put it in a channel entry" }
+
+----------------------------------------------------------------------------
+-- A channel entry
+----------------------------------------------------------------------------
+
 local function check_channel_name(name, path)
   if type(name) ~= "string" then
-    error(("%s: channels: keys must be channel names (strings), got %s"):format(path, type(name)), 0)
+    fail("%s: channels: keys must be channel names (strings), got %s", path, type(name))
   end
   if name == "" or #name > pg.MAX_CHANNEL or name:find("\0", 1, true) then
-    error(("%s: channels: invalid channel name %q (1 to %d bytes, no zero byte)"):format(
-      path, name, pg.MAX_CHANNEL), 0)
+    fail("%s: channels: invalid channel name %q (1 to %d bytes, no zero byte)", path, name, pg.MAX_CHANNEL)
   end
+  if name:sub(1, #M.RESERVED_PREFIX) == M.RESERVED_PREFIX then
+    fail("%s: channels: channel name %q is reserved (names beginning %s are lua-pglisten's own)",
+      path, name, M.RESERVED_PREFIX)
+  end
+end
+
+local function check_decode(e, label)
+  local how = e.decode or "json"
+  local fn = type(how) == "string" and decoders.get(how)
+  if not fn then
+    local names = decoders.names()
+    local near = closest(how, names)
+    fail("%s: decode must be one of %s (or a name given to pglisten.decoders.register), got %s%s", label,
+      quoted(names, "%q"), shown(how), #near > 0 and (" (did you mean %s?)"):format(quoted(near, "%q")) or "")
+  end
+  return how, fn
 end
 
 --- Normalizes one channel entry; raises a message naming file and line.
 local function channel_entry(name, v, path)
-  local e
-  if type(v) == "function" then
-    e = { handler = v }
-  elseif type(v) == "table" then
-    e = {}
-    for k, x in pairs(v) do e[k] = x end
-  else
-    error(("%s: channels[%q]: expected a function or a table with a handler, got %s"):format(
-      path, name, type(v)), 0)
+  if type(v) == "function" then v = { handler = v } end
+  if type(v) ~= "table" then
+    fail("%s: channels[%q]: expected a function or a table with a handler, got %s", path, name, type(v))
   end
-  local at = where(path, e.handler)
-  local label = ("%s: channels[%q]"):format(at, name)
-  if type(e.handler) ~= "function" then
-    error(("%s: handler must be a function, got %s"):format(label, type(e.handler)), 0)
+  local ctx = { path = path, at = where(path, v.handler), prefix = (": channels[%q]"):format(name) }
+  local label = ctx.at .. ctx.prefix
+  refuse_unknown(v, CHANNEL, ctx, ctx.prefix, IN_SCRIPT)
+  if type(v.handler) ~= "function" then
+    fail("%s: handler must be a function, got %s", label, type(v.handler))
   end
-  e.decode = e.decode or "json"
-  if e.decode ~= "json" and e.decode ~= "raw" and e.decode ~= "cjson" then
-    error(("%s: decode must be \"json\", \"raw\" or \"cjson\", got %s"):format(label, tostring(e.decode)), 0)
+  local e = { name = name }
+  for k, check in pairs(CHANNEL) do
+    if check then e[k] = check(v[k], label, k) end
   end
-  if e.retry ~= nil then
-    if type(e.retry) ~= "table" then
-      error(("%s: retry must be a table { attempts = N, backoff = seconds }"):format(label), 0)
-    end
-    e.retry = {
-      attempts = num(e.retry.attempts, "retry.attempts", label, 1, true) or 3,
-      backoff = num(e.retry.backoff, "retry.backoff", label, 0) or 1,
-    }
+  e.decode, e.decoder = check_decode(v, label)
+  e.retry = retry(v.retry, ctx)
+  if e.source == "replication" then
+    fail('%s: source "replication": the logical-replication source %s', label, NOT_YET)
   end
-  e.batch = num(e.batch, "batch", label, 1, true)
-  if e.durable ~= nil and type(e.durable) ~= "boolean" then
-    error(("%s: durable must be a boolean"):format(label), 0)
+  if e.ordered then
+    fail("%s: ordered = true %s (a durable event that fails is overtaken by later ones)", label, NOT_YET)
   end
-  e.max_attempts = num(e.max_attempts, "max_attempts", label, 1, true)
-  e.name = name
+  for _, k in ipairs({ "table", "on_failure" }) do
+    if e[k] ~= nil then fail('%s: %s applies to source = "replication" channels only', label, k) end
+  end
+  if e.max_attempts and not e.durable then
+    fail("%s: max_attempts applies to durable channels only (a plain channel retries with retry = "
+      .. "{ attempts = N })", label)
+  end
   return e
 end
 
+----------------------------------------------------------------------------
+-- The script
+----------------------------------------------------------------------------
+
 --- Validates the table a script returned; returns the normalized spec.
+-- Raises a message naming the file (and line) at the first problem.
 function M.validate(t, path)
   if type(t) ~= "table" then
-    error(("%s: the script must return a table with a 'channels' table, got %s"):format(path, type(t)), 0)
+    fail("%s: the script must return a table with a 'channels' table, got %s", path, type(t))
   end
+  local ctx = { path = path, at = path, prefix = "" }
+  refuse_unknown(t, SCRIPT, ctx, "", IN_CHANNEL)
   if type(t.channels) ~= "table" then
-    error(("%s: the script must return a table with a 'channels' table, got channels = %s"):format(
-      path, type(t.channels)), 0)
+    fail("%s: the script must return a table with a 'channels' table, got channels = %s", path, type(t.channels))
   end
   local spec = { path = path, channels = {}, names = {} }
   for name, v in pairs(t.channels) do
@@ -97,33 +373,21 @@ function M.validate(t, path)
     spec.names[#spec.names + 1] = name
   end
   if #spec.names == 0 then
-    error(("%s: 'channels' is empty: name at least one channel"):format(path), 0)
+    fail("%s: 'channels' is empty: name at least one channel", path)
   end
   table.sort(spec.names)
-  for _, hook in ipairs({ "on_connect", "on_error" }) do
-    if t[hook] ~= nil and type(t[hook]) ~= "function" then
-      error(("%s: %s must be a function, got %s"):format(path, hook, type(t[hook])), 0)
-    end
-    spec[hook] = t[hook]
+  for k, check in pairs(SCRIPT) do
+    if check then spec[k] = check(t[k], path, k) end
   end
   if t.reconnect ~= nil then
-    if type(t.reconnect) ~= "table" then
-      error(("%s: reconnect must be a table { min = seconds, max = seconds }"):format(path), 0)
-    end
-    spec.reconnect = {
-      min = num(t.reconnect.min, "reconnect.min", path, 0.001),
-      max = num(t.reconnect.max, "reconnect.max", path, 0.001),
-    }
+    spec.reconnect = fields(t.reconnect, ctx, "reconnect", RECONNECT, "{ min = seconds, max = seconds }")
   end
-  spec.heartbeat = num(t.heartbeat, "heartbeat", path, 0)
-  spec.heartbeat_timeout = num(t.heartbeat_timeout, "heartbeat_timeout", path, 0.001)
-  spec.stats_interval = num(t.stats_interval, "stats_interval", path, 0)
-  spec.poll_interval = num(t.poll_interval, "poll_interval", path, 0.01)
-  spec.batch_size = num(t.batch_size, "batch_size", path, 1, true)
-  if t.single_active ~= nil and type(t.single_active) ~= "boolean" and type(t.single_active) ~= "string" then
-    error(("%s: single_active must be a boolean or a lock name (string)"):format(path), 0)
+  if t.replication ~= nil then
+    fields(t.replication, ctx, "replication", REPLICATION,
+      "{ slot = NAME, publication = NAME, snapshot = BOOL, create = BOOL }")
+    fail("%s: replication: the logical-replication source %s", path, NOT_YET)
   end
-  spec.single_active = t.single_active
+  spec.ordering = spec.ordering or "global"
   return spec
 end
 
