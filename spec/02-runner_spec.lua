@@ -59,7 +59,8 @@ return { channels = { b = function() end, a = { decode = "raw", handler = functi
       ':3: channels%["a"%]: decode must be' },
     { "a too long channel", ("return { channels = { [%q] = function() end } }"):format(("x"):rep(64)),
       "invalid channel name" },
-    { "a bad on_error", "return { channels = { a = function() end }, on_error = 'no' }", "on_error must be a function" },
+    { "a bad on_error", "return { channels = { a = function() end }, on_error = 'no' }",
+      "on_error must be a function" },
   }
   for _, case in ipairs(broken) do
     it("--check rejects " .. case[1] .. " with exit 2, naming the file", function()
@@ -98,7 +99,9 @@ describe("lua-pglisten handlers", function()
     p = start(script([[
 return {
   channels = {
-    users = function(row, note) out("users", math.type(row.id), row.id, row.name, note.channel, note.pid > 0, type(note.received_at)) end,
+    users = function(row, note)
+      out("users", math.type(row.id), row.id, row.name, note.channel, note.pid > 0, type(note.received_at))
+    end,
     ["Mixed Case"] = function(row) out("mixed", row.k) end,
     audit = { decode = "raw", handler = function(text, note) out("audit", text, note.payload == text) end },
     nulls = function(row) out("nulls", row.v == pglisten.null) end,
@@ -183,7 +186,9 @@ return {
     p = start(script([[
 return {
   channels = { h = function(row) if row.fail then error("handler broke on " .. row.id) end out("ok", row.id) end },
-  on_error = function(err, note, info) out("on_error", info.kind, tostring(err):match("handler broke on %d+"), pglisten.json.decode(note.payload).id) end,
+  on_error = function(err, note, info)
+    out("on_error", info.kind, tostring(err):match("handler broke on %d+"), pglisten.json.decode(note.payload).id)
+  end,
 }]]))
     notify("h", { id = 1, fail = true })
     notify("h", { id = 2 })
@@ -352,7 +357,8 @@ return { channels = { flow = function(row) out("flow", row.i) end } }]])
     p = start(path)
     -- a steady flow of notifications from another process while we reload
     local N = 400
-    os.execute(("psql -qX -c \"DO \\$\\$ BEGIN FOR i IN 1..%d LOOP PERFORM pg_notify('flow', json_build_object('i', i)::text); "
+    os.execute(("psql -qX -c \"DO \\$\\$ BEGIN FOR i IN 1..%d LOOP "
+      .. "PERFORM pg_notify('flow', json_build_object('i', i)::text); "
       .. "COMMIT; PERFORM pg_sleep(0.005); END LOOP; END \\$\\$\" >/dev/null 2>&1 &"):format(N))
     H.sleep(0.5)
     local f = assert(io.open(path, "w"))

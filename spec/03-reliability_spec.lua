@@ -44,7 +44,9 @@ END $$;]], db)
     H.sleep(1)
     local old = assert(H.runner_backend(db))
     assert(c:exec("SELECT pg_terminate_backend($1)", old))
-    assert(H.eventually(function() return H.read(done) ~= "" or c:exec("SELECT count(*) AS n FROM sent")[1].n == 1500 end, 30))
+    assert(H.eventually(function()
+      return H.read(done) ~= "" or c:exec("SELECT count(*) AS n FROM sent")[1].n == 1500
+    end, 30))
     local m
     for _, l in ipairs(lines(p.stdout())) do
       local r, v = l:match("^connect (%a+) (%d+)")
@@ -95,7 +97,8 @@ local function apply(row)
   if row.op == "DELETE" then
     assert(target:exec("DELETE FROM items WHERE id = $1", row.id))
   else
-    assert(target:exec("INSERT INTO items (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", row.id, row.v))
+    assert(target:exec("INSERT INTO items (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+      row.id, row.v))
   end
 end
 return {
@@ -106,7 +109,8 @@ return {
     local rows = assert(db:exec("SELECT id, v FROM items"))
     local ids = {}
     for _, r in ipairs(rows) do
-      assert(target:exec("INSERT INTO items (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v", r.id, r.v))
+      assert(target:exec("INSERT INTO items (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+        r.id, r.v))
       ids[#ids + 1] = r.id
     end
     assert(target:exec("DELETE FROM items WHERE NOT (id = ANY($1::int[]))", "{" .. table.concat(ids, ",") .. "}"))
@@ -154,7 +158,9 @@ return { channels = { t = { retry = { attempts = 10, backoff = 0.25 }, handler =
   out("ok", row.i)
 end } } }]]):format(H.conninfo2())))
     background_sql([[
-DO $$ BEGIN FOR i IN 1..300 LOOP PERFORM pg_notify('t', json_build_object('i', i)::text); COMMIT; PERFORM pg_sleep(0.015); END LOOP; END $$;]])
+DO $$ BEGIN FOR i IN 1..300 LOOP
+  PERFORM pg_notify('t', json_build_object('i', i)::text); COMMIT; PERFORM pg_sleep(0.015);
+END LOOP; END $$;]])
     H.sleep(1)
     H.server2("stop")
     H.sleep(3)
@@ -306,7 +312,8 @@ return { channels = { u = function(row) out("u", #row.s) end,
                       ur = { decode = "raw", handler = function(t) out("ur", #t) end } },
   on_error = function(err, note, info) out("on_error", info.kind) end }]]), { "--db", ci })
     local c = H.connect(ci)
-    assert(c:exec([[SELECT pg_notify('ur', E'\xff\xfe\x80'), pg_notify('u', E'{"s":"\xff\xfe"}'), pg_notify('u', '{"s":"ok"}')]]))
+    assert(c:exec([[SELECT pg_notify('ur', E'\xff\xfe\x80'), pg_notify('u', E'{"s":"\xff\xfe"}'),
+      pg_notify('u', '{"s":"ok"}')]]))
     c:close()
     assert(H.eventually(function() return p.stdout():find("u 2\n", 1, true) end, 10), p.stderr())
     assert.matches("ur 3", p.stdout())
@@ -316,7 +323,7 @@ end)
 
 describe("memory", function()
   it("stays bounded under a one-million-notification burst with a slow handler", function()
-    local db, ci = H.createdb("mem")
+    local _, ci = H.createdb("mem")
     local p = start(script([[
 return { stats_interval = 0, channels = { m = function(row) pglisten.sleep(0.0002) end } }]]), { "--db", ci })
     local ok, err = pcall(function()
@@ -324,7 +331,8 @@ return { stats_interval = 0, channels = { m = function(row) pglisten.sleep(0.000
       c:settimeout(120)
       assert(c:exec([[DO $$ BEGIN
         FOR k IN 0..999 LOOP
-          PERFORM pg_notify('m', json_build_object('id', g, 'name', 'user' || g, 'email', 'user' || g || '@example.com')::text)
+          PERFORM pg_notify('m', json_build_object('id', g, 'name', 'user' || g,
+              'email', 'user' || g || '@example.com')::text)
             FROM generate_series(k * 1000 + 1, k * 1000 + 1000) g;
           COMMIT;
         END LOOP; END $$]]))

@@ -249,7 +249,8 @@ end)
 -- Example 2
 ---------------------------------------------------------------------------
 
-local ACCOUNTS = "SELECT id, name, plan, balance::text AS balance, active, updated_at::text AS t FROM accounts ORDER BY id"
+local ACCOUNTS = "SELECT id, name, plan, balance::text AS balance, active, updated_at::text AS t "
+  .. "FROM accounts ORDER BY id"
 
 local function accounts(db)
   return H.psql(ACCOUNTS, db)

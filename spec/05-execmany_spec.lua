@@ -328,7 +328,9 @@ describe("conn:execmany", function()
 
     it("raises for COPY, which cannot run in pipeline mode", function()
       assert.has_error(function() c:execmany("COPY em FROM STDIN", { {} }) end)
-      assert.has_error(function() c:execmany(" /* a /* nested */ comment */ -- and a line\n copy em TO STDOUT", { {} }) end)
+      assert.has_error(function()
+        c:execmany(" /* a /* nested */ comment */ -- and a line\n copy em TO STDOUT", { {} })
+      end)
       assert.equal(1, c:execmany("SELECT $1::int AS copy", { { 1 } }))
       assert_usable(c)
     end)
@@ -348,17 +350,17 @@ describe("a batch as one JSON parameter (json_populate_recordset)", function()
     local UPSERT = [[INSERT INTO jr (id, name, score)
       SELECT id, name, score FROM json_populate_recordset(NULL::jr, $1)
       ON CONFLICT (id) DO UPDATE SET name = excluded.name, score = excluded.score]]
-    local rows = {}
+    local list = {}
     for i = 1, 1000 do
-      rows[i] = { id = 9007199254740993 + i, name = (i % 7 == 0) and pg.null or ("n\"é\\" .. i), score = i / 3 }
+      list[i] = { id = 9007199254740993 + i, name = (i % 7 == 0) and pg.null or ("n\"é\\" .. i), score = i / 3 }
     end
-    local r = assert(c:exec(UPSERT, rows))
+    local r = assert(c:exec(UPSERT, list))
     assert.equal(1000, r.affected)
     local got = assert(c:exec("SELECT id, name, score FROM jr ORDER BY id"))
     assert.equal(1000, got.n)
     for i = 1, 1000 do
       assert.equal(9007199254740993 + i, got[i].id)
-      assert.equal(rows[i].name, got[i].name)
+      assert.equal(list[i].name, got[i].name)
       assert.equal(i / 3, got[i].score)
     end
     -- a batch holding two versions of one id must be collapsed first

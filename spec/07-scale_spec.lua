@@ -58,7 +58,8 @@ describe("durable channels", function()
   it("handles 10,000 events published while no runner ran", function()
     local _, ci, c = setup()
     assert(c:exec("SELECT pglisten.publish('jobs', json_build_object('k', g)::text) FROM generate_series(1, 10000) g"))
-    local p = start(script(ci, "a", "jobs = { durable = true, handler = function(row) record(row.k) end }"), { "--db", ci })
+    local p = start(script(ci, "a", "jobs = { durable = true, handler = function(row) record(row.k) end }"),
+      { "--db", ci })
     procs[#procs + 1] = p
     assert(H.eventually(function() return counts(c) == 10000 end, 60), p.stderr())
     local n, d = counts(c)
@@ -72,7 +73,8 @@ describe("durable channels", function()
 
   it("serves events published while it runs, on the wake-up", function()
     local _, ci, c = setup()
-    local p = start(script(ci, "a", "jobs = { durable = true, handler = function(row) record(row.k) end }", "poll_interval = 60,"),
+    local p = start(script(ci, "a", "jobs = { durable = true, handler = function(row) record(row.k) end }",
+      "poll_interval = 60,"),
       { "--db", ci })
     procs[#procs + 1] = p
     for i = 1, 5 do assert(c:exec("SELECT pglisten.publish('jobs', $1)", ('{"k":%d}'):format(i))) end
@@ -100,7 +102,8 @@ describe("durable channels", function()
       return c:exec("SELECT count(*) AS n FROM pglisten.outbox")[1].n == 0
     end, 10))
     -- at least once: the killed batch's events were handled again by the second
-    local again = c:exec("SELECT count(*) AS n FROM handled WHERE tag = 'second' AND k IN (SELECT k FROM handled WHERE tag = 'first')")[1].n
+    local again = c:exec("SELECT count(*) AS n FROM handled WHERE tag = 'second' "
+      .. "AND k IN (SELECT k FROM handled WHERE tag = 'first')")[1].n
     assert.is_true(again >= 1, "no event of the killed batch was handled again")
   end)
 

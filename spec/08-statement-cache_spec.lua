@@ -2,10 +2,10 @@
 -- prepared (pglisten_<id>) and executed by name; the cache survives what
 -- can happen to prepared statements on a long-lived connection.
 local H = require "helpers"
-local pg = H.pg
 
 local function ours(c)
-  local r = assert(c:exec("SELECT name, statement FROM pg_prepared_statements WHERE name LIKE 'pglisten\\_%' ORDER BY name"))
+  local r = assert(c:exec(
+    "SELECT name, statement FROM pg_prepared_statements WHERE name LIKE 'pglisten\\_%' ORDER BY name"))
   return r
 end
 
@@ -33,8 +33,8 @@ describe("statement cache", function()
     local r = assert(c:exec("SELECT count(*) AS n, max(v) FILTER (WHERE id = 50) AS v FROM sc"))[1]
     assert.equal(50, r.n); assert.equal("v50", r.v)
     -- results and errors come back as they do unprepared
-    local rows = assert(c:exec("SELECT id, v FROM sc WHERE id = $1", 7))
-    rows = assert(c:exec("SELECT id, v FROM sc WHERE id = $1", 8))
+    assert.equal("v7", assert(c:exec("SELECT id, v FROM sc WHERE id = $1", 7))[1].v)
+    local rows = assert(c:exec("SELECT id, v FROM sc WHERE id = $1", 8))
     assert.same({ id = 8, v = "v8" }, { id = rows[1].id, v = rows[1].v })
     local ok, err, code = c:exec(UPSERT, "not a number", "x")
     assert.is_nil(ok); assert.matches("invalid input syntax", err); assert.equal("22P02", code)
