@@ -36,10 +36,13 @@ M.MAX_CHANNEL = 63
 local json_encode, json_decode = core.json_encode, core.json_decode
 
 --- JSON as this module uses it.  `encode` writes Lua integers exactly and
--- floats with 17 digits.  `decode` is strict RFC 8259: numbers written
--- without fraction or exponent are Lua integers (exact to 64 bits), others
--- floats; JSON null is `pglisten.null`.  `encode`/`decode` raise on bad
--- input; `safe.encode`/`safe.decode` return `nil, err` instead.
+-- floats in the shortest form that reads back as the same double (3.0 as
+-- 3, -0.0 as -0.0).  `decode` is strict RFC 8259 and rounds no number:
+-- integers that fit 64 bits are Lua integers, other numbers floats when
+-- the double's shortest form is the same value (0.30, 1e20), else their
+-- text (12345678901234567890, 1e400); JSON null is `pglisten.null`.
+-- `encode`/`decode` raise on bad input; `safe.encode`/`safe.decode` return
+-- `nil, err` instead.
 local function safe_json_encode(v)
   local ok, s = pcall(json_encode, v)
   if ok then return s end
