@@ -55,14 +55,25 @@ local OPTIONS = {
   { short = "h", long = "help" },
 }
 
+local function find(name, short)
+  for _, o in ipairs(OPTIONS) do
+    if (short and o.short == name) or (not short and o.long == name) then return o end
+  end
+end
+
+-- An option's value as the option wants it: a number for numeric ones.
+local function number_value(o, val)
+  if not o.number then return val end
+  local n = tonumber(val)
+  if not n or n < 0 or n ~= n then return nil, "option --" .. o.long .. " needs a number >= 0, got " .. val end
+  -- a reconnect delay of 0 would reconnect in a busy loop
+  if o.positive and n <= 0 then return nil, "option --" .. o.long .. " needs a number > 0, got " .. val end
+  return n
+end
+
 --- Parses argv; returns opts, or nil and a usage error.
 function M.parse_args(argv)
   local opts, positional, i = {}, {}, 1
-  local function find(name, short)
-    for _, o in ipairs(OPTIONS) do
-      if (short and o.short == name) or (not short and o.long == name) then return o end
-    end
-  end
   while i <= #argv do
     local a = argv[i]
     local o, val
@@ -91,13 +102,9 @@ function M.parse_args(argv)
           val = argv[i]
           if val == nil then return nil, "option --" .. o.long .. " needs a value" end
         end
-        if o.number then
-          local n = tonumber(val)
-          if not n or n < 0 or n ~= n then return nil, "option --" .. o.long .. " needs a number >= 0, got " .. val end
-          -- a reconnect delay of 0 would reconnect in a busy loop
-          if o.positive and n <= 0 then return nil, "option --" .. o.long .. " needs a number > 0, got " .. val end
-          val = n
-        end
+        local err
+        val, err = number_value(o, val)
+        if val == nil then return nil, err end
         opts[o.long] = val
       else
         if val ~= nil then return nil, "option --" .. o.long .. " takes no value" end
