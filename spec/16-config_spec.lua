@@ -79,6 +79,8 @@ describe("a script with a misspelt key", function()
       "unknown key 'durable' (durable is a channel setting: put it in a channel entry)")
     refused("return { channels = { a = { handler = function() end, heartbeat = 5 } } }",
       "unknown key 'heartbeat' (heartbeat is a script setting: put it beside 'channels')")
+    refused("return { channels = { a = function() end }, durabel = true }",
+      "unknown key 'durabel' (did you mean 'durable'? That is a channel setting: put it in a channel entry)")
   end)
 
   it("that is not a string is refused", function()
@@ -190,6 +192,7 @@ describe("script.validate", function()
     err = bad({ channels = { a = { handler = h, decode = "jsn" } } })
     assert.truthy(err:find('(did you mean "json"?)', 1, true), err)
     assert.truthy(bad({ channels = { a = { handler = h, decode = 1 } } }):find("decode must be", 1, true))
+    assert.truthy(bad({ channels = { a = { handler = h, decode = false } } }):find("got false", 1, true))
   end)
 
   it("refuses channel names beginning pglisten_", function()

@@ -1,20 +1,13 @@
---- Loading and validating a handler script.
+--- Loading and validating a handler script (README, "The handler script").
 --
--- A script returns a table: `channels` (required) maps channel names to a
--- handler function or to `{ handler = fn, decode = NAME, retry = { attempts
--- = N, backoff = s, max_backoff = s }, batch = N, durable = true,
--- max_attempts = N }`; optional `on_connect(db, info)`, `on_error(err, note,
--- info)`, `reconnect = { min = s, max = s }`, `heartbeat`,
--- `heartbeat_timeout`, `stats_interval`, `poll_interval`, `batch_size`,
--- `single_active`, `ordering`.  `decode` names an entry of pglisten.decoders.
---
--- Every key is in one of the tables below, with its check: a key in none of
--- them is refused with a "did you mean" suggestion, so a misspelt `durable`
--- cannot pass unnoticed.  Keys of features a coming version adds
--- (`replication`, `metrics`, a channel's `source`, `table`, `on_failure`,
--- `ordered`) are known and type-checked; a value that needs the feature is
--- refused until it exists.  Errors name the file, and the line where one is
--- known.
+-- Every key a script may use is in one of the tables below (SCRIPT, CHANNEL,
+-- RETRY, RECONNECT, REPLICATION) with its check: a key in none of them is
+-- refused with a "did you mean" suggestion, so a misspelt `durable` cannot
+-- pass unnoticed.  Keys of features a coming version adds (`replication`,
+-- `metrics`, a channel's `source`, `table`, `on_failure`, `ordered`) are
+-- known and type-checked; a value that needs the feature is refused until it
+-- exists.  `decode` names an entry of pglisten.decoders.  Errors name the
+-- file, and the line where one is known.
 -- @module pglisten.script
 
 local pg = require "pglisten"
@@ -41,7 +34,7 @@ local function where(path, fn)
   if type(fn) == "function" then
     local info = debug.getinfo(fn, "S")
     if info and info.linedefined and info.linedefined > 0 and info.short_src then
-      return ("%s:%d"):format(info.short_src, info.linedefined)
+      return ("%s:%d"):format(info.source:match("^@(.*)") or info.short_src, info.linedefined)
     end
   end
   return path
@@ -186,11 +179,14 @@ local function refuse_unknown(t, keys, ctx, prefix, others)
   local line = key_line(ctx.path, k)
   local known = sorted_keys(keys)
   local near = closest(k, known)
+  local elsewhere = others and closest(k, sorted_keys(others.keys)) or {}
   local hint
   if #near > 0 then
     hint = ("did you mean %s?"):format(quoted(near, "'%s'"))
   elseif others and others.keys[k] ~= nil then
     hint = ("%s is a %s"):format(k, others.where)
+  elseif #elsewhere > 0 then
+    hint = ("did you mean %s? That is a %s"):format(quoted(elsewhere, "'%s'"), others.where)
   else
     hint = "known keys: " .. table.concat(known, ", ")
   end
@@ -306,7 +302,8 @@ local function check_channel_name(name, path)
 end
 
 local function check_decode(e, label)
-  local how = e.decode or "json"
+  local how = e.decode
+  if how == nil then how = "json" end
   local fn = type(how) == "string" and decoders.get(how)
   if not fn then
     local names = decoders.names()
