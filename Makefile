@@ -64,7 +64,7 @@ RUNTIME_LIBDIR ?= $(LIBDIR)
 endif
 
 BUILD   ?= build
-SRC      = src/core.c src/conn.c src/result.c src/pipeline.c src/json.c
+SRC      = src/core.c src/conn.c src/result.c src/pipeline.c src/json.c src/repl.c src/pgoutput.c
 HDR      = src/pgl.h
 LUASRC   = $(wildcard lua/pglisten/*.lua) $(wildcard lua/pglisten/*.sql)
 LUASUBDIRS = sources services

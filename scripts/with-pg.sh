@@ -76,6 +76,9 @@ synchronous_commit = off
 full_page_writes = off
 max_connections = 200
 log_min_messages = warning
+wal_level = logical
+max_wal_senders = 20
+max_replication_slots = 20
 CONF
     if "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -w -t 30 start >/dev/null 2>&1 </dev/null; then
       started=1; break

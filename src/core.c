@@ -473,6 +473,7 @@ static int core_libpq_version(lua_State *L) {
 
 static const luaL_Reg core_funcs[] = {
   {"connect", pgl_conn_connect},
+  {"replication_connect", pgl_repl_connect},
   {"now", core_now},
   {"monotonic", core_monotonic},
   {"sleep", core_sleep},
@@ -489,6 +490,7 @@ PGL_EXPORT int luaopen_pglisten_core(lua_State *L) {
   pgl_result_open(L);
   pgl_conn_open(L);
   pgl_pipeline_open(L);
+  pgl_repl_open(L);
   /* defaults until the facade calls setup(): NULL as a null lightuserdata,
    * no JSON (tables as parameters raise, json columns stay strings) */
   lua_pushlightuserdata(L, NULL);
@@ -499,6 +501,7 @@ PGL_EXPORT int luaopen_pglisten_core(lua_State *L) {
   lua_setfield(L, -3, "conn_methods");
   lua_pop(L, 1);
   pgl_json_open(L);
+  pgl_pgoutput_open(L);
   lua_pushliteral(L, PGL_VERSION);
   lua_setfield(L, -2, "_VERSION");
   return 1;

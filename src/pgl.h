@@ -134,5 +134,33 @@ void pgl_unbox_result(PGresult **box);
 int pgl_push_result_error(lua_State *L, const PGresult *res);
 /* Pushes `s` without trailing white space. */
 void pgl_push_trimmed(lua_State *L, const char *s);
+/*
+ * Pushes the text-format value v[0..len) of a column of type `type` as exec
+ * types it: integers, floats, booleans, exact numerics (pgl_push_number),
+ * json/jsonb decoded (text when that fails), anything else as the text.
+ * v[len] must be '\0' when pgl_text_converts(type) (PQgetvalue's are).
+ */
+void pgl_push_text_value(lua_State *L, const char *v, size_t len, Oid type);
+/* 1 when pgl_push_text_value does more for `type` than push the text. */
+int pgl_text_converts(Oid type);
+
+/* pgoutput.c: the decoder of logical replication's CopyData messages */
+#define PGL_UNCHANGED_MT "pglisten.unchanged"
+extern const char pgl_key_unchanged; /* sentinel for an unchanged TOASTed value */
+/*
+ * Decodes one CopyData payload buf[0..len) ('w' XLogData carrying a pgoutput
+ * message, or 'k' keepalive) with the relation map, a table at stack index
+ * relidx (relid -> relation table; a Relation message replaces its entry).
+ * Pushes the message table and returns 1, or pushes nil, message, returns 2.
+ */
+int pgl_pgoutput_decode(lua_State *L, const char *buf, size_t len, int relidx);
+/* Adds core.pgoutput_decode, core.unchanged, core.lsn_parse, core.lsn_format
+ * to the table on top. */
+void pgl_pgoutput_open(lua_State *L);
+
+/* repl.c: the replication connection */
+#define PGL_REPL_MT "pglisten.replication"
+void pgl_repl_open(lua_State *L);          /* registers the metatable; leaves nothing */
+int pgl_repl_connect(lua_State *L);        /* core.replication_connect(conninfo, timeout) */
 
 #endif

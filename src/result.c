@@ -347,16 +347,34 @@ static void push_numeric(lua_State *L, const char *s, size_t len) {
     lua_pushlstring(L, s, len);
 }
 
+int pgl_text_converts(Oid type) {
+  switch (type) {
+  case INT2OID:
+  case INT4OID:
+  case INT8OID:
+  case OIDOID:
+  case FLOAT4OID:
+  case FLOAT8OID:
+  case NUMERICOID:
+  case BOOLOID:
+  case JSONOID:
+  case JSONBOID:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
 static void push_value(lua_State *L, const PGresult *res, int row, int col, Oid type, int nullidx) {
-  const char *v;
-  size_t len;
-  lua_Integer iv;
   if (PQgetisnull(res, row, col)) {
     lua_pushvalue(L, nullidx);
     return;
   }
-  v = PQgetvalue(res, row, col);
-  len = (size_t)PQgetlength(res, row, col);
+  pgl_push_text_value(L, PQgetvalue(res, row, col), (size_t)PQgetlength(res, row, col), type);
+}
+
+void pgl_push_text_value(lua_State *L, const char *v, size_t len, Oid type) {
+  lua_Integer iv;
   switch (type) {
   case INT2OID:
   case INT4OID:
