@@ -7,9 +7,10 @@
 -- `postgres://` URIs alike, and:
 --
 -- * `safe(conninfo)` rebuilds the conninfo from the parsed options as
---   `keyword=value` pairs with every secret as `********`; it never echoes
---   the string it was given, so a secret written in any odd way (percent
---   escapes, quotes, backslashes, a keyword given twice) cannot slip through.
+--   `keyword=value` pairs (a URI as a URI) with every secret as `********`;
+--   it never echoes the string it was given, so a secret written in any odd
+--   way (percent escapes, quotes, backslashes, a keyword given twice) cannot
+--   slip through.
 --   A conninfo libpq cannot parse is described by libpq's error, redacted.
 -- * `redact(msg, conninfo)` masks in `msg` every secret value of `conninfo`
 --   in every form it can take there: as libpq decodes it, as written (raw,
@@ -266,9 +267,43 @@ local function quote(v)
   return "'" .. v:gsub("[\\']", "\\%0") .. "'"
 end
 
---- A conninfo fit for a log: the options libpq reads from it as
--- `keyword=value` pairs in libpq's order, secrets as `********` (and masked
--- wherever else they appear in a value).  nil or "" is `(libpq defaults)`; a conninfo
+local function pct_encode(v, keep)
+  return (v:gsub("[^%w%-._~" .. (keep or "") .. "]", function(c) return ("%%%02X"):format(c:byte()) end))
+end
+
+-- The parsed options as a URI with the scheme the conninfo used: user,
+-- host and port, and dbname in their places when there is one plain host
+-- (not a socket directory, not a list), everything else as query
+-- parameters.  `value(o)` gives what to show for an option.
+local function as_uri(scheme, opts, value)
+  local by, query = {}, {}
+  for _, o in ipairs(opts) do
+    if o.value then by[o.keyword] = o end
+  end
+  local host, port = by.host and by.host.value, by.port and by.port.value
+  local inline = host and host ~= "" and not host:find("[,/]") and not (port and port:find(",", 1, true))
+  local auth, hostpart, path = "", "", ""
+  if by.user then auth = pct_encode(value(by.user), "*") end
+  if by.password then auth = auth .. ":" .. value(by.password) end
+  if auth ~= "" then auth = auth .. "@" end
+  if inline then
+    hostpart = host:find(":", 1, true) and ("[" .. host .. "]") or pct_encode(host)
+    if port and port ~= "" then hostpart = hostpart .. ":" .. pct_encode(value(by.port)) end
+  end
+  if by.dbname then path = "/" .. pct_encode(value(by.dbname)) end
+  for _, o in ipairs(opts) do
+    local k = o.keyword
+    if o.value and k ~= "user" and k ~= "password" and k ~= "dbname"
+        and not (inline and (k == "host" or k == "port")) then
+      query[#query + 1] = k .. "=" .. (o.dispchar == "*" and M.MASK or pct_encode(value(o), ",/:*"))
+    end
+  end
+  return scheme .. "://" .. auth .. hostpart .. path .. (#query > 0 and ("?" .. concat(query, "&")) or "")
+end
+
+--- A conninfo fit for a log: the options libpq reads from it, rebuilt as
+-- `keyword=value` pairs in libpq's order (or as a URI when it was one),
+-- secrets as `********` (and masked wherever else they appear in a value).  nil or "" is `(libpq defaults)`; a conninfo
 -- libpq cannot parse is described by libpq's message, redacted, never echoed.
 -- @tparam[opt] string conninfo
 -- @treturn string
@@ -278,11 +313,17 @@ function M.safe(conninfo)
   local opts, err = parse(conninfo)
   if not opts then return "(a conninfo libpq cannot parse: " .. M.redact(err, conninfo) .. ")" end
   local secrets = M.secrets(conninfo)
+  -- keywords are libpq's own names; a secret inside another value is masked there
+  local function value(o)
+    if o.dispchar == "*" then return M.MASK end
+    return M.mask(o.value, secrets)
+  end
+  local scheme = conninfo:match("^(postgres[a-z]*)://")
+  if scheme then return as_uri(scheme, opts, value) end
   local parts = {}
   for _, o in ipairs(opts) do
     if o.value then
-      -- keywords are libpq's own names; a secret inside another value is masked there
-      parts[#parts + 1] = o.keyword .. "=" .. (o.dispchar == "*" and M.MASK or M.mask(quote(o.value), secrets))
+      parts[#parts + 1] = o.keyword .. "=" .. (o.dispchar == "*" and M.MASK or quote(value(o)))
     end
   end
   if #parts == 0 then return "(libpq defaults)" end
