@@ -43,7 +43,8 @@ describe("reload", function()
     local plain = [[return { poll_interval = 60, channels = {
       a = function(row, note) out("a", row.k, note.durable and "durable" or "plain") end } }]]
     local durable = [[return { poll_interval = 60, channels = {
-      a = { durable = true, handler = function(row, note) out("a", row.k, note.durable and "durable" or "plain") end } } }]]
+      a = { durable = true,
+            handler = function(row, note) out("a", row.k, note.durable and "durable" or "plain") end } } }]]
     local path = script(plain)
     p = start(path, { "--db", ci })
     assert(c:notify("a", { k = 1 }))

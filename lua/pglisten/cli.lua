@@ -9,8 +9,6 @@ local scriptmod = require "pglisten.script"
 
 local M = {}
 
-local _
-
 local USAGE = [[
 usage: lua-pglisten [options] SCRIPT
        lua-pglisten --sql | --install [--db CONNINFO]

@@ -133,7 +133,8 @@ function M:on_error(err, note, info)
   if not f then return end
   local ok, e = xpcall(f, msgh, err, note, info)
   if not ok then
-    self.log.error("on_error failed", { error = errstring(e), traceback = last_traceback, channel = note and note.channel })
+    self.log.error("on_error failed",
+      { error = errstring(e), traceback = last_traceback, channel = note and note.channel })
   end
 end
 

@@ -91,7 +91,8 @@ end
 function M:reload(_, new)
   local name = M.lock_name(new.path, new.single_active)
   if name ~= self.name then
-    self.log.warn("single_active lock name changed; it takes effect at the next start", { lock = self.name, new = name })
+    self.log.warn("single_active lock name changed; it takes effect at the next start",
+      { lock = self.name, new = name })
   end
 end
 

@@ -80,7 +80,9 @@ function M:pollfd()
 end
 function M:events() return self.conn and self.conn:events() or "r" end
 --- True when libpq may hold notes already (the last read was full).
-function M:pending() return self.more and self.conn ~= nil and self.rt.dispatch:queued() < self.rt.settings.read_ahead end
+function M:pending()
+  return self.more and self.conn ~= nil and self.rt.dispatch:queued() < self.rt.settings.read_ahead
+end
 
 --- Moves up to `max` notes libpq has (or the socket has, without waiting)
 -- into the lanes.  Returns the count, or nil when the connection is lost.
