@@ -211,3 +211,42 @@ describe("durable channels", function()
     assert.equal(1, count(p.stderr(), "no running runner serves"), "warned more than once a minute")
   end)
 end)
+
+describe("core.poll", function()
+  local pg = H.pg
+  it("waits on several sockets at once and says which are ready", function()
+    local l1, l2, s = H.connect(), H.connect(), H.connect()
+    assert(l1:listen("x")); assert(l2:listen("y"))
+    assert.same({ nil, "timeout" }, { pg.core.poll({ l1:pollfd(), l2:pollfd() }, 0.1) })
+    assert(s:notify("y", "1"))
+    local ready = assert(pg.core.poll({ l1:pollfd(), { l2:pollfd(), "r" } }, 5))
+    assert.same({ 2 }, ready)
+    assert.equal("1", l2:drain(10)[1].payload)
+    assert.same({ nil, "timeout" }, { pg.core.poll({}, 0.05) })
+    assert.has_error(function() pg.core.poll({ -1 }) end)
+    assert.has_error(function() pg.core.poll({ { l1:pollfd(), "x" } }) end)
+    assert.has_error(function() pg.core.poll({}, -1) end)
+    l1:close(); l2:close(); s:close()
+  end)
+end)
+
+describe("the runner's shape", function()
+  it("keeps its modules under 400 lines and their functions under 60; nothing patches the runner", function()
+    local files = { "runner.lua", "cli.lua", "dispatch.lua", "ordering.lua", "backoff.lua", "queue.lua",
+      "sources/notify.lua", "sources/outbox.lua", "services/leader.lua", "services/stats.lua" }
+    for _, f in ipairs(files) do
+      local path = H.root .. "/lua/pglisten/" .. f
+      local n, start, name = 0, nil, nil
+      for l in io.lines(path) do
+        n = n + 1
+        if l:match("^local function ") or l:match("^function ") then start, name = n, l end
+        if l == "end" and start then
+          assert.is_true(n - start + 1 <= 60, ("%s:%d: %s is %d lines"):format(f, start, name, n - start + 1))
+          start = nil
+        end
+      end
+      assert.is_true(n <= 400, f .. " has " .. n .. " lines")
+    end
+    assert.is_nil(io.open(H.root .. "/lua/pglisten/scale.lua", "r"), "scale.lua still rewrites the runner")
+  end)
+end)

@@ -89,3 +89,31 @@ return { ordering = "channel", channels = {
     assert.same({ "t 1", "t 2", "t 3", "t 4", "t 5" }, ts)
   end)
 end)
+
+describe("ordering = 'channel' while a channel waits", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("reads ahead at most the read-ahead limit (10,000) of its notes, and hands them all over in order", function()
+    p = start(script([[
+local failed, n, last = false, 0, 0
+return { ordering = "channel", channels = {
+  a = { retry = { attempts = 2, backoff = 3 }, handler = function(row)
+    if not failed then failed = true; error("target busy") end
+    n = n + 1
+    if row.i ~= last + 1 then out("out of order", row.i, last) end
+    last = row.i
+    if n == 20000 then out("all", n) end
+  end },
+} }]]))
+    local c = H.connect()
+    assert(c:exec("SELECT pg_notify('a', json_build_object('i', g)::text) FROM generate_series(1, 20000) g"))
+    H.sleep(1.5)
+    p.kill("USR1")
+    assert(H.eventually(function() return p.stderr():find("INFO  stats", 1, true) end, 5), p.stderr())
+    local queued = tonumber(p.stderr():match("INFO  stats[^\n]* queued=(%d+)"))
+    assert.is_true(queued >= 5000 and queued <= 10000 + 256, "queued=" .. tostring(queued))
+    assert(H.eventually(function() return p.stdout():find("all 20000", 1, true) end, 30), p.stdout() .. p.stderr())
+    assert.is_nil(p.stdout():find("out of order", 1, true))
+  end)
+end)
