@@ -236,13 +236,13 @@ describe("the runner's shape", function()
       "sources/notify.lua", "sources/outbox.lua", "services/leader.lua", "services/stats.lua" }
     for _, f in ipairs(files) do
       local path = H.root .. "/lua/pglisten/" .. f
-      local n, start, name = 0, nil, nil
+      local n, from, name = 0, nil, nil
       for l in io.lines(path) do
         n = n + 1
-        if l:match("^local function ") or l:match("^function ") then start, name = n, l end
-        if l == "end" and start then
-          assert.is_true(n - start + 1 <= 60, ("%s:%d: %s is %d lines"):format(f, start, name, n - start + 1))
-          start = nil
+        if l:match("^local function ") or l:match("^function ") then from, name = n, l end
+        if l == "end" and from then
+          assert.is_true(n - from + 1 <= 60, ("%s:%d: %s is %d lines"):format(f, from, name, n - from + 1))
+          from = nil
         end
       end
       assert.is_true(n <= 400, f .. " has " .. n .. " lines")
