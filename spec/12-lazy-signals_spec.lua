@@ -304,7 +304,7 @@ return { channels = { x = function() end } }]]):format(s.conninfo)), { "--db", s
     assert.matches("signal", p.stderr())
   end)
 
-  it("(c) SIGTERM while a handler connects: it gets nil, 'interrupted'; exit 0 within 0.5 s; USR1/HUP do not", function()
+  it("(c) SIGTERM while a handler connects: nil, 'interrupted'; exit 0 within 0.5 s; USR1/HUP do not", function()
     s = silent_server()
     p = start(script(([[
 return { channels = {
@@ -328,7 +328,7 @@ return { channels = {
     assert.matches("dial nil interrupted\n", p.stdout())
   end)
 
-  it("(c) a lazy connection's first use in a handler, SIGTERM meanwhile: nil, 'interrupted', '08001'; exit 0 at once", function()
+  it("(c) a lazy connection's first use in a handler, SIGTERM: nil, 'interrupted', '08001'; exit 0 at once", function()
     s = silent_server()
     p = start(script(([[
 local lazy = assert(pglisten.connect(%q, { lazy = true }))
