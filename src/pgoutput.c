@@ -210,9 +210,9 @@ static int push_text(lua_State *L, rd *r) {
 /* Pushes the value of the next column, col (a table) on top. */
 static int push_column(lua_State *L, rd *r) {
   int kind = (int)get_u(r, 1);
-  switch (r->err[0] ? 0 : kind) {
-  case 0:
+  if (r->err[0])
     return 0;
+  switch (kind) {
   case 'n':
     lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
     return 1;
@@ -531,7 +531,9 @@ int pgl_pgoutput_decode(lua_State *L, const char *buf, size_t len, int relidx) {
   r.err[0] = '\0';
   relidx = lua_absindex(L, relidx);
   luaL_checkstack(L, 32, "pgoutput decoder");
-  if (dec_copydata(L, &r, relidx) && r.p != r.e)
+  if (!dec_copydata(L, &r, relidx) && !r.err[0]) /* cannot happen: every failure says why */
+    snprintf(r.err, sizeof r.err, "pgoutput: malformed %s message", r.what);
+  else if (!r.err[0] && r.p != r.e)
     snprintf(r.err, sizeof r.err, "pgoutput: %zu unexpected bytes after a %s message",
              left(&r), r.what);
   if (r.err[0]) {

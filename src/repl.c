@@ -389,7 +389,12 @@ static int repl_start(lua_State *L) {
   PGresult *res;
   int n = 0;
   luaL_checktype(L, 4, LUA_TTABLE);
-  luaL_argcheck(L, slen > 0 && strlen(slot) == slen, 2, "slot name required");
+  if (slen == 0 || slen > 63 || strspn(slot, "abcdefghijklmnopqrstuvwxyz0123456789_") != slen) {
+    lua_pushnil(L); /* the server's rule (ReplicationSlotValidateName) */
+    lua_pushliteral(L, "invalid replication slot name: only a-z, 0-9 and _, 1 to 63 of them");
+    lua_pushliteral(L, "42602");
+    return 3;
+  }
   if (!push_start_command(L, c, slot, slen, lsn))
     return repl_fail(L, c, "could not quote a name");
   res = run(L, c, lua_tostring(L, -1), &n);
@@ -456,15 +461,17 @@ static int end_of_stream(lua_State *L, pgl_repl *c) {
 }
 
 /*
- * repl:read([max]) -> { message, ... } | nil, err[, sqlstate]
+ * repl:read([max [, raw]]) -> { message, ... } | nil, err[, sqlstate]
  * Never blocks: the messages the socket has now, up to max (default 1000),
- * possibly none.  A malformed message is an error: the stream must be
+ * possibly none.  With raw, the CopyData payloads as strings, undecoded
+ * (the relation map is then not updated).  A malformed message is an error: the stream must be
  * restarted from the last confirmed position.  At the end of the stream
  * the messages read before it come first, the error at the next call.
  */
 static int repl_read(lua_State *L) {
   pgl_repl *c = check_repl(L, 1);
   lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
+  int raw = lua_toboolean(L, 3);
   lua_settop(L, 2);
   if (!c->copying) {
     if (c->end_msg)
@@ -489,7 +496,9 @@ static int repl_read(lua_State *L) {
       c->copying = 0;
       return repl_fail(L, c, "replication stream failed");
     }
-    if (pgl_pgoutput_decode(L, c->pending, (size_t)len, 3) != 1) {
+    if (raw)
+      lua_pushlstring(L, c->pending, (size_t)len);
+    else if (pgl_pgoutput_decode(L, c->pending, (size_t)len, 3) != 1) {
       PQfreemem(c->pending);
       c->pending = NULL;
       return 2;
@@ -497,6 +506,10 @@ static int repl_read(lua_State *L) {
     PQfreemem(c->pending);
     c->pending = NULL;
     lua_rawseti(L, 4, ++n);
+  }
+  if (n == 0 && PQstatus(c->pg) == CONNECTION_BAD) {
+    c->copying = 0;
+    return repl_fail(L, c, "replication stream lost");
   }
   return 1;
 }
