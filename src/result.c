@@ -219,7 +219,9 @@ static int denotes(const char *s, const char *e, double x) {
 
 void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns) {
   double x;
-  if (lua_stringtonumber(L, z) != len + 1) { /* cannot happen after pgl_scan_number */
+  /* fails only in a locale whose decimal point is not '.', for a text over
+   * 200 bytes (Lua's L_MAXLENNUM): then the text is kept */
+  if (lua_stringtonumber(L, z) != len + 1) {
     lua_pushlstring(L, z, len);
     return;
   }
