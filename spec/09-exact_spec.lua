@@ -346,6 +346,7 @@ local function check_synced(c, p)
    WHERE id <> 2 AND (s.n::text IS DISTINCT FROM d.n::text OR s.n30::text IS DISTINCT FROM d.n30::text)]]),
     "numeric text differs" .. diag)
   assert.equal("0.3", assert(c:exec("SELECT n::text AS n FROM dst WHERE id = 2"))[1].n)
+  assert.equal("\\x0000000000000000", assert(c:exec("SELECT float8send(f8) AS b FROM dst WHERE id = 5"))[1].b)
 end
 
 describe("a table synced through notify_trigger, the runner and exec", function()
