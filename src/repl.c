@@ -2,7 +2,8 @@
  * repl.c -- the pglisten.replication object: a replication=database libpq
  * connection that runs replication commands, streams a logical slot with
  * the pgoutput plugin (START_REPLICATION ... LOGICAL, PGRES_COPY_BOTH) and
- * sends Standby Status Updates.  The messages are decoded by pgoutput.c.
+ * sends Standby Status Updates.  This file: connect, commands, start, life
+ * cycle; replstream.c: read, confirm, finish; pgoutput.c decodes.
  *
  * Shape of conn.c (after liolib.c): created closed with its metatable set
  * before libpq is called, one idempotent close for close(), __gc and
@@ -22,24 +23,13 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#include "pgl.h"
-
-#define PG_EPOCH_UNIX 946684800.0
-
-typedef struct pgl_repl {
-  PGconn *pg;       /* NULL once closed */
-  char *pending;    /* PQgetCopyData's buffer while it is decoded (freed on close) */
-  int copying;      /* 1 between a successful start() and the end of the stream */
-  double timeout;   /* bound for commands, start and finish, seconds */
-  char *end_msg;    /* the stream's end, to report at the next read() (malloc'd) */
-  char end_state[6];
-} pgl_repl;
+#include "repl.h"
 
 /* ------------------------------------------------------------------ */
 /* Helpers                                                             */
 /* ------------------------------------------------------------------ */
 
-static pgl_repl *check_repl(lua_State *L, int idx) {
+pgl_repl *pgl_repl_check(lua_State *L, int idx) {
   pgl_repl *c = (pgl_repl *)luaL_checkudata(L, idx, PGL_REPL_MT);
   if (c->pg == NULL)
     luaL_error(L, "attempt to use a closed connection");
@@ -47,7 +37,7 @@ static pgl_repl *check_repl(lua_State *L, int idx) {
 }
 
 /* nil, "what: libpq's message"[, "08006" when the connection is gone]. */
-static int repl_fail(lua_State *L, pgl_repl *c, const char *what) {
+int pgl_repl_fail(lua_State *L, pgl_repl *c, const char *what) {
   const char *msg = PQerrorMessage(c->pg);
   lua_pushnil(L);
   lua_pushfstring(L, "%s: ", what);
@@ -61,7 +51,7 @@ static int repl_fail(lua_State *L, pgl_repl *c, const char *what) {
 }
 
 /* After a timeout: shut the socket so that libpq marks the connection bad. */
-static void abandon(pgl_repl *c) {
+void pgl_repl_abandon(pgl_repl *c) {
   PGresult *res;
   int fd = PQsocket(c->pg);
   if (fd >= 0)
@@ -72,8 +62,8 @@ static void abandon(pgl_repl *c) {
   c->copying = 0;
 }
 
-static int push_timeout(lua_State *L, pgl_repl *c, const char *what) {
-  abandon(c);
+int pgl_repl_timedout(lua_State *L, pgl_repl *c, const char *what) {
+  pgl_repl_abandon(c);
   lua_pushnil(L);
   lua_pushfstring(L, "timeout: %s took more than %f s", what, c->timeout);
   lua_pushliteral(L, "08006");
@@ -82,7 +72,7 @@ static int push_timeout(lua_State *L, pgl_repl *c, const char *what) {
 
 /* Flushes and waits until a result is ready.  1 when ready, 0 on timeout,
  * -1 when the connection failed. */
-static int await_result(lua_State *L, pgl_repl *c, double deadline) {
+int pgl_repl_await(lua_State *L, pgl_repl *c, double deadline) {
   int fd = PQsocket(c->pg), f, r;
   while ((f = PQflush(c->pg)) != 0) {
     if (f < 0)
@@ -211,16 +201,16 @@ static PGresult *run(lua_State *L, pgl_repl *c, const char *sql, int *nret) {
   if (c->copying)
     luaL_error(L, "replication connection is streaming: finish() it first");
   if (!PQsendQuery(c->pg, sql)) {
-    *nret = repl_fail(L, c, "could not send command");
+    *nret = pgl_repl_fail(L, c, "could not send command");
     return NULL;
   }
   box = pgl_box_result(L, NULL);
   err = pgl_box_result(L, NULL);
   for (;;) {
-    int w = await_result(L, c, deadline);
+    int w = pgl_repl_await(L, c, deadline);
     PGresult *res;
     if (w <= 0) {
-      *nret = w == 0 ? push_timeout(L, c, "replication command") : repl_fail(L, c, "command failed");
+      *nret = w == 0 ? pgl_repl_timedout(L, c, "replication command") : pgl_repl_fail(L, c, "command failed");
       return NULL;
     }
     res = PQgetResult(c->pg);
@@ -241,7 +231,7 @@ static PGresult *run(lua_State *L, pgl_repl *c, const char *sql, int *nret) {
   }
   lua_pop(L, 1);
   if (!*box) {
-    *nret = repl_fail(L, c, "command returned no result");
+    *nret = pgl_repl_fail(L, c, "command returned no result");
     return NULL;
   }
   return *box;
@@ -249,7 +239,7 @@ static PGresult *run(lua_State *L, pgl_repl *c, const char *sql, int *nret) {
 
 /* repl:command(sql) -> rows | nil, err[, sqlstate]  (rows as exec's) */
 static int repl_command(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
+  pgl_repl *c = pgl_repl_check(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   int n = 0;
   PGresult *res = run(L, c, sql, &n);
@@ -265,7 +255,7 @@ static int repl_command(lua_State *L) {
     lua_pushnil(L);
     lua_pushfstring(L, "command returned %s, which command() does not handle (use start())",
                     PQresStatus(PQresultStatus(res)));
-    abandon(c);
+    pgl_repl_abandon(c);
     return 2;
   }
 }
@@ -366,7 +356,7 @@ static int push_start_command(lua_State *L, pgl_repl *c, const char *slot, size_
 }
 
 /* The LSN argument at idx: an integer or an "X/Y" string. */
-static lua_Integer check_lsn(lua_State *L, int idx) {
+lua_Integer pgl_repl_checklsn(lua_State *L, int idx) {
   unsigned hi, lo;
   int n = 0;
   const char *s;
@@ -382,10 +372,10 @@ static lua_Integer check_lsn(lua_State *L, int idx) {
  * opts: publication = name or publications = {names}; messages = true;
  * proto_version = 1 (default) or 2. */
 static int repl_start(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
+  pgl_repl *c = pgl_repl_check(L, 1);
   size_t slen;
   const char *slot = luaL_checklstring(L, 2, &slen);
-  lua_Integer lsn = check_lsn(L, 3);
+  lua_Integer lsn = pgl_repl_checklsn(L, 3);
   PGresult *res;
   int n = 0;
   luaL_checktype(L, 4, LUA_TTABLE);
@@ -396,7 +386,7 @@ static int repl_start(lua_State *L) {
     return 3;
   }
   if (!push_start_command(L, c, slot, slen, lsn))
-    return repl_fail(L, c, "could not quote a name");
+    return pgl_repl_fail(L, c, "could not quote a name");
   res = run(L, c, lua_tostring(L, -1), &n);
   if (!res)
     return n;
@@ -414,236 +404,42 @@ static int repl_start(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ */
-/* Streaming                                                           */
-/* ------------------------------------------------------------------ */
-
-/* The stream ended (PQgetCopyData -1): keeps the final result's error (or
- * "replication stream ended") for end_of_stream() to report. */
-static void stream_ended(lua_State *L, pgl_repl *c) {
-  PGresult *res;
-  const char *msg = NULL, *state = NULL;
-  c->copying = 0;
-  free(c->end_msg);
-  c->end_msg = NULL;
-  c->end_state[0] = '\0';
-  for (;;) {
-    if (await_result(L, c, pgl_monotonic() + c->timeout) <= 0) {
-      abandon(c);
-      break;
-    }
-    if ((res = PQgetResult(c->pg)) == NULL)
-      break;
-    if (PQresultStatus(res) == PGRES_FATAL_ERROR && !c->end_msg) {
-      msg = PQresultErrorMessage(res);
-      state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-      c->end_msg = strdup(msg && *msg ? msg : "replication stream failed");
-      if (state)
-        snprintf(c->end_state, sizeof c->end_state, "%s", state);
-    }
-    PQclear(res);
-  }
-  if (!c->end_msg)
-    c->end_msg = strdup("replication stream ended");
-}
-
-static int end_of_stream(lua_State *L, pgl_repl *c) {
-  lua_pushnil(L);
-  pgl_push_trimmed(L, c->end_msg ? c->end_msg : "replication stream ended");
-  if (c->end_state[0]) {
-    lua_pushstring(L, c->end_state);
-    return 3;
-  }
-  if (PQstatus(c->pg) == CONNECTION_BAD) {
-    lua_pushliteral(L, "08006");
-    return 3;
-  }
-  return 2;
-}
-
-/*
- * repl:read([max [, raw]]) -> { message, ... } | nil, err[, sqlstate]
- * Never blocks: the messages the socket has now, up to max (default 1000),
- * possibly none.  With raw, the CopyData payloads as strings, undecoded
- * (the relation map is then not updated).  A malformed message is an error: the stream must be
- * restarted from the last confirmed position.  At the end of the stream
- * the messages read before it come first, the error at the next call.
- */
-static int repl_read(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
-  lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
-  int raw = lua_toboolean(L, 3);
-  lua_settop(L, 2);
-  if (!c->copying) {
-    if (c->end_msg)
-      return end_of_stream(L, c);
-    luaL_error(L, "replication connection is not streaming: start() it first");
-  }
-  lua_getiuservalue(L, 1, 1); /* 3: the relation map */
-  lua_newtable(L);            /* 4: the messages */
-  if (!PQconsumeInput(c->pg) && PQstatus(c->pg) == CONNECTION_BAD) {
-    c->copying = 0;
-    return repl_fail(L, c, "replication stream lost");
-  }
-  while (n < max) {
-    int len = PQgetCopyData(c->pg, &c->pending, 1);
-    if (len == 0)
-      break;
-    if (len == -1) {
-      stream_ended(L, c);
-      return n > 0 ? 1 : end_of_stream(L, c);
-    }
-    if (len < 0) {
-      c->copying = 0;
-      return repl_fail(L, c, "replication stream failed");
-    }
-    if (raw)
-      lua_pushlstring(L, c->pending, (size_t)len);
-    else if (pgl_pgoutput_decode(L, c->pending, (size_t)len, 3) != 1) {
-      PQfreemem(c->pending);
-      c->pending = NULL;
-      return 2;
-    }
-    PQfreemem(c->pending);
-    c->pending = NULL;
-    lua_rawseti(L, 4, ++n);
-  }
-  if (n == 0 && PQstatus(c->pg) == CONNECTION_BAD) {
-    c->copying = 0;
-    return repl_fail(L, c, "replication stream lost");
-  }
-  return 1;
-}
-
-/* Big-endian into p. */
-static void put64(char *p, uint64_t v) {
-  int i;
-  for (i = 7; i >= 0; i--, v >>= 8)
-    p[i] = (char)(v & 0xff);
-}
-
-/*
- * repl:confirm(written, flushed, applied, reply_requested) -> true | nil,
- * err[, sqlstate]: a Standby Status Update ('r').  LSNs as integers or
- * "X/Y"; flushed and applied default to written.  Returns true, "pending"
- * when libpq could not write it all yet (events() then says "rw").
- */
-static int repl_confirm(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
-  lua_Integer w = check_lsn(L, 2);
-  lua_Integer f = lua_isnoneornil(L, 3) ? w : check_lsn(L, 3);
-  lua_Integer a = lua_isnoneornil(L, 4) ? f : check_lsn(L, 4);
-  char msg[34];
-  double now = (pgl_realtime() - PG_EPOCH_UNIX) * 1e6;
-  int r;
-  if (!c->copying)
-    return c->end_msg ? end_of_stream(L, c) : luaL_error(L, "replication connection is not streaming");
-  msg[0] = 'r';
-  put64(msg + 1, (uint64_t)w);
-  put64(msg + 9, (uint64_t)f);
-  put64(msg + 17, (uint64_t)a);
-  put64(msg + 25, (uint64_t)(int64_t)now);
-  msg[33] = (char)lua_toboolean(L, 5);
-  if (PQputCopyData(c->pg, msg, (int)sizeof msg) != 1)
-    return repl_fail(L, c, "could not send the status update");
-  r = PQflush(c->pg);
-  if (r < 0)
-    return repl_fail(L, c, "could not send the status update");
-  lua_pushboolean(L, 1);
-  if (r == 1) {
-    lua_pushliteral(L, "pending");
-    return 2;
-  }
-  return 1;
-}
-
-/* Waits for `events` on the socket until deadline: 1 ready, else pushes
- * nil, err and returns the count as a negative number. */
-static int finish_wait(lua_State *L, pgl_repl *c, short events, double deadline) {
-  int r = pgl_waitfd(L, PQsocket(c->pg), events, deadline, 0);
-  if (r == 0)
-    return -push_timeout(L, c, "finishing the stream");
-  if (r < 0 || !PQconsumeInput(c->pg))
-    return -repl_fail(L, c, "finishing the stream failed");
-  return 1;
-}
-
-/*
- * repl:finish() -> true | nil, err[, sqlstate]: a clean end of the stream:
- * CopyDone, then what the server still sends is read and dropped up to its
- * end, within the timeout.  The connection can run commands again after.
- */
-static int repl_finish(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
-  double deadline = pgl_monotonic() + c->timeout;
-  int r;
-  if (!c->copying) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  while ((r = PQputCopyEnd(c->pg, NULL)) == 0)
-    if ((r = finish_wait(L, c, POLLOUT, deadline)) < 0)
-      return -r;
-  if (r < 0)
-    return repl_fail(L, c, "could not end the stream");
-  for (;;) {
-    int len = PQgetCopyData(c->pg, &c->pending, 1);
-    if (len > 0) {
-      PQfreemem(c->pending);
-      c->pending = NULL;
-    } else if (len == 0) {
-      if ((r = finish_wait(L, c, PQflush(c->pg) ? POLLIN | POLLOUT : POLLIN, deadline)) < 0)
-        return -r;
-    } else if (len == -1) {
-      stream_ended(L, c);
-      break;
-    } else {
-      c->copying = 0;
-      return repl_fail(L, c, "finishing the stream failed");
-    }
-  }
-  if (c->end_state[0])
-    return end_of_stream(L, c);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ */
 /* Polling, introspection, life cycle                                  */
 /* ------------------------------------------------------------------ */
 
 static int repl_pollfd(lua_State *L) {
-  lua_pushinteger(L, PQsocket(check_repl(L, 1)->pg));
+  lua_pushinteger(L, PQsocket(pgl_repl_check(L, 1)->pg));
   return 1;
 }
 
 /* cqueues convention: "r", or "rw" while libpq holds unsent data. */
 static int repl_events(lua_State *L) {
-  pgl_repl *c = check_repl(L, 1);
+  pgl_repl *c = pgl_repl_check(L, 1);
   lua_pushstring(L, PQflush(c->pg) == 1 ? "rw" : "r");
   return 1;
 }
 
 /* cqueues convention: no timer of its own (the caller's policy). */
 static int repl_timeout(lua_State *L) {
-  check_repl(L, 1);
+  pgl_repl_check(L, 1);
   lua_pushnil(L);
   return 1;
 }
 
 static int repl_pid(lua_State *L) {
-  lua_pushinteger(L, PQbackendPID(check_repl(L, 1)->pg));
+  lua_pushinteger(L, PQbackendPID(pgl_repl_check(L, 1)->pg));
   return 1;
 }
 
 /* repl:streaming() -> true between start() and the end of the stream. */
 static int repl_streaming(lua_State *L) {
-  lua_pushboolean(L, check_repl(L, 1)->copying);
+  lua_pushboolean(L, pgl_repl_check(L, 1)->copying);
   return 1;
 }
 
 /* repl:relations() -> the relation map (relid -> relation), live. */
 static int repl_relations(lua_State *L) {
-  check_repl(L, 1);
+  pgl_repl_check(L, 1);
   lua_getiuservalue(L, 1, 1);
   return 1;
 }
@@ -678,9 +474,9 @@ static int repl_tostring(lua_State *L) {
 static const luaL_Reg repl_methods[] = {
   {"command", repl_command},
   {"start", repl_start},
-  {"read", repl_read},
-  {"confirm", repl_confirm},
-  {"finish", repl_finish},
+  {"read", pgl_repl_read},
+  {"confirm", pgl_repl_confirm},
+  {"finish", pgl_repl_finish},
   {"pollfd", repl_pollfd},
   {"events", repl_events},
   {"timeout", repl_timeout},
