@@ -323,13 +323,38 @@ describe("pgoutput decoder", function()
     assert.is_nil(v); assert.matches("unknown CopyData message type", err)
     v, err = core.pgoutput_decode(hdr .. "B" .. ("\0"):rep(10), {})
     assert.is_nil(v); assert.equal("pgoutput: truncated Begin message at byte 34", err)
+    local function relation(relid, natts)
+      local cols = ""
+      for i = 1, natts do cols = cols .. string.pack(">BzI4i4", 1, "c" .. i, 25, -1) end
+      return hdr .. "R" .. string.pack(">I4zzBI2", relid, "s", "t", 100, natts) .. cols
+    end
+    local function insert(relid, ...)
+      local cols = ""
+      for _, c in ipairs { ... } do
+        cols = cols .. (#c == 1 and c or c:sub(1, 1) .. string.pack(">s4", c:sub(2)))
+      end
+      return hdr .. "I" .. string.pack(">I4BI2", relid, 78, select("#", ...)) .. cols
+    end
     local rels = {}
-    assert(core.pgoutput_decode(hdr .. "R" .. string.pack(">I4zzBI2BzI4I4", 7, "s", "t", 100, 1, 1, "c", 25, -1 & 0xffffffff), rels))
-    v, err = core.pgoutput_decode(hdr .. "I" .. string.pack(">I4BI2B", 7, 78, 1, 98) .. string.pack(">I4", 1) .. "x", rels)
+    assert(core.pgoutput_decode(relation(7, 1), rels))
+    assert.same({ c1 = "x" }, assert(core.pgoutput_decode(insert(7, "tx"), rels)).new)
+    v, err = core.pgoutput_decode(insert(7, "bx"), rels)
     assert.is_nil(v); assert.matches("binary column value in Insert message", err)
-    assert.same({ c = "x" }, assert(core.pgoutput_decode(hdr .. "I" .. string.pack(">I4BI2B", 7, 78, 1, 116) .. string.pack(">I4", 1) .. "x", rels)).new)
-    v, err = core.pgoutput_decode(hdr .. "I" .. string.pack(">I4BI2B", 7, 78, 1, 116) .. string.pack(">I4", 1) .. "xy", rels)
-    assert.is_nil(v); assert.matches("1 unexpected bytes after a Insert message", err)
+    v, err = core.pgoutput_decode(insert(7, "tx") .. "y", rels)
+    assert.is_nil(v); assert.equal("pgoutput: 1 unexpected bytes after the Insert message", err)
+    v, err = core.pgoutput_decode(insert(7, "tx", "n"), rels)
+    assert.is_nil(v); assert.equal("pgoutput: Insert message has 2 columns, its relation 1", err)
+    v, err = core.pgoutput_decode(insert(7, "\0"), rels)
+    assert.is_nil(v); assert.matches("unknown column kind 0x00 in Insert message at byte 33", err, 1, true)
+    -- a count beyond the bytes left is refused before anything is built
+    v, err = core.pgoutput_decode(relation(8, 2):sub(1, 40) .. string.pack(">I2", 65535), rels)
+    assert.is_nil(v); assert.matches("^pgoutput: truncated Relation message at byte", err)
+    v, err = core.pgoutput_decode(hdr .. "T" .. string.pack(">I4B", 1000000, 0), rels)
+    assert.is_nil(v); assert.equal("pgoutput: truncated Truncate message at byte 31", err)
+    -- a new Relation message replaces the old shape
+    assert(core.pgoutput_decode(relation(7, 2), rels))
+    assert.same({ c1 = "a", c2 = pg.null }, assert(core.pgoutput_decode(insert(7, "ta", "n"), rels)).new)
+    assert.equal(core.unchanged, assert(core.pgoutput_decode(insert(7, "ta", "u"), rels)).new.c2)
   end)
 
   it("returns a value or nil, err for 30,000 truncated and bit-flipped messages", function()

@@ -287,7 +287,7 @@ int pgl_pgoutput_decode(lua_State *L, const char *buf, size_t len, int relidx) {
   if (!dec_copydata(L, &r, relidx) && !r.err[0]) /* cannot happen: every failure says why */
     snprintf(r.err, sizeof r.err, "pgoutput: malformed %s message", r.what);
   else if (!r.err[0] && r.p != r.e)
-    snprintf(r.err, sizeof r.err, "pgoutput: %zu unexpected bytes after a %s message",
+    snprintf(r.err, sizeof r.err, "pgoutput: %zu unexpected bytes after the %s message",
              pgl_rd_left(&r), r.what);
   if (r.err[0]) {
     lua_settop(L, base);
