@@ -79,17 +79,62 @@ local function session(s, timeout)
   return c
 end
 
--- A method that needs the server: connect, then the connection's own.
-local function forward(name)
-  return function(self, ...)
-    local c, err, code = session(state(self, 3))
-    if not c then return nil, err, code end
-    return c[name](c, ...)
+local function argerror(n, fname, msg, level)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
+end
+
+-- The argument checks of forwarded methods, run before connecting, so that
+-- misuse raises while the server is down too instead of coming back as a
+-- connect error that `retry` would retry (the connection checks again).
+local function channel_names(fname, need)
+  return function(...)
+    local n = select("#", ...)
+    if n < need then argerror(1, fname, "channel name expected", 4) end
+    for i = 1, n do
+      local t = type((select(i, ...)))
+      if t ~= "string" then argerror(i, fname, "channel name expected, got " .. t, 4) end
+    end
   end
 end
 
-local function argerror(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+local function opt_timeout(fname)
+  return function(t)
+    if t ~= nil and (type(t) ~= "number" or t < 0) then
+      argerror(1, fname, "timeout must be a non-negative number", 4)
+    end
+  end
+end
+
+local precheck = {
+  listen = channel_names("listen", 1),
+  unlisten = channel_names("unlisten", 0),
+  notify = function(ch, payload)
+    if type(ch) ~= "string" then argerror(1, "notify", "channel name expected, got " .. type(ch), 4) end
+    local t = type(payload)
+    if t ~= "nil" and t ~= "string" and t ~= "table" then
+      argerror(2, "notify", "string or table expected, got " .. t, 4)
+    end
+  end,
+  escape_identifier = function(v)
+    local t = type(v)
+    if t ~= "string" and t ~= "number" then
+      argerror(1, "escape_identifier", "string expected, got " .. (v == nil and "no value" or t), 4)
+    end
+  end,
+  wait = opt_timeout("wait"),
+  ping = opt_timeout("ping"),
+}
+
+-- A method that needs the server: connect, then the connection's own.
+local function forward(name)
+  local check = precheck[name]
+  return function(self, ...)
+    local s = state(self, 3)
+    if check and not s.conn then check(...) end
+    local c, err, code = session(s)
+    if not c then return nil, err, code end
+    return c[name](c, ...)
+  end
 end
 
 -- Arguments checked before connecting, so that misuse raises even while
