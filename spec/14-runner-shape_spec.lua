@@ -194,6 +194,21 @@ describe("durable channels", function()
     assert.is_true(t[2] - t[1] >= 1.9 and t[2] - t[1] < 3.5, ("second retry after %.1f s"):format(t[2] - t[1]))
   end)
 
+  it("keep a pending retry's time when a wake-up claims in between", function()
+    local _, ci, c = installed_db("dwake")
+    assert(c:exec("SELECT pglisten.publish('jobs', '{\"k\":1}')"))
+    p = start(script([[return { poll_interval = 60, channels = {
+  jobs = { durable = true, handler = function(row, note)
+    if row.k == 1 and note.attempts < 1 then error("not yet") end
+    out("done", row.k, note.attempts)
+  end } } }]]), { "--db", ci })
+    assert(H.eventually(function() return p.stderr():find("will retry", 1, true) end, 5), p.stderr())
+    assert(c:exec("SELECT pglisten.publish('jobs', '{\"k\":2}')"))
+    assert(H.eventually(function() return p.stdout():find("done 2", 1, true) end, 5), p.stderr())
+    assert(H.eventually(function() return p.stdout():find("done 1 1", 1, true) end, 4),
+      "the retry waited for the poll after a wake-up:\n" .. p.stdout() .. p.stderr())
+  end)
+
   it("warns about outbox events waiting on a channel no running runner serves durably", function()
     local _, ci, c = installed_db("orph")
     -- a 'durable' trigger, but the script serves the channel as plain
@@ -248,5 +263,44 @@ describe("the runner's shape", function()
       assert.is_true(n <= 400, f .. " has " .. n .. " lines")
     end
     assert.is_nil(io.open(H.root .. "/lua/pglisten/scale.lua", "r"), "scale.lua still rewrites the runner")
+  end)
+end)
+
+describe("a runner that waits", function()
+  -- CPU seconds (user + system) a process has used so far
+  local function cpu(pid)
+    local f = assert(io.open("/proc/" .. pid .. "/stat", "r"))
+    local s = f:read("a")
+    f:close()
+    local fields = {}
+    for x in s:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = x end
+    return (tonumber(fields[12]) + tonumber(fields[13])) / 100
+  end
+  local function idle_cpu(p, secs)
+    local c0 = cpu(p.pid)
+    H.sleep(secs)
+    return cpu(p.pid) - c0
+  end
+
+  it("uses almost no CPU while it cannot connect, stands by, or waits to retry", function()
+    local _, ci = H.createdb("idle")
+    local path = script([[return { single_active = true, heartbeat = 0.3, poll_interval = 0.2, channels = {
+      a = { retry = { attempts = 2, backoff = 5 }, handler = function() error("down") end },
+      jobs = { durable = true, handler = function() end } } }]])
+    local down = start(path, { "--db", "host=127.0.0.1 port=1 connect_timeout=1" }, nil, false)
+    local leader = start(path, { "--db", ci })
+    local standby = start(path, { "--db", ci })
+    local ok, err = pcall(function()
+      assert(H.eventually(function() return standby.stderr():find("standing by", 1, true) end, 5))
+      local c = H.connect(ci)
+      assert(c:notify("a", "{}"))
+      assert(H.eventually(function() return leader.stderr():find("retrying", 1, true) end, 5), leader.stderr())
+      for name, p in pairs({ down = down, leader = leader, standby = standby }) do
+        local used = idle_cpu(p, 2)
+        assert.is_true(used < 0.1, ("%s runner used %.2f s of CPU in 2 s"):format(name, used))
+      end
+    end)
+    down.stop(); leader.stop(); standby.stop()
+    assert(ok, err)
   end)
 end)

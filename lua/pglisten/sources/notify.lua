@@ -139,7 +139,7 @@ function M:tick(t)
     return
   end
   local s = self.rt.settings
-  if s.heartbeat > 0 and t - self.last_io >= s.heartbeat and self.rt.dispatch:queued() == 0 then
+  if s.heartbeat > 0 and t - self.last_io >= s.heartbeat then
     local ok, err = self.conn:ping(s.heartbeat_timeout)
     if ok then
       self.last_io, self.more = now(), true -- the ping may have brought notes

@@ -35,6 +35,13 @@ M.POLL_INTERVAL = 5  -- seconds between safety-net polls
 M.CLAIM = 100        -- events claimed per transaction
 M.WARN_EVERY = 60    -- seconds between two warnings about one channel
 
+-- A text[] literal of channel names, every element quoted.
+local function outbox_names(list)
+  local lit = {}
+  for i, n in ipairs(list) do lit[i] = '"' .. n:gsub('[\\"]', "\\%0") .. '"' end
+  return "{" .. table.concat(lit, ",") .. "}"
+end
+
 --- Durable channel names of a spec, sorted.
 function M.wants(spec)
   local list = {}
@@ -68,10 +75,11 @@ function M:reload(_, new)
 end
 
 function M:timeout(t)
+  if not self.rt:active() then return nil end -- nothing to do until the listening connection is up
   self.next_poll = self.next_poll or (t + self:poll_interval())
   self.next_watch = self.next_watch or (t + self:watch_every())
   local due = self.next_watch
-  if #self.names > 0 and self.rt:active() then
+  if #self.names > 0 then
     if self.due then return 0 end
     due = math.min(due, self.next_poll, self.retry_at or math.huge)
   end
@@ -106,8 +114,7 @@ end
 function M:failure(entry, ev, msg)
   local base, cap = backoff.of(entry)
   local wait = backoff.delay(ev.attempts + 1, base, cap)
-  local at = now() + wait + 0.05
-  if not self.retry_at or at < self.retry_at then self.retry_at = at end
+  if not self.min_wait or wait < self.min_wait then self.min_wait = wait end
   return { id = ev.id, error = msg, attempts = ev.attempts, max_attempts = entry.max_attempts or outbox.MAX_ATTEMPTS,
     backoff = wait }
 end
@@ -184,10 +191,35 @@ function M:handle_claim(events, failed, done)
   end
 end
 
+-- The earliest failure of the batch just finished is due `min_wait` seconds
+-- after its row was updated, which was before now: claim again then.
+function M:schedule_retry()
+  if not self.min_wait then return end
+  local at = now() + self.min_wait + 0.05
+  if not self.retry_at or at < self.retry_at then self.retry_at = at end
+  self.min_wait = nil
+end
+
+local NEXT_DUE = [[
+SELECT extract(epoch FROM min(run_at) - clock_timestamp())::float8 AS wait
+  FROM pglisten.outbox WHERE channel = ANY($1::text[]) AND run_at > clock_timestamp()]]
+
+-- After a retry: when the next event that waits for its backoff is due.
+function M:next_retry(conn)
+  local r = conn:exec(NEXT_DUE, outbox_names(self.names))
+  local wait = r and r[1] and r[1].wait
+  if type(wait) == "number" then
+    local at = now() + wait + 0.05
+    if not self.retry_at or at < self.retry_at then self.retry_at = at end
+  end
+end
+
 --- Claims and handles due durable events until none is left (or the
 -- runner stops).  Returns the number handled.
 function M:serve(reason)
-  self.due, self.retry_at = nil, nil
+  -- a serve for another reason leaves the pending retry's time alone
+  if reason == "retry" then self.retry_at = nil end
+  self.due, self.min_wait = nil, nil
   self.next_poll = now() + self:poll_interval()
   local conn, err = self:conn()
   if not conn then
@@ -211,9 +243,11 @@ function M:serve(reason)
       return total
     end
     total = total + #done
+    self:schedule_retry()
     self.rt:signals()
     if #events < M.CLAIM then break end
   end
+  if reason == "retry" then self:next_retry(conn) end
   if total > 0 then self.log.debug("outbox served", { handled = total, reason = reason }) end
   return total
 end
@@ -246,9 +280,7 @@ function M:orphans()
   local r = conn:exec("SELECT to_regclass('pglisten.outbox') IS NOT NULL AS has")
   if r and not r[1].has then self.next_watch = now() + M.WARN_EVERY end -- no schema: look again later
   if r and r[1].has then
-    local lit = {}
-    for i, n in ipairs(self.names) do lit[i] = '"' .. n:gsub('[\\"]', "\\%0") .. '"' end
-    r = conn:exec(ORPHANS, "{" .. table.concat(lit, ",") .. "}", self:watch_every() + 0.0)
+    r = conn:exec(ORPHANS, outbox_names(self.names), self:watch_every() + 0.0)
     local t, seen = now(), {}
     for i = 1, r and r.n or 0 do
       local row = r[i]
