@@ -80,21 +80,6 @@ INST_CPATH = $(RUNTIME_LIBDIR)/?.so
 
 .PHONY: all deps test demo check bench lint install clean FORCE
 
-# make fuzz: the pgoutput decoder under libFuzzer + ASan/UBSan (clang), from
-# the real messages in fuzz/corpus, for FUZZ_TIME seconds.
-FUZZ_CC   ?= clang
-FUZZ_TIME ?= 60
-FUZZ_BIN   = $(BUILD)/fuzz/pgoutput_fuzz
-.PHONY: fuzz
-fuzz: $(FUZZ_BIN)
-	mkdir -p $(BUILD)/fuzz/corpus
-	$(FUZZ_BIN) -max_total_time=$(FUZZ_TIME) -max_len=8192 -print_final_stats=1 $(BUILD)/fuzz/corpus fuzz/corpus
-$(FUZZ_BIN): fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) $(HDR)
-	mkdir -p $(dir $@)
-	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(DEFS) \
-	  $(LUA_CFLAGS) $(PQ_CFLAGS) -o $@ fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) \
-	  $(LUA_LIBS) $(PQ_LIBS) -lm
-
 all: $(MODULE) $(RUNNER) $(RUNNER_INST)
 
 $(MODULE): $(SRC) $(HDR) Makefile
@@ -165,3 +150,18 @@ install: all
 
 clean:
 	rm -rf build build-asan
+
+# make fuzz: the pgoutput decoder under libFuzzer + ASan/UBSan (clang), from
+# the real messages in fuzz/corpus, for FUZZ_TIME seconds.
+FUZZ_CC   ?= clang
+FUZZ_TIME ?= 60
+FUZZ_BIN   = $(BUILD)/fuzz/pgoutput_fuzz
+.PHONY: fuzz
+fuzz: $(FUZZ_BIN)
+	mkdir -p $(BUILD)/fuzz/corpus
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_TIME) -max_len=8192 -print_final_stats=1 $(BUILD)/fuzz/corpus fuzz/corpus
+$(FUZZ_BIN): fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) $(HDR)
+	mkdir -p $(dir $@)
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(DEFS) \
+	  $(LUA_CFLAGS) $(PQ_CFLAGS) -o $@ fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) \
+	  $(LUA_LIBS) $(PQ_LIBS) -lm
