@@ -118,16 +118,23 @@ local function kv_secrets(s, list, seen)
 end
 
 -- A URI read by hand: the password of the userinfo (after the first ':',
--- up to the '@'), and the value of every secret query parameter.
+-- up to an '@'), and the value of every secret query parameter.  libpq ends
+-- the userinfo at the first '@', or sees none when a '/' comes first; a
+-- password written without percent-encoding may hold both, so every '@'
+-- may be the one its writer meant, and a password holding '@' or '/' has
+-- each of its pieces masked too: libpq reads them as a host, a port or a
+-- database name.
 local function uri_secrets(s, list, seen)
   local rest = s:match("^%a[%w+.-]*://(.*)$")
   if not rest then return false end
-  local auth_end = rest:find("[@/]")
-  if auth_end and sub(rest, auth_end, auth_end) == "@" then
-    local pw = sub(rest, 1, auth_end - 1):match("^[^:]*:(.*)$")
+  for at in rest:gmatch("()@") do
+    local pw = sub(rest, 1, at - 1):match("^[^:]*:(.*)$")
     if pw then
       add(list, seen, pw)
       add(list, seen, pct_decode(pw))
+      for piece in pw:gmatch("[^@/]+") do
+        if piece ~= pw then add(list, seen, piece) end
+      end
     end
   end
   local query = rest:match("%?(.*)$")
@@ -287,10 +294,11 @@ local function as_uri(scheme, opts, value)
   if by.password then auth = auth .. ":" .. value(by.password) end
   if auth ~= "" then auth = auth .. "@" end
   if inline then
-    hostpart = host:find(":", 1, true) and ("[" .. host .. "]") or pct_encode(host)
-    if port and port ~= "" then hostpart = hostpart .. ":" .. pct_encode(value(by.port)) end
+    local shown = value(by.host)
+    hostpart = host:find(":", 1, true) and ("[" .. shown .. "]") or pct_encode(shown, "*")
+    if port and port ~= "" then hostpart = hostpart .. ":" .. pct_encode(value(by.port), "*") end
   end
-  if by.dbname then path = "/" .. pct_encode(value(by.dbname)) end
+  if by.dbname then path = "/" .. pct_encode(value(by.dbname), "*") end
   for _, o in ipairs(opts) do
     local k = o.keyword
     if o.value and k ~= "user" and k ~= "password" and k ~= "dbname"
