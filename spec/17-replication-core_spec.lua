@@ -115,6 +115,10 @@ describe("replication core", function()
     local v, err, state = r:command("DROP_REPLICATION_SLOT no_such_slot_here")
     assert.is_nil(v); assert.matches("does not exist", err); assert.equal("42704", state)
     assert.has_error(function() r:read() end, "replication connection is not streaming: start() it first")
+    -- a COPY is not a command result: refused, not waited on forever
+    v, err = r:command("COPY (SELECT 1) TO STDOUT")
+    assert.is_nil(v); assert.equal("command returned PGRES_COPY_OUT, which command() does not handle "
+      .. "(the connection is abandoned)", err)
     r:close()
   end)
 
@@ -201,13 +205,18 @@ describe("replication core", function()
     sql("CREATE TABLE t2 (id int PRIMARY KEY, a text)")
     local r, slot = stream("t2")
     sql("INSERT INTO t2 VALUES (1, 'x')")
-    sql("ALTER TABLE t2 ADD COLUMN c int DEFAULT 7")
-    sql("INSERT INTO t2 VALUES (2, 'y', 8)")
+    sql("CREATE TYPE mood AS ENUM ('ok', 'sad')")
+    sql("ALTER TABLE t2 ADD COLUMN c int DEFAULT 7, ADD COLUMN m mood")
+    sql("INSERT INTO t2 VALUES (2, 'y', 8, 'sad')")
     local got, err = collect(r, commits(2))
     assert.is_nil(err)
     local ch = changes(got)
     assert.same({ id = 1, a = "x" }, ch[1].new)
-    assert.same({ id = 2, a = "y", c = 8 }, ch[2].new)
+    assert.same({ id = 2, a = "y", c = 8, m = "sad" }, ch[2].new)
+    local ty
+    for _, m in ipairs(got) do if m.kind == "type" then ty = m end end
+    assert.equal("mood", ty.name); assert.equal("public", ty.schema)
+    assert.equal(tonumber(sql("SELECT 'mood'::regtype::oid")), ty.type)
     local rels = 0
     for _, m in ipairs(got) do
       if m.kind == "relation" then
@@ -217,7 +226,7 @@ describe("replication core", function()
       end
     end
     assert.equal(2, rels)
-    assert.equal(3, #r:relations()[ch[2].relid].columns)
+    assert.equal(4, #r:relations()[ch[2].relid].columns)
     r:close()
     drop(nil, slot)
   end)

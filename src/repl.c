@@ -107,6 +107,13 @@ static void release(pgl_repl *c) {
   c->copying = 0;
 }
 
+/* libpq's notices (server NOTICEs, its own complaints after an abandoned
+ * COPY) are dropped: the default processor would write them to stderr. */
+static void quiet(void *arg, const char *message) {
+  (void)arg;
+  (void)message;
+}
+
 /* ------------------------------------------------------------------ */
 /* Connecting                                                          */
 /* ------------------------------------------------------------------ */
@@ -179,6 +186,7 @@ int pgl_repl_connect(lua_State *L) {
     release(c);
     return 2;
   }
+  PQsetNoticeProcessor(c->pg, quiet, NULL);
   if (!drive(L, c, timeout)) {
     release(c);
     return 2;
@@ -193,7 +201,7 @@ int pgl_repl_connect(lua_State *L) {
 /*
  * Sends sql and waits for its results; the last one is left boxed on the
  * stack and returned.  On failure pushes nil, err[, sqlstate] and returns
- * NULL with *nret the count.  A COPY_BOTH result ends the collection.
+ * NULL with *nret the count.  A COPY result ends the collection.
  */
 static PGresult *run(lua_State *L, pgl_repl *c, const char *sql, int *nret) {
   double deadline = pgl_monotonic() + c->timeout;
@@ -222,8 +230,9 @@ static PGresult *run(lua_State *L, pgl_repl *c, const char *sql, int *nret) {
     }
     pgl_unbox_result(box);
     *box = res;
-    if (PQresultStatus(res) == PGRES_COPY_BOTH)
-      break;
+    if (PQresultStatus(res) == PGRES_COPY_BOTH || PQresultStatus(res) == PGRES_COPY_OUT ||
+        PQresultStatus(res) == PGRES_COPY_IN)
+      break; /* libpq hands out a COPY result again and again until the COPY ends */
   }
   if (*err) {
     *nret = pgl_push_result_error(L, *err);
@@ -253,8 +262,8 @@ static int repl_command(lua_State *L) {
     return 1;
   default:
     lua_pushnil(L);
-    lua_pushfstring(L, "command returned %s, which command() does not handle (use start())",
-                    PQresStatus(PQresultStatus(res)));
+    lua_pushfstring(L, "command returned %s, which command() does not handle "
+                    "(the connection is abandoned)", PQresStatus(PQresultStatus(res)));
     pgl_repl_abandon(c);
     return 2;
   }
