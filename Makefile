@@ -7,6 +7,7 @@
 #   make check      the specs with the C code built under ASan + UBSan
 #   make bench      ../shared/bench with lua-pglisten beside the peers
 #   make lint       luacheck over every Lua file of the tree (.luacheckrc)
+#   make fuzz       the pgoutput decoder under libFuzzer + sanitizers (clang)
 #   make install    into PREFIX (LuaRocks passes its own LUADIR/LIBDIR/BINDIR)
 #
 # Every variable can be overridden on the command line.  Flags come from
