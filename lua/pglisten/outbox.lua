@@ -134,7 +134,9 @@ SELECT id, channel, payload, attempts, created_at, last_error
 
 -- Rolls back what this module began; the caller gets the first error.
 local function abort(conn, err, code)
-  if conn:status() == "ok" and conn:txstatus() ~= "idle" then conn:exec("ROLLBACK") end
+  -- also on a lost connection: the facade fails every call of a lost
+  -- transaction until it is ended, and answers this ROLLBACK itself
+  if conn:status() ~= "ok" or conn:txstatus() ~= "idle" then conn:exec("ROLLBACK") end
   return nil, err, code
 end
 
@@ -158,8 +160,11 @@ function M.claim(conn, channels, limit)
   if conn:status() == "ok" and conn:txstatus() ~= "idle" then
     return nil, "claim: the connection is already inside a transaction (finish the last claim first)"
   end
-  local ok, err, code = conn:exec("BEGIN")
-  if not ok then return nil, err, code end
+  -- the events stay locked while the handlers run: a server that ends
+  -- sessions idle in a transaction would roll every slow claim back, and
+  -- its events would be handled again and again (SET LOCAL: for this claim)
+  local ok, err, code = conn:exec("BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0")
+  if not ok then return abort(conn, err, code) end
   local rows
   rows, err, code = conn:exec(CLAIM, list, limit)
   if not rows then return abort(conn, err, code) end
@@ -385,44 +390,60 @@ end
 -- untranslatable_character, character_not_in_repertoire
 local UNTRANSLATABLE = { ["22P05"] = true, ["22021"] = true }
 
+-- Records `fails` in one statement: FINISH, again with ASCII texts when the
+-- database's encoding lacks a character, else RETRY_ONLY (attempts advance,
+-- no dead letter).  Returns true[, note], or nil, err, code, fatal.
+local function record(conn, fails)
+  local ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, M.error_text))
+  if ok or fatal then return ok, err, code, fatal end
+  if UNTRANSLATABLE[code] then
+    ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, ascii_text))
+    if ok or fatal then return ok, err, code, fatal end
+  end
+  local ids, errs, _, backoffs = failure_arrays(fails, ascii_text,
+    "could not record this failure as usual (" .. err .. "): ")
+  local rok, rerr, rcode, rfatal = guarded(conn, RETRY_ONLY, ids, errs, backoffs)
+  if rok then return true, "failures rescheduled without dead letters: " .. err end
+  return nil, rerr, rcode, rfatal
+end
+
 -- When the one statement failed (the server refused a text, a user trigger
 -- raised, a privilege is missing): the same work in steps, each under its
 -- own savepoint, so that what can be recorded is.  Handled events that
 -- cannot be deleted become failures (handled again later, after a backoff);
--- failures are recorded as usual, or with ASCII texts when the database's
--- encoding cannot hold theirs, else only rescheduled.  Returns
--- notes, or nil, err, code when the transaction is gone.
+-- failures are recorded as `record` does.  A step that fails for the whole
+-- set is redone event by event, so that one row a trigger refuses keeps no
+-- other from being finished.  Returns notes, or nil, err, code when the
+-- transaction is gone.
 local function finish_in_steps(conn, done, done_ids, fails, first_err)
   local notes = { "finish: " .. first_err .. "; recorded step by step" }
+  local ok, err, code, fatal
   if done_ids and #done_ids > 0 then
-    local ok, err, code, fatal = guarded(conn, FINISH, done, "{}", "{}", "{}", "{}")
-    if not ok then
+    ok, err, code, fatal = guarded(conn, FINISH, done, "{}", "{}", "{}", "{}")
+    if fatal then return nil, err, code end
+    for _, id in ipairs(ok and {} or done_ids) do
+      local one = ("{%d}"):format(id)
+      ok, err, code, fatal = guarded(conn, FINISH, one, "{}", "{}", "{}", "{}")
       if fatal then return nil, err, code end
-      notes[#notes + 1] = "the handled events could not be deleted and will be handled again: " .. err
-      for _, id in ipairs(done_ids) do
+      if not ok then
+        notes[#notes + 1] = ("handled event %d could not be deleted and will be handled again: %s"):format(id, err)
         fails[#fails + 1] = { id = id, max_attempts = M.MAX_ATTEMPTS,
           error = "handled, but removing it from the outbox failed: " .. err }
       end
     end
   end
   if #fails == 0 then return notes end
-  local ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, M.error_text))
-  if ok then return notes end
+  ok, err, code, fatal = record(conn, fails)
   if fatal then return nil, err, code end
-  if UNTRANSLATABLE[code] then -- the database's encoding lacks a character: ASCII then
-    ok, err, code, fatal = guarded(conn, FINISH, "{}", failure_arrays(fails, ascii_text))
-    if ok then return notes end
-    if fatal then return nil, err, code end
+  if ok then
+    notes[#notes + 1] = err
+    return notes
   end
-  local ids, errs, _, backoffs = failure_arrays(fails, ascii_text,
-    "could not record this failure as usual (" .. err .. "): ")
-  local rerr
-  ok, rerr, code, fatal = guarded(conn, RETRY_ONLY, ids, errs, backoffs)
-  if not ok then
-    if fatal then return nil, rerr, code end
-    notes[#notes + 1] = "the failures' attempts could not be advanced: " .. rerr
-  else
-    notes[#notes + 1] = "failures rescheduled without dead letters: " .. err
+  for _, f in ipairs(fails) do
+    ok, err, code, fatal = record(conn, { f })
+    if fatal then return nil, err, code end
+    if not ok then err = ("the attempts of event %d could not be advanced: %s"):format(f.id, err) end
+    notes[#notes + 1] = err
   end
   return notes
 end
