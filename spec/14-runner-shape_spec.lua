@@ -67,6 +67,21 @@ describe("reload", function()
       "not handled after the switch back to plain:\n" .. p.stdout() .. p.stderr())
   end)
 
+  it("still handles the plain notes that arrived before a plain -> durable reload", function()
+    local _, ci, c = installed_db("rlq")
+    local body = [[return { channels = {
+      a = { %s handler = function(row) out("a", row.k); pglisten.sleep(0.3) end } } }]]
+    local path = script(body:format(""))
+    p = start(path, { "--db", ci })
+    for k = 1, 4 do assert(c:notify("a", { k = k })) end
+    assert(H.eventually(function() return p.stdout():find("a 1", 1, true) end, 5), p.stderr())
+    rewrite(path, body:format("durable = true,"))
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stdout():find("a 4", 1, true) end, 5),
+      "notes received while the channel was plain were dropped:\n" .. p.stdout() .. p.stderr())
+    assert.same({ "a 1", "a 2", "a 3", "a 4" }, lines(p.stdout()))
+  end)
+
   it("never makes a second leader: a reload that adds a channel keeps the lock name", function()
     local _, ci, c = installed_db("lead")
     assert(c:exec("CREATE TABLE handled (k int NOT NULL, tag text NOT NULL)"))

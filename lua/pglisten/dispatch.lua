@@ -109,6 +109,7 @@ end
 
 --- Takes the channel entries of a (re)loaded spec.
 function M:configure(spec)
+  if self.spec then self.reloaded_at = pg.now() end
   self.spec, self.channels = spec, spec.channels
   local fast = {}
   for name, e in pairs(spec.channels) do
@@ -249,11 +250,18 @@ function M:slow(lane)
     self.log.debug("notification on a channel with no handler", { channel = note.channel })
     return
   end
-  if entry.durable and not note.durable then return self:plain_on_durable(note) end
+  -- a plain NOTIFY on a durable channel, unless it came while the channel was plain
+  if entry.durable and not note.durable and not (self.reloaded_at and note.received_at < self.reloaded_at) then
+    return self:plain_on_durable(note)
+  end
   local decode = M.decoder(entry)
   if not entry.batch then
     local v, err = decode(note.payload)
-    if v == nil then return self:decode_failed(entry, note, err) end
+    if v == nil then
+      self:decode_failed(entry, note, err)
+      if note.src then note.src:ack(note, false) end
+      return
+    end
     return self:attempt(lane, { entry = entry, arg = v, note = note, attempt = 0 })
   end
   local want = entry.batch
@@ -264,6 +272,7 @@ function M:slow(lane)
     local v, err = decode(note.payload)
     if v == nil then
       self:decode_failed(entry, note, err)
+      if note.src then note.src:ack(note, false) end
     else
       k = k + 1
       rows[k], notes[k] = v, note

@@ -184,6 +184,9 @@ function Runner:reload()
     return
   end
   if self.opts["single-active"] and not spec.single_active then spec.single_active = true end
+  -- what has arrived so far is handled as the old script said (a channel
+  -- that becomes durable still handles the plain notes already received)
+  self.notify:read_arrived()
   local old = self.spec
   local added, removed = {}, {}
   for _, n in ipairs(spec.names) do if not old.channels[n] then added[#added + 1] = n end end

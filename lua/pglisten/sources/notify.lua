@@ -105,6 +105,15 @@ function M:read(max)
   return n
 end
 
+--- Reads everything that has arrived already, without waiting (up to the
+-- read-ahead limit).
+function M:read_arrived()
+  local limit = self.rt.settings.read_ahead
+  repeat
+    local n = self:read()
+  until not n or n < self.rt.settings.drain_max or self.rt.dispatch:queued() >= limit
+end
+
 -- Everything libpq has parsed, before the connection goes.
 function M:drain_all()
   local conn = self.conn
