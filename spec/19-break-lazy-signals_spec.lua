@@ -213,6 +213,21 @@ describe("a lazy connection at its edges", function()
     c:close()
   end)
 
+  it("ping(t) and wait(t) before the first connect are bounded by t, not by the connect timeout", function()
+    local s = silent_server()
+    finally(s.close)
+    local c = assert(pg.connect(s.conninfo, { lazy = true, timeout = 4 }))
+    for _, call in ipairs({ function() return c:ping(0.3) end, function() return c:wait(0.3) end }) do
+      local t0 = pg.monotonic()
+      local r, err = call()
+      local dt = pg.monotonic() - t0
+      assert.is_nil(r)
+      assert.is_string(err)
+      assert.is_true(dt < 1.5, ("took %.3f s for a 0.3 s bound: %s"):format(dt, err))
+    end
+    c:close()
+  end)
+
   it("a dropped lazy connection is collected and its session closed", function()
     local o = H.connect()
     local function sessions()

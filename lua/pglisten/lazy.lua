@@ -32,7 +32,8 @@
 -- afterwards every use raises "attempt to use a closed connection", as for
 -- any connection.  Everything else (`exec`, `execmany`, `transaction`,
 -- `listen`, `unlisten`, `notify`, `wait`, `ping`, `escape_identifier`,
--- `reset`, and methods added to connections later) connects first.
+-- `reset`, and methods added to connections later) connects first;
+-- `wait(t)` and `ping(t)` bound that connect by their `t`.
 --
 -- A conninfo libpq cannot parse is refused by `connect` itself: parsing it
 -- (PQconninfoParse) needs no network, and a typo is no condition a retry
@@ -176,6 +177,26 @@ function Lazy:reset(timeout)
   end
   return s.conn:reset(timeout)
 end
+
+-- wait(t) and ping(t) bound all they do by t, a first connect included
+-- (not by opts.timeout): an event loop's wait(0.1) must not block for 10 s.
+-- wait(0) and ping(0) without a session answer "timeout" at once, as they
+-- would on a session that has nothing yet.
+local function bounded(name)
+  local check, fwd = precheck[name], forward(name)
+  Lazy[name] = function(self, t, ...)
+    local s = state(self, 3)
+    if s.conn or t == nil then return fwd(self, t, ...) end
+    check(t)
+    if t == 0 then return nil, "timeout" end
+    local t0 = core.monotonic()
+    local c, err, code = session(s, math.min(t, s.opts.timeout or 10))
+    if not c then return nil, err, code end
+    return c[name](c, math.max(0, t - (core.monotonic() - t0)), ...)
+  end
+end
+bounded("wait")
+bounded("ping")
 
 -- Without a session: fixed answers; with one: the session's.
 local function offline(name, ...)
