@@ -158,20 +158,47 @@ static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*
 /* Queries                                                             */
 /* ------------------------------------------------------------------ */
 
+/* What an error of a named statement says about whether it ran. */
+enum { PGL_RAN = 0, PGL_UNRUN_GONE, PGL_UNRUN_STALE };
+
+/*
+ * Was `res` raised before the statement ran?  Decided on fields that no
+ * lc_messages translates: the SQLSTATE, the server function that raised it
+ * (PG_DIAG_SOURCE_FUNCTION), and the absence of a CONTEXT, which an error
+ * raised inside a function the statement called always carries.  26000 from
+ * FetchPreparedStatement (or with no source at all: a pooler's own error):
+ * the session has no such statement.  0A000 from RevalidateCachedQuery: the
+ * plan's result type changed ("cached plan must not change result type").
+ */
+static int unrun_kind(const PGresult *res) {
+  const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+  const char *fn = PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION);
+  if (!code || PQresultErrorField(res, PG_DIAG_CONTEXT))
+    return PGL_RAN;
+  if (strcmp(code, "26000") == 0 && (!fn || strcmp(fn, "FetchPreparedStatement") == 0))
+    return PGL_UNRUN_GONE;
+  if (strcmp(code, "0A000") == 0 && fn && strcmp(fn, "RevalidateCachedQuery") == 0)
+    return PGL_UNRUN_STALE;
+  return PGL_RAN;
+}
+
 /*
  * Sends `sql` (with params when nparams > 0, else as a simple query that may
  * hold several statements) and collects the results.  With `stmt`, prepares
  * `sql` under that name (`prepare`) or executes the statement of that name.
  * On success returns 1 with the last result boxed on the stack.  On failure
- * pushes nil, message[, sqlstate] and returns -(count).
+ * pushes nil, message[, sqlstate] and returns -(count); `unrun` (when not
+ * NULL) gets unrun_kind() of the error that failed it, else PGL_RAN.
  */
-static int run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
-                     int nparams, const char *const *values, double timeout) {
+static int run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
+                       int nparams, const char *const *values, double timeout, int *unrun) {
   PGconn *pg = c->pg;
   double deadline = timeout > 0 ? deadline_in(timeout) : -1;
   PGresult **box, **err;
   int sent, fd, n, copy_out = 0;
 
+  if (unrun)
+    *unrun = PGL_RAN;
   if (stmt && prepare)
     sent = PQsendPrepare(pg, stmt, sql, nparams, NULL);
   else if (stmt)
@@ -250,6 +277,8 @@ static int run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stm
     }
   }
   if (*err) {
+    if (unrun)
+      *unrun = unrun_kind(*err);
     n = pgl_push_result_error(L, *err);
     pgl_unbox_result(err);
     pgl_unbox_result(box);
@@ -290,6 +319,11 @@ lost:
   pgl_unbox_result(err);
   lua_pop(L, 2);
   return -pgl_conn_fail(L, c, "connection lost");
+}
+
+static int run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
+                     int nparams, const char *const *values, double timeout) {
+  return run_query_x(L, c, sql, stmt, prepare, nparams, values, timeout, NULL);
 }
 
 /* ------------------------------------------------------------------ */
@@ -434,8 +468,10 @@ static int drops_all(const char *sql) {
  * then by name.  A prepared statement the server no longer has (26000:
  * DISCARD ALL, a pooler that switched sessions) or whose plan no longer
  * fits (0A000 "cached plan must not change result type", after ALTER
- * TABLE) is forgotten; both errors come before anything was executed, so
- * the statement runs again unnamed when no transaction block was involved.
+ * TABLE) is forgotten.  When unrun_kind() shows the error came before
+ * anything was executed (never from the message text, which lc_messages
+ * translates), the statement runs again unnamed if no transaction block
+ * was involved; an error raised while it ran is returned as it is.
  * Returns like run_query.
  */
 static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, int nparams,
@@ -444,7 +480,7 @@ static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, i
   PGTransactionStatusType tx = PQtransactionStatus(c->pg);
   pgl_stmt *s = NULL;
   char name[32];
-  int i, r;
+  int i, r, unrun;
   if (c->nstale > 0 && tx == PQTRANS_IDLE)
     stmts_sweep(L, c);
   for (i = 0; i < PGL_STMTS; i++) {
@@ -481,18 +517,16 @@ static int exec_cached(lua_State *L, pgl_conn *c, const char *sql, size_t len, i
     s->prepared = 1;
   }
   stmt_name(name, sizeof name, s->id);
-  r = run_query(L, c, sql, name, 0, nparams, values, c->timeout);
+  r = run_query_x(L, c, sql, name, 0, nparams, values, c->timeout, &unrun);
   if (r == -3) {
-    const char *code = lua_tostring(L, -1), *msg = lua_tostring(L, -2);
-    int gone = code && strcmp(code, "26000") == 0;
-    int stale = code && strcmp(code, "0A000") == 0 && msg &&
-                strstr(msg, "cached plan must not change result type") != NULL;
+    const char *code = lua_tostring(L, -1);
+    int gone = code && strcmp(code, "26000") == 0, stale = unrun == PGL_UNRUN_STALE;
     if (gone) {
-      stmt_drop(s);
+      stmt_drop(s); /* whoever raised it: a retry prepares it again */
     } else if (stale) {
       stmt_retire(L, c, s);
     }
-    if ((gone || stale) && tx == PQTRANS_IDLE && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
+    if (unrun != PGL_RAN && tx == PQTRANS_IDLE && PQtransactionStatus(c->pg) == PQTRANS_IDLE) {
       lua_pop(L, 3);
       return run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);
     }
@@ -509,6 +543,12 @@ static int conn_exec(lua_State *L) {
   const char *const *values = NULL;
   if (nparams > 65535)
     return luaL_error(L, "too many query parameters (%d; the protocol allows 65535)", nparams);
+  if (strlen(sql) != len) { /* libpq would send only what comes before it */
+    lua_pushnil(L);
+    lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent",
+                    (int)strlen(sql) + 1);
+    return 2;
+  }
   if (nparams > 0) {
     values = pgl_params(L, 3, nparams, &nerr);
     if (!values) {
@@ -517,7 +557,7 @@ static int conn_exec(lua_State *L) {
       return 2;
     }
   }
-  if (nparams > 0 && c->stmt_cache && strlen(sql) == len)
+  if (nparams > 0 && c->stmt_cache)
     r = exec_cached(L, c, sql, len, nparams, values);
   else
     r = run_query(L, c, sql, NULL, 0, nparams, values, c->timeout);

@@ -440,11 +440,18 @@ static int push_failure(lua_State *L, batch *b) {
  */
 static int conn_execmany(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
-  const char *sql = luaL_checkstring(L, 2);
+  size_t len;
+  const char *sql = luaL_checklstring(L, 2, &len);
   batch b;
   int raised, failed;
 
   luaL_checktype(L, 3, LUA_TTABLE);
+  if (strlen(sql) != len) { /* libpq would send only what comes before it */
+    lua_pushnil(L);
+    lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent",
+                    (int)strlen(sql) + 1);
+    return 2;
+  }
   if (is_copy(sql))
     return luaL_error(L, "bad argument #1 to 'execmany' (COPY cannot run in pipeline mode)");
   lua_settop(L, 3);
