@@ -562,3 +562,61 @@ return { single_active = "brk-down", reconnect = { min = 0.1, max = 0.5 }, poll_
     assert.equal(0, rc, p.stderr())
   end)
 end)
+
+describe("stop signals around a script load", function()
+  local p, s
+  after_each(function()
+    if p then p.stop() end
+    if s then s.close() end
+    p, s = nil, nil
+  end)
+
+  it("SIGTERM while a SIGHUP reload's top-level connect waits: exit 0 < 0.5 s", function()
+    s = silent_server()
+    local path = script(([[
+if io.open(%q) then
+  local c = assert(pglisten.connect(%q))
+end
+return { channels = { x = function() end } }]]):format(H.dir .. "/brk-reload-flag", s.conninfo))
+    p = start(path, { "--db", source() })
+    local flag = assert(io.open(H.dir .. "/brk-reload-flag", "w")) -- the next load connects to the silent server
+    flag:close()
+    finally(function() os.remove(H.dir .. "/brk-reload-flag") end)
+    p.kill("HUP")
+    assert(H.eventually(function() return s.accepted(0) > 0 end, 10), p.stderr())
+    H.sleep(0.3)
+    assert.is_true(p.running(), p.stderr())
+    local rc, dt = time_to_exit(p, "TERM", 15)
+    report("a reload's top-level connect, SIGTERM to exit", dt)
+    assert.equal(0, rc, p.stderr())
+    assert.is_true(dt < 0.5, ("stopped %.3f s after SIGTERM\n%s"):format(dt, p.stderr()))
+  end)
+
+  it("a script that fails to load during a stop exits 0 and still logs why it failed", function()
+    s = silent_server()
+    p = start(script(([[
+local c = assert(pglisten.connect(%q))
+return { channels = { x = function() end } }]]):format(s.conninfo)), { "--db", source() }, nil, false)
+    assert(H.eventually(function() return s.accepted(0) > 0 end, 10), p.stderr())
+    H.sleep(0.2)
+    local rc = time_to_exit(p, "TERM", 5)
+    assert.equal(0, rc, p.stderr())
+    assert.matches("signal received while loading", p.stderr(), 1, true)
+    assert.matches("interrupted", p.stderr(), 1, true) -- the script's own error
+  end)
+
+  it("two SIGTERMs during a connect: gone at once (status 0 or 1), never waits", function()
+    s = silent_server()
+    p = start(script([[return { channels = { x = function() end } }]]), { "--db", s.conninfo }, nil, false)
+    assert(H.eventually(function() return s.accepted(0) > 0 end, 10), p.stderr())
+    H.sleep(0.2)
+    local t0 = pg.monotonic()
+    p.kill("TERM")
+    p.kill("TERM")
+    local rc = p.wait(5)
+    local dt = pg.monotonic() - t0
+    report("two SIGTERMs during a connect, to exit", dt)
+    assert.is_true(rc == 0 or rc == 1, tostring(rc) .. p.stderr())
+    assert.is_true(dt < 0.5, ("%.3f s"):format(dt))
+  end)
+end)

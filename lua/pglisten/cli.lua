@@ -150,7 +150,7 @@ function M.main(argv)
   spec, err = scriptmod.load(opts.script)
   if not spec then
     if host.stopping() then -- SIGTERM/INT during the script's top level (a connect it waited on)
-      log.info("stopped: signal received while loading the script", { script = opts.script })
+      log.info("stopped: signal received while loading the script", { script = opts.script, error = err })
       return 0
     end
     if opts.check then
