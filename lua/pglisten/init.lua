@@ -197,11 +197,105 @@ local function st(conn)
   if not s then
     s = { channels = {}, timeout = 10, heal = true }
     state[conn] = s
+-- The transaction bookkeeping of a connection's state `s`:
+--   s.intx   a transaction block was open after the last call;
+--   s.txlost its connection was lost: the server rolled it back, and every
+--            call fails until the caller ends it (ROLLBACK, COMMIT, ...);
+--   s.dirty  LISTEN/UNLISTEN ran inside it: s.channels (what the server has
+--            committed) is read again once the block is over.
+local function end_tx(s)
+  s.intx, s.txlost = nil, nil
+end
+
+-- The words a statement starts with, lower case, after white space and
+-- comments (the first four: enough to tell how it ends a transaction).
+local function first_words(sql)
+  local i = 1
+  while true do
+    local j = sql:match("^%s*()", i)
+    if sql:sub(j, j + 1) == "--" then
+      i = (sql:find("\n", j, true) or #sql) + 1
+    elseif sql:sub(j, j + 1) == "/*" then
+      local _, e = sql:find("*/", j + 2, true)
+      i = (e or #sql) + 1
+    else
+      i = j
+      break
+    end
   end
+  local words = {}
+  for w in sql:sub(i, i + 200):gmatch("[%a_]+") do
+    words[#words + 1] = w:lower()
+    if #words == 4 then break end
+  end
+  return words
+end
+
+-- How `sql` ends a transaction block: "rollback" (ROLLBACK, ABORT),
+-- "commit" (COMMIT, END, PREPARE TRANSACTION), or nil when it does not end
+-- one (ROLLBACK TO SAVEPOINT) or begins another (AND CHAIN).
+local function ends_tx(sql)
+  local w = first_words(sql)
+  local kind = ({ rollback = "rollback", abort = "rollback", commit = "commit", ["end"] = "commit" })[w[1]]
+  if w[1] == "prepare" and w[2] == "transaction" then return "commit" end
+  if not kind or w[2] == "prepared" then return nil end -- COMMIT PREPARED 'gid'
+  local k = (w[2] == "work" or w[2] == "transaction") and 3 or 2
+  if w[k] == "to" or w[k] == "and" and w[k + 1] == "chain" then return nil end
+  return kind
+end
+
+local function begins_tx(sql)
+  local w = first_words(sql)
+  return w[1] == "begin" or (w[1] == "start" and w[2] == "transaction")
+end
+
+local LOST_FOUND = "connection lost inside a transaction: the server rolled it back;"
+  .. " calls fail until the transaction is ended (ROLLBACK)"
+local LOST_STILL = "the connection of this transaction was lost and the server rolled it back;"
+  .. " calls fail until the transaction is ended (ROLLBACK)"
+local LOST_COMMIT = "COMMIT failed: the connection was lost inside the transaction and the server"
+  .. " rolled it back; nothing was committed"
+
+-- A call in a transaction whose connection is lost: fails (08006 when it
+-- is the call that finds the loss, else 08003) unless it ends the block.
+-- Returns false, err, code; or false, rows for a ROLLBACK answered here
+-- (the server has done it); or true when the block is over and the rest of
+-- `sql` (a ROLLBACK followed by more statements) is to run on a healed
+-- connection.
+local function lost_tx_call(s, sql, found)
+  local kind = ends_tx(sql)
+  if kind == "rollback" then
+    end_tx(s)
+    if sql:find(";%s*[^%s;]") then return true end
+    return false, { n = 0, affected = 0, command = "ROLLBACK" }
+  end
+  local code = found and "08006" or "08003"
+  if kind == "commit" then
+    end_tx(s)
+    return false, LOST_COMMIT, code
+  end
+  return false, found and LOST_FOUND or LOST_STILL, code
+end
+
+-- Re-reads the channels the server listens to (after a transaction block
+-- with LISTEN/UNLISTEN in it ended).  Leaves the set dirty on failure.
+local function reread_channels(conn, s)
+  local rows = cexec(conn, "SELECT pg_listening_channels() AS ch")
+  if not rows then return end
+  local set = {}
+  for _, row in ipairs(rows) do set[row.ch] = true end
+  s.channels, s.dirty = set, nil
+end
+
+  end
+-- A transaction block open on the old session is over (the server rolled
+-- it back); calls run outside one afterwards.
   return s
 end
 
 --- Reconnects with the same conninfo and LISTENs again to every channel.
+  end_tx(s)
+  s.dirty = nil -- what a rolled-back transaction did is undone: s.channels holds
 -- @return true, or nil, err
 function methods:reset(timeout)
   check_open(self)
@@ -218,20 +312,54 @@ function methods:reset(timeout)
   return true
 end
 
--- A broken connection outside a transaction is reset before a call; inside
--- one the transaction is gone and the caller must know.
+-- Before a call of `sql`: a broken connection outside a transaction is
+-- reset; inside one the transaction is gone, and lost_tx_call answers until
+-- the caller ends it.  Returns true to go on, or nil, err, sqlstate, or
+-- nil, rows (a ROLLBACK answered here).
 local alive = methods.alive
-local function heal(conn)
-  if alive(conn) then return true end
-  local s = st(conn)
+local function heal(conn, sql)
+  local s, found = state[conn], false
+  if not (s and s.txlost) then
+    if alive(conn) then return true end
+    s = st(conn)
+    if s.intx then s.txlost, s.dirty, found = true, nil, true end -- lost while idle in it
+  end
   if not s.heal then return nil, "connection lost", "08006" end
-  if s.intx then
-    s.intx = nil
-    return nil, "connection lost inside a transaction; the transaction was rolled back", "08006"
+  if s.txlost then
+    local go, err, code = lost_tx_call(s, sql, found)
+    if not go then return nil, err, code end
+-- After a call of `sql` that failed with `err, code` (nil after success):
+-- notes whether a transaction block is open, marks it lost when the call
+-- lost the connection inside one, and re-reads the channels when a block
+-- that changed them is over.  Returns err, code, made to say what became
+-- of the transaction when the connection was lost.
+local function after_call(conn, sql, err, code)
+  local s = state[conn]
+  if not s then return err, code end
+  if conn:status() ~= "ok" then
+    if not (s.intx or begins_tx(sql)) then return err, code end
+    s.dirty = nil
+    if ends_tx(sql) == "commit" then -- the server may have committed before the loss
+      end_tx(s)
+      return (err or "connection lost") .. " (during COMMIT: whether it committed is unknown)", "08007"
+    end
+    s.intx, s.txlost = true, true
+    return (err or "connection lost") .. " (" .. LOST_FOUND .. ")", code or "08006"
+  end
+  local tx = conn:txstatus()
+  s.intx = (tx == "intrans" or tx == "inerror") or nil
+  if s.dirty and tx == "idle" then reread_channels(conn, s) end
+  return err, code
+end
+
   end
   return conn:reset()
 end
 
+-- When the connection is lost inside a transaction block, every call fails
+-- (08006 for the one that finds the loss, 08003 after it) until the caller
+-- ends the block: ROLLBACK/ABORT then succeeds (the server rolled it back),
+-- COMMIT/END fails (nothing was committed), and the next call heals.
 --- Runs a query; parameters $1..$n travel separately from the SQL.
 -- nil (or pglisten.null) is NULL; booleans, integers, floats and strings as
 -- themselves; tables as JSON.  Without parameters several statements may be
@@ -243,15 +371,19 @@ function methods:exec(sql, ...)
   if type(sql) ~= "string" then
     error("bad argument #1 to 'exec' (string expected, got " .. type(sql) .. ")", 2)
   end
-  local ok, err, code = heal(self)
-  if not ok then return nil, err, code end
+  local ok, err, code = heal(self, sql)
+  if not ok then
+    if type(err) == "table" then return err end -- a ROLLBACK answered by heal
+    return nil, err, code
+  end
+  -- LISTEN/UNLISTEN/DISCARD ALL as SQL text (never with parameters): the
+  -- channels are read from the server once outside a transaction block
+  if select("#", ...) == 0 and (sql:find("[Ll][Ii][Ss][Tt][Ee][Nn]") or sql:find("[Dd][Ii][Ss][Cc][Aa][Rr][Dd]")) then
+    st(self).dirty = true
+  end
   local rows
   rows, err, code = cexec(self, sql, ...)
-  local s = state[self]
-  if s then
-    local tx = self:status() == "ok" and self:txstatus() or "idle"
-    s.intx = (tx == "intrans" or tx == "inerror") or nil
-  end
+  err, code = after_call(self, sql, err, code)
   return rows, err, code
 end
 
@@ -283,16 +415,33 @@ function methods:execmany(sql, list)
     error("bad argument #2 to 'execmany' (table expected, got " .. type(list) .. ")", 2)
   end
   if rawlen(list) == 0 then return 0 end
-  local ok, err, code = heal(self)
+  local ok, err, code = heal(self, "") -- never ends a transaction block
   if not ok then return nil, err, code end
   local n, index
   n, err, code, index = cexecmany(self, sql, list)
-  local s = state[self]
-  if s then
-    local tx = self:status() == "ok" and self:txstatus() or "idle"
-    s.intx = (tx == "intrans" or tx == "inerror") or nil
-  end
+  err, code = after_call(self, "", err, code)
   return n, err, code, index
+end
+
+-- Runs LISTEN/UNLISTEN `sql`; outside a transaction block the set changes
+-- at once (`names`, or every channel for nil), inside one the server applies
+-- it at COMMIT only, so the set is read again once the block is over.
+local function change_channels(conn, sql, names, on)
+  local ok, err, code = heal(conn, sql)
+  if ok then
+    ok, err, code = cexec(conn, sql)
+    err, code = after_call(conn, sql, err, code)
+  end
+  if not ok then return nil, err, code end
+  local s = st(conn)
+  if s.intx then
+    s.dirty = true
+  elseif names then
+    for _, ch in ipairs(names) do s.channels[ch] = on end
+  else
+    s.channels = {}
+  end
+  return true
 end
 
 -- conn:wait([timeout]) is the C method itself (the hot path): the next
@@ -300,7 +449,9 @@ end
 -- nil, err[, "08006"] when the connection was lost.
 
 --- LISTENs to one or more channels (names are case-preserving, any bytes but
--- zero, at most 63 bytes; quoted with PQescapeIdentifier).
+-- zero, at most 63 bytes; quoted with PQescapeIdentifier).  Inside a
+-- transaction block the server listens from its COMMIT on, and channels()
+-- says so from then on.
 -- @return true, or nil, err, sqlstate
 function methods:listen(...)
   check_open(self)
@@ -314,38 +465,28 @@ function methods:listen(...)
     if not q then return nil, qerr end
     parts[i], names[i] = "LISTEN " .. q, ch
   end
-  local ok, err, code = self:exec(table.concat(parts, "; "))
-  if not ok then return nil, err, code end
-  local set = st(self).channels
-  for _, ch in ipairs(names) do set[ch] = true end
-  return true
+  return change_channels(self, table.concat(parts, "; "), names, true)
 end
 
---- UNLISTENs from the channels given, or from all channels with no argument.
+--- UNLISTENs from the channels given, or from all channels with no argument
+-- (inside a transaction block: from its COMMIT on).
 -- @return true, or nil, err, sqlstate
 function methods:unlisten(...)
   check_open(self)
   local n = select("#", ...)
-  local set = st(self).channels
-  if n == 0 then
-    local ok, err, code = self:exec("UNLISTEN *")
-    if not ok then return nil, err, code end
-    for k in pairs(set) do set[k] = nil end
-    return true
-  end
+  if n == 0 then return change_channels(self, "UNLISTEN *", nil) end
   local parts, names = {}, {}
   for i = 1, n do
     local ch, err = check_channel((select(i, ...)), i)
     if not ch then return nil, err end
     parts[i], names[i] = "UNLISTEN " .. assert(self:escape_identifier(ch)), ch
   end
-  local ok, err, code = self:exec(table.concat(parts, "; "))
-  if not ok then return nil, err, code end
-  for _, ch in ipairs(names) do set[ch] = nil end
-  return true
+  return change_channels(self, table.concat(parts, "; "), names, nil)
 end
 
---- The channels this connection listens to, sorted.
+--- The channels this connection listens to, sorted: what the server has
+-- committed, the same as `pg_listening_channels()` (LISTEN/UNLISTEN inside
+-- a transaction block count from its COMMIT, not at all after a ROLLBACK).
 function methods:channels()
   check_open(self)
   local list = {}
@@ -380,23 +521,31 @@ function methods:notify(channel, payload)
 end
 
 --- Runs `fn(conn)` inside BEGIN/COMMIT; rolls back when `fn` raises or returns
--- nil, err.  Returns what `fn` returned, or nil, err[, sqlstate].
+-- nil, err.  Returns what `fn` returned, or nil, err[, sqlstate].  When the
+-- connection is lost under `fn`, its later calls fail (08003) and so does
+-- the transaction: nil, err, "08003" ("nothing was committed"); a loss
+-- during the COMMIT itself is nil, err, "08007" (outcome unknown).
 function methods:transaction(fn)
+  local s = st(self)
+  local was_lost = s.txlost
   check_open(self)
   if type(fn) ~= "function" then
     error("bad argument #1 to 'transaction' (function expected, got " .. type(fn) .. ")", 2)
   end
   local ok, err, code = self:exec("BEGIN")
-  if not ok then return nil, err, code end
+  if not ok then
+    if not was_lost then end_tx(s) end -- this BEGIN's own loss: nothing to end
+    return nil, err, code
+  end
   local res = table.pack(pcall(fn, self))
   if not res[1] or (res[2] == nil and res[3] ~= nil) then
-    if self:status() == "ok" then cexec(self, "ROLLBACK") end
-    st(self).intx = nil
+    self:exec("ROLLBACK") -- answered without the server when the connection was lost
+    end_tx(s)
     if not res[1] then return nil, tostring(res[2]) end
     return nil, res[3], res[4]
   end
   ok, err, code = self:exec("COMMIT")
-  st(self).intx = nil
+  end_tx(s)
   if not ok then return nil, err, code end
   return table.unpack(res, 2, res.n)
 end
