@@ -92,3 +92,96 @@ describe("a URI password with an unencoded '@' or '/'", function()
     end
   end)
 end)
+
+describe("a URI password with an unencoded '?'", function()
+  it("connects: the keepalives go where libpq reads the query, not into the database name", function()
+    local ci = uri("p?ss5ecret", PORT, "postgres")
+    local c, err = pg.connect(ci, { timeout = 5 })
+    assert.is_not_nil(c, err)
+    opened[#opened + 1] = c
+    assert.equal("postgres", assert(c:exec("SELECT current_database() AS d"))[1].d)
+    local set = {}
+    for _, o in ipairs(assert(pg.core.conninfo_parse(pg.with_keepalives(ci)))) do set[o.keyword] = o.value end
+    assert.same({ "1", "30", "p?ss5ecret", "postgres" },
+      { set.keepalives, set.keepalives_idle, set.password, set.dbname })
+  end)
+end)
+
+---------------------------------------------------------------------------
+-- The outbox never sticks
+---------------------------------------------------------------------------
+
+local function claim_all(c, n)
+  local evs = assert(outbox.claim(c, { "jobs" }, 100))
+  assert.equal(n, #evs)
+  return evs
+end
+
+describe("outbox.finish when a trigger refuses one event's row", function()
+  it("finishes the other events and advances the other failures", function()
+    local c = fresh()
+    -- a user's trigger that refuses to delete or update one row (an audit
+    -- copy that fails for one payload, say)
+    assert(c:exec([[
+CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF OLD.payload LIKE '%poison%' THEN RAISE EXCEPTION 'refused event %', OLD.id; END IF;
+  RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
+END $$;
+CREATE TRIGGER refuse BEFORE DELETE OR UPDATE ON pglisten.outbox
+  FOR EACH ROW EXECUTE FUNCTION public.refuse()]]))
+    local ids = {}
+    for i, p in ipairs({ "good", "good", "poison", "good", "fail", "fail" }) do
+      ids[i] = assert(outbox.publish(c, "jobs", '"' .. p .. '"'))
+    end
+    local evs = claim_all(c, 6)
+    local done, failed = {}, {}
+    for _, ev in ipairs(evs) do
+      if ev.payload == '"fail"' then
+        failed[#failed + 1] = { id = ev.id, error = "no", attempts = ev.attempts, max_attempts = 2, backoff = 0 }
+      else
+        done[#done + 1] = ev.id
+      end
+    end
+    local ok, note = outbox.finish(c, done, failed)
+    assert.is_true(ok, note)
+    local rows = assert(c:exec("SELECT id, attempts FROM pglisten.outbox ORDER BY id"))
+    local left = {}
+    for _, r in ipairs(rows) do left[#left + 1] = r.id .. ":" .. r.attempts end
+    -- the good ones are gone, the failures advanced; the refused one stays, unadvanced
+    assert.same({ ids[3] .. ":0", ids[5] .. ":1", ids[6] .. ":1" }, left)
+    -- the failures reach pglisten.dead at their last attempt, the refused row notwithstanding
+    evs = claim_all(c, 3)
+    failed = {}
+    for _, ev in ipairs(evs) do
+      if ev.payload == '"fail"' then
+        failed[#failed + 1] = { id = ev.id, error = "no", attempts = ev.attempts, max_attempts = 2, backoff = 0 }
+      end
+    end
+    assert.is_true((outbox.finish(c, { ids[3] }, failed)))
+    rows = assert(c:exec("SELECT id, attempts FROM pglisten.dead ORDER BY id"))
+    assert.same({ { ids[5], 2 }, { ids[6], 2 } },
+      { { rows[1].id, rows[1].attempts }, { rows[2].id, rows[2].attempts } })
+    assert.equal(1, assert(outbox.pending(c, "jobs")))
+  end)
+end)
+
+describe("a claim under idle_in_transaction_session_timeout", function()
+  it("survives handlers slower than the timeout: finish deletes the events", function()
+    local c, _, name = fresh()
+    assert(c:exec("ALTER DATABASE " .. name .. " SET idle_in_transaction_session_timeout = '1s'"))
+    local ob = connect("dbname=" .. name)
+    for i = 1, 3 do assert(outbox.publish(c, "jobs", '"e' .. i .. '"')) end
+    local evs = claim_all(ob, 3)
+    H.sleep(1.6) -- the handlers run
+    local ok, err = outbox.finish(ob, { evs[1].id, evs[2].id }, {
+      { id = evs[3].id, error = "no", attempts = evs[3].attempts, max_attempts = 5, backoff = 0 } })
+    assert.is_true(ok, err)
+    local rows = assert(c:exec("SELECT id, attempts FROM pglisten.outbox"))
+    assert.same({ evs[3].id, 1 }, { rows[1].id, rows[1].attempts })
+    assert.equal(1, rows.n)
+    -- the session's own setting is back after the claim
+    local shown = assert(ob:exec("SHOW idle_in_transaction_session_timeout"))[1]
+    assert.equal("1s", shown.idle_in_transaction_session_timeout)
+  end)
+end)

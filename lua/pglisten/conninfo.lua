@@ -338,4 +338,39 @@ function M.safe(conninfo)
   return concat(parts, " ")
 end
 
+---------------------------------------------------------------------------
+-- Adding options
+---------------------------------------------------------------------------
+
+--- `conninfo` with the options of `list` (`"keyword=value"` strings, values
+-- without spaces or quotes) added.  A URI gets them as query parameters,
+-- after "?" or "&" as libpq reads the URI: a "?" inside a password written
+-- without percent-encoding does not start the query.  A conninfo libpq
+-- cannot parse, or where the options would not read back, is returned as
+-- it is.
+-- @tparam string conninfo
+-- @tparam {string,...} list
+-- @treturn string
+function M.add(conninfo, list)
+  if #list == 0 or not parse(conninfo) then return conninfo end
+  if not conninfo:match("^%a[%w+.-]*://") then
+    return (conninfo == "" and "" or (conninfo .. " ")) .. concat(list, " ")
+  end
+  local want = {}
+  for _, kv in ipairs(list) do
+    local k, v = kv:match("^([^=]+)=(.*)$")
+    want[k] = v
+  end
+  local seps = conninfo:find("?", 1, true) and { "&", "?" } or { "?", "&" }
+  for _, sep in ipairs(seps) do
+    local candidate = conninfo .. sep .. concat(list, "&")
+    local opts, got = parse(candidate), 0
+    for _, o in ipairs(opts or {}) do
+      if want[o.keyword] ~= nil and o.value == want[o.keyword] then got = got + 1 end
+    end
+    if got == #list then return candidate end
+  end
+  return conninfo
+end
+
 return M
