@@ -620,3 +620,59 @@ return { channels = { x = function() end } }]]):format(s.conninfo)), { "--db", s
     assert.is_true(dt < 0.5, ("%.3f s"):format(dt))
   end)
 end)
+
+-- libpq resolves a host name inside PQconnectStart, with the blocking
+-- getaddrinfo(); no signal ends that (glibc's resolver retries on EINTR).
+-- A name in /etc/hosts resolves at once and this machine has no DNS to
+-- stall, so a preloaded getaddrinfo() stalls "*.slow.test" for 2 s and then
+-- answers 127.0.0.1: the documented limit, measured, and the promise that
+-- the connect after the lookup does not wait out its timeout.
+describe("a stop during a host name lookup", function()
+  local p, s
+  after_each(function()
+    if p then p.stop() end
+    if s then s.close() end
+    p, s = nil, nil
+  end)
+
+  local function shim()
+    local src = H.file("slowdns.c", [[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <string.h>
+#include <time.h>
+typedef int (*gai_fn)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res) {
+  gai_fn real = (gai_fn)dlsym(RTLD_NEXT, "getaddrinfo");
+  size_t n = node ? strlen(node) : 0;
+  if (n > 10 && strcmp(node + n - 10, ".slow.test") == 0) {
+    struct timespec t = {2, 0};
+    while (nanosleep(&t, &t) != 0)
+      ; /* as a resolver that retries after EINTR */
+    return real("127.0.0.1", service, hints, res);
+  }
+  return real(node, service, hints, res);
+}
+]])
+    local so = src:gsub("%.c$", ".so")
+    local out, ok = H.sh(("cc -shared -fPIC -o %s %s -ldl 2>&1"):format(H.q(so), H.q(src)))
+    assert(ok, out)
+    return so
+  end
+
+  it("SIGTERM in the lookup: exit 0 once the lookup returns, no connect timeout waited after it", function()
+    if os.getenv("PGL_SANITIZE") then return end -- a preload beside ASan's runtime
+    local so = shim()
+    s = silent_server()
+    p = start(script([[return { channels = { x = function() end } }]]),
+      { "--db", ("host=db.slow.test port=%d dbname=x"):format(s.port) }, { LD_PRELOAD = so }, false)
+    H.sleep(0.7) -- inside the 2 s lookup
+    assert.is_true(p.running(), p.stderr())
+    local rc, dt = time_to_exit(p, "TERM", 15)
+    report("SIGTERM 0.7 s into a 2 s name lookup, to exit", dt)
+    assert.equal(0, rc, p.stderr())
+    assert.is_true(dt < 2.5, ("stopped %.3f s after SIGTERM\n%s"):format(dt, p.stderr()))
+    assert.is_true(dt > 0.8, ("%.3f s: did the lookup stall?\n%s"):format(dt, p.stderr()))
+  end)
+end)
