@@ -145,7 +145,11 @@ function M.with_keepalives(conninfo)
   for _, k in ipairs({ "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count" }) do
     if not set[k] then add[#add + 1] = k .. "=" .. M.KEEPALIVES[k] end
   end
-  return conninfo_lib.add(conninfo, add)
+  if #add == 0 then return conninfo end
+  if conninfo:match("^postgres[a-z]*://") then
+    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. table.concat(add, "&")
+  end
+  return (conninfo == "" and "" or (conninfo .. " ")) .. table.concat(add, " ")
 end
 
 --- Connects to PostgreSQL.
@@ -193,6 +197,10 @@ local function st(conn)
   if not s then
     s = { channels = {}, timeout = 10, heal = true }
     state[conn] = s
+  end
+  return s
+end
+
 -- The transaction bookkeeping of a connection's state `s`:
 --   s.intx   a transaction block was open after the last call;
 --   s.txlost its connection was lost: the server rolled it back, and every
@@ -283,19 +291,15 @@ local function reread_channels(conn, s)
   s.channels, s.dirty = set, nil
 end
 
-  end
+--- Reconnects with the same conninfo and LISTENs again to every channel.
 -- A transaction block open on the old session is over (the server rolled
 -- it back); calls run outside one afterwards.
-  return s
-end
-
---- Reconnects with the same conninfo and LISTENs again to every channel.
-  end_tx(s)
-  s.dirty = nil -- what a rolled-back transaction did is undone: s.channels holds
 -- @return true, or nil, err
 function methods:reset(timeout)
   check_open(self)
   local s = st(self)
+  end_tx(s)
+  s.dirty = nil -- what a rolled-back transaction did is undone: s.channels holds
   local ok, err = creset(self, timeout or s.timeout)
   if not ok then return nil, redact(err, s.conninfo), "08006" end
   local list = self:channels()
@@ -320,10 +324,14 @@ local function heal(conn, sql)
     s = st(conn)
     if s.intx then s.txlost, s.dirty, found = true, nil, true end -- lost while idle in it
   end
-  if not s.heal then return nil, "connection lost", "08006" end
   if s.txlost then
     local go, err, code = lost_tx_call(s, sql, found)
     if not go then return nil, err, code end
+  end
+  if not s.heal then return nil, "connection lost", "08006" end
+  return conn:reset()
+end
+
 -- After a call of `sql` that failed with `err, code` (nil after success):
 -- notes whether a transaction block is open, marks it lost when the call
 -- lost the connection inside one, and re-reads the channels when a block
@@ -348,18 +356,14 @@ local function after_call(conn, sql, err, code)
   return err, code
 end
 
-  end
-  return conn:reset()
-end
-
--- When the connection is lost inside a transaction block, every call fails
--- (08006 for the one that finds the loss, 08003 after it) until the caller
--- ends the block: ROLLBACK/ABORT then succeeds (the server rolled it back),
--- COMMIT/END fails (nothing was committed), and the next call heals.
 --- Runs a query; parameters $1..$n travel separately from the SQL.
 -- nil (or pglisten.null) is NULL; booleans, integers, floats and strings as
 -- themselves; tables as JSON.  Without parameters several statements may be
 -- given; the last one's result is returned.
+-- When the connection is lost inside a transaction block, every call fails
+-- (08006 for the one that finds the loss, 08003 after it) until the caller
+-- ends the block: ROLLBACK/ABORT then succeeds (the server rolled it back),
+-- COMMIT/END fails (nothing was committed), and the next call heals.
 -- @return rows (array of rows keyed by column; `n`, `affected`, `command`),
 --   or nil, err, sqlstate
 function methods:exec(sql, ...)
@@ -419,6 +423,10 @@ function methods:execmany(sql, list)
   return n, err, code, index
 end
 
+-- conn:wait([timeout]) is the C method itself (the hot path): the next
+-- notification `{channel, payload, pid, received_at}`, or nil, "timeout", or
+-- nil, err[, "08006"] when the connection was lost.
+
 -- Runs LISTEN/UNLISTEN `sql`; outside a transaction block the set changes
 -- at once (`names`, or every channel for nil), inside one the server applies
 -- it at COMMIT only, so the set is read again once the block is over.
@@ -439,10 +447,6 @@ local function change_channels(conn, sql, names, on)
   end
   return true
 end
-
--- conn:wait([timeout]) is the C method itself (the hot path): the next
--- notification `{channel, payload, pid, received_at}`, or nil, "timeout", or
--- nil, err[, "08006"] when the connection was lost.
 
 --- LISTENs to one or more channels (names are case-preserving, any bytes but
 -- zero, at most 63 bytes; quoted with PQescapeIdentifier).  Inside a
@@ -522,12 +526,12 @@ end
 -- the transaction: nil, err, "08003" ("nothing was committed"); a loss
 -- during the COMMIT itself is nil, err, "08007" (outcome unknown).
 function methods:transaction(fn)
-  local s = st(self)
-  local was_lost = s.txlost
   check_open(self)
   if type(fn) ~= "function" then
     error("bad argument #1 to 'transaction' (function expected, got " .. type(fn) .. ")", 2)
   end
+  local s = st(self)
+  local was_lost = s.txlost
   local ok, err, code = self:exec("BEGIN")
   if not ok then
     if not was_lost then end_tx(s) end -- this BEGIN's own loss: nothing to end
