@@ -145,11 +145,7 @@ function M.with_keepalives(conninfo)
   for _, k in ipairs({ "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count" }) do
     if not set[k] then add[#add + 1] = k .. "=" .. M.KEEPALIVES[k] end
   end
-  if #add == 0 then return conninfo end
-  if conninfo:match("^postgres[a-z]*://") then
-    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. table.concat(add, "&")
-  end
-  return (conninfo == "" and "" or (conninfo .. " ")) .. table.concat(add, " ")
+  return conninfo_lib.add(conninfo, add)
 end
 
 --- Connects to PostgreSQL.
