@@ -118,6 +118,24 @@ static void put_number(lua_State *L, jbuf *b, int idx) {
   jput(L, b, buf, (size_t)n);
 }
 
+/* An object key: a string as it is, an integer with all its digits, a
+ * finite float in the shortest form (Lua's tostring has 14 digits, so 0.3
+ * and 0.1 + 0.2 would both be "0.3", and follows the locale). */
+static void put_key(lua_State *L, jbuf *b, int idx) {
+  char buf[PGL_NUMBUF];
+  size_t len;
+  const char *k;
+  if (lua_type(L, idx) == LUA_TNUMBER && !lua_isinteger(L, idx) && isfinite(lua_tonumber(L, idx))) {
+    int n = pgl_format_float((double)lua_tonumber(L, idx), buf, 1);
+    put_string(L, b, buf, (size_t)n);
+    return;
+  }
+  lua_pushvalue(L, idx); /* a copy: tolstring would change a number key in place */
+  k = lua_tolstring(L, -1, &len);
+  put_string(L, b, k, len);
+  lua_pop(L, 1);
+}
+
 /* The length n when the table's keys are exactly 1..n, else -1. */
 static lua_Integer array_length(lua_State *L, int idx) {
   lua_Integer n = 0, max = 0;
@@ -189,13 +207,7 @@ static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
       if (!first)
         jputc(L, b, ',');
       first = 0;
-      lua_pushvalue(L, -2); /* a copy: tolstring would change a number key in place */
-      {
-        size_t len;
-        const char *k = lua_tolstring(L, -1, &len);
-        put_string(L, b, k, len);
-      }
-      lua_pop(L, 1);
+      put_key(L, b, lua_gettop(L) - 1);
       jputc(L, b, ':');
       encode(L, b, lua_gettop(L), depth + 1, nullidx);
       lua_pop(L, 1);

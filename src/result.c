@@ -85,22 +85,29 @@ int pgl_push_result_error(lua_State *L, const PGresult *res) {
 /* ------------------------------------------------------------------ */
 
 /*
- * The finite x in the shortest "%.Ng" that strtod reads back as the same
- * double.  A normal double needs 15 to 17 digits (%.15g also finds any
- * shorter form: it drops trailing zeros); a subnormal has fewer bits, so
- * 5e-324 is searched from one digit.  Formatted and read back in the
- * current locale, then given a '.' whatever the locale's decimal point.
+ * Number texts are written and read in the "C" LC_NUMERIC whatever locale
+ * the program chose (os.setlocale in a handler script, or the host): in
+ * de_DE printf writes "0,5" and strtod stops at the '.' of "0.5"; in ps_AF
+ * the decimal point is two bytes.  uselocale switches this thread only, and
+ * nothing between enter_c and leave_c may raise.
  */
-/* Gives buf's number a '.' whatever the locale's decimal point. */
-static void to_dot(char *buf) {
-  char dp = localeconv()->decimal_point[0];
-  if (dp != '.') {
-    char *q = strchr(buf, dp);
-    if (q)
-      *q = '.';
-  }
+static locale_t c_numeric;
+
+static locale_t enter_c(void) {
+  return uselocale(c_numeric);
 }
 
+static void leave_c(locale_t old) {
+  if (old)
+    uselocale(old);
+}
+
+/*
+ * The finite x in the shortest "%.Ng" that strtod reads back as the same
+ * double ("C" locale: the caller's enter_c).  A normal double needs 15 to
+ * 17 digits (%.15g also finds any shorter form: it drops trailing zeros); a
+ * subnormal has fewer bits, so 5e-324 is searched from one digit.
+ */
 static int shortest_g(double x, char *buf) {
   int p = fabs(x) < DBL_MIN ? 1 : 15, n;
   for (;; p++) {
@@ -108,16 +115,20 @@ static int shortest_g(double x, char *buf) {
     if (p >= 17 || strtod(buf, NULL) == x)
       break;
   }
-  to_dot(buf);
   return n;
 }
 
 int pgl_format_float(double x, char *buf, int json) {
+  locale_t old;
+  int n;
   if (x == 0 && signbit(x))
     return snprintf(buf, PGL_NUMBUF, "%s", json ? "-0.0" : "-0");
   if (x == floor(x) && x >= -9223372036854775808.0 && x < 9223372036854775808.0)
     return snprintf(buf, PGL_NUMBUF, "%.0f", x); /* all digits: integer columns accept it */
-  return shortest_g(x, buf);
+  old = enter_c();
+  n = shortest_g(x, buf);
+  leave_c(old);
+  return n;
 }
 
 int pgl_scan_number(const char **pp, const char *e, pgl_numscan *ns) {
@@ -217,29 +228,35 @@ static int denotes(const char *s, const char *e, double x) {
   return na == nb && ea == eb && memcmp(a, b, (size_t)na) == 0;
 }
 
-void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns) {
+/* Pushes the number z denotes and returns 0, or pushes nothing and returns
+ * 1 when the text must be kept.  Runs in the "C" locale: raises nothing. */
+static int push_exact(lua_State *L, const char *z, size_t len, const pgl_numscan *ns) {
   double x;
-  /* fails only in a locale whose decimal point is not '.', for a text over
-   * 200 bytes (Lua's L_MAXLENNUM): then the text is kept */
-  if (lua_stringtonumber(L, z) != len + 1) {
-    lua_pushlstring(L, z, len);
-    return;
-  }
+  if (lua_stringtonumber(L, z) != len + 1) /* pushes nothing when it fails */
+    return 1;
   if (lua_isinteger(L, -1)) {
     if (lua_tointeger(L, -1) == 0 && z[0] == '-') { /* "-0": keep the sign */
       lua_pop(L, 1);
       lua_pushnumber(L, -0.0);
     }
-    return;
+    return 0;
   }
   x = (double)lua_tonumber(L, -1);
   /* up to 15 digits, a normal double reads back as the text (DBL_DIG) */
   if (ns->ndig == 0 || (ns->ndig <= 15 && isnormal(x)))
-    return;
+    return 0;
   if (isfinite(x) && denotes(z, z + len, x))
-    return;
+    return 0;
   lua_pop(L, 1);
-  lua_pushlstring(L, z, len);
+  return 1;
+}
+
+void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns) {
+  locale_t old = enter_c();
+  int keep = push_exact(L, z, len, ns);
+  leave_c(old);
+  if (keep)
+    lua_pushlstring(L, z, len);
 }
 
 /* ------------------------------------------------------------------ */
@@ -388,9 +405,13 @@ void pgl_push_text_value(lua_State *L, const char *v, size_t len, Oid type) {
       lua_pushlstring(L, v, len);
     return;
   case FLOAT4OID:
-  case FLOAT8OID:
-    lua_pushnumber(L, (lua_Number)strtod(v, NULL)); /* "Infinity", "NaN" parse too */
+  case FLOAT8OID: {
+    locale_t old = enter_c();
+    double x = strtod(v, NULL); /* "Infinity", "NaN" parse too */
+    leave_c(old);
+    lua_pushnumber(L, (lua_Number)x);
     return;
+  }
   case NUMERICOID:
     push_numeric(L, v, len);
     return;
@@ -456,6 +477,8 @@ void pgl_push_rows(lua_State *L, PGresult *res) {
 /* ------------------------------------------------------------------ */
 
 void pgl_result_open(lua_State *L) {
+  if (!c_numeric && !(c_numeric = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0)))
+    luaL_error(L, "cannot create the C numeric locale: out of memory");
   if (luaL_newmetatable(L, PGL_RESULT_MT)) {
     lua_pushcfunction(L, box_gc);
     lua_setfield(L, -2, "__gc");
