@@ -28,8 +28,12 @@ M.sql = [[
 --                     pg_notify('pglisten_outbox', channel); returns the id.
 --                     The wake-up is sent only on COMMIT, like the row.
 --   pglisten.notify_trigger()
---                     AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW
---                     trigger function that sends a JSON event per row.
+--                     the capture trigger function: a JSON event per changed
+--                     row, FOR EACH ROW or FOR EACH STATEMENT (below), and
+--                     one per TRUNCATE.
+--   pglisten.key_columns(regclass), pglisten.keys_only_event(...)
+--                     its helpers: the primary key's columns, and the event
+--                     that replaces one too large for NOTIFY.
 --
 -- Publishing from SQL:
 --   SELECT pglisten.publish('emails', '{"to": "a@example.com"}');
@@ -37,27 +41,68 @@ M.sql = [[
 -- Trigger arguments: channel, mode, then key columns (optional):
 --   TG_ARGV[0]   channel name (case-preserving; NOTIFY channels at most 63 bytes)
 --   TG_ARGV[1]   'notify'  : pg_notify(channel, event) -- lost when nobody listens
---                'durable' : pglisten.publish(channel, event) -- kept in the outbox
+--                'durable' : into pglisten.outbox, and one wake-up
+--                            (pg_notify('pglisten_outbox', channel)) -- kept
 --   TG_ARGV[2..] key columns, sent instead of the whole row when a 'notify'
 --                event would be 8000 bytes or more; default: the primary key.
 --
+-- Row level: one trigger for all three kinds of change.
 --   CREATE TRIGGER users_sync
 --     AFTER INSERT OR UPDATE OR DELETE ON users
 --     FOR EACH ROW EXECUTE FUNCTION pglisten.notify_trigger('users_changed', 'notify', 'id');
 --
---   CREATE TRIGGER orders_sync
---     AFTER INSERT OR UPDATE OR DELETE ON orders
---     FOR EACH ROW EXECUTE FUNCTION pglisten.notify_trigger('orders', 'durable');
+-- Statement level, set-based: one trigger per kind of change (PostgreSQL
+-- allows transition tables on a trigger of one event only); any table names.
+-- Each statement's events go out with one INSERT ... SELECT ('durable') or
+-- one query ('notify'); they equal the row-level form's, in the same order.
+--   CREATE TRIGGER orders_ins AFTER INSERT ON orders
+--     REFERENCING NEW TABLE AS new_rows
+--     FOR EACH STATEMENT EXECUTE FUNCTION pglisten.notify_trigger('orders', 'durable');
+--   CREATE TRIGGER orders_upd AFTER UPDATE ON orders
+--     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+--     FOR EACH STATEMENT EXECUTE FUNCTION pglisten.notify_trigger('orders', 'durable');
+--   CREATE TRIGGER orders_del AFTER DELETE ON orders
+--     REFERENCING OLD TABLE AS old_rows
+--     FOR EACH STATEMENT EXECUTE FUNCTION pglisten.notify_trigger('orders', 'durable');
+--   CREATE TRIGGER orders_trunc AFTER TRUNCATE ON orders
+--     FOR EACH STATEMENT EXECUTE FUNCTION pglisten.notify_trigger('orders', 'durable');
 --
--- The event (payload) is a JSON object:
+-- The event (payload) is a JSON object, in this order:
 --   {"op": "INSERT"|"UPDATE"|"DELETE", "schema": TG_TABLE_SCHEMA,
 --    "table": TG_TABLE_NAME, "new": row or null, "old": row or null}
+--   {"op": "TRUNCATE", "schema": .., "table": ..}
+-- A row is to_json(row): its columns in table order, each value as to_json
+-- writes it (numeric with all its digits, float8 and float4 in their
+-- shortest exact form, -0 kept, NaN and Infinity as strings, json columns
+-- as stored, jsonb as jsonb writes it).
 -- A 'notify' event of 8000 bytes or more is replaced by its keys, so that the
 -- writer's transaction never fails on NOTIFY's size limit:
 --   {"op": .., "schema": .., "table": .., "new": {"id": 1}, "old": null, "keys_only": true}
 -- and, if even that is too large:
 --   {"op": .., "schema": .., "table": .., "keys_only": true, "too_large": true}
 -- 'durable' events always carry the whole row (the outbox has no size limit).
+--
+-- The statement-level form, precisely:
+--   * Order: a transition table is read in the order PostgreSQL filled it,
+--     the order the rows were changed, which is the order the row-level
+--     trigger fires in.  Outbox ids are given in that order.
+--   * UPDATE: OLD TABLE and NEW TABLE carry no link between a row's two
+--     versions.  PostgreSQL appends both versions of each updated row to
+--     them together, so the n-th old row is the n-th new row's previous
+--     version; the trigger pairs them by that position (row_number() over
+--     each, a full join on it).  So an UPDATE that changes the primary key,
+--     or a table with no key at all, pairs rightly.  That both tables are
+--     filled in step is how PostgreSQL 10 to 15 work, not a documented
+--     promise; spec/13-capture-trigger_spec.lua checks it.
+--   * A statement making several kinds of change (INSERT ... ON CONFLICT DO
+--     UPDATE, MERGE) sends each kind's events together, trigger by trigger
+--     (AFTER STATEMENT triggers fire in name order), where the row-level
+--     form interleaves them.
+--   * On a partitioned table, the statement trigger names the table the
+--     statement ran on; a row-level trigger names the partition.
+--   * The transition table names are read from pg_trigger once per
+--     statement, and the statement is planned each time: for statements
+--     that change one row each, the row-level form is cheaper.
 
 -- Serialize concurrent installers until the end of this transaction (run the
 -- script as one transaction, or as one multi-statement string, which the
@@ -132,22 +177,81 @@ $pglisten$;
 COMMENT ON FUNCTION pglisten.publish(text, jsonb) IS
   'pglisten.publish(text, text) for a jsonb payload';
 
+CREATE OR REPLACE FUNCTION pglisten.key_columns(rel regclass)
+RETURNS text[]
+LANGUAGE sql
+STABLE
+AS $pglisten$
+  SELECT array_agg(a.attname::text ORDER BY k.ord)
+    FROM pg_catalog.pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+   WHERE i.indrelid = rel AND i.indisprimary
+$pglisten$;
+
+COMMENT ON FUNCTION pglisten.key_columns(regclass) IS
+  'The primary key columns of a table, in key order (NULL without a primary key)';
+
+-- The event sent instead of one of 8000 bytes or more: the key columns of
+-- the new and old rows (JSON objects), or too_large when even that does not fit.
+CREATE OR REPLACE FUNCTION pglisten.keys_only_event(op text, schema_name text, table_name text,
+                                                    new_row json, old_row json, keys text[])
+RETURNS text
+LANGUAGE sql
+STABLE
+AS $pglisten$
+  SELECT CASE WHEN octet_length(e) < 8000 THEN e
+              ELSE json_build_object('op', op, 'schema', schema_name, 'table', table_name,
+                                     'keys_only', true, 'too_large', true)::text END
+    FROM (SELECT CASE WHEN cardinality(keys) > 0 THEN
+            json_build_object('op', op, 'schema', schema_name, 'table', table_name,
+              'new', (SELECT json_object_agg(k, new_row -> k) FROM unnest(keys) AS k WHERE new_row IS NOT NULL),
+              'old', (SELECT json_object_agg(k, old_row -> k) FROM unnest(keys) AS k WHERE old_row IS NOT NULL),
+              'keys_only', true)::text END AS e) AS s
+$pglisten$;
+
+COMMENT ON FUNCTION pglisten.keys_only_event(text, text, text, json, json, text[]) IS
+  'The keys-only event of pglisten.notify_trigger for one too large for NOTIFY';
+
 CREATE OR REPLACE FUNCTION pglisten.notify_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
 AS $pglisten$
 DECLARE
-  channel   text;
-  mode      text;
-  keys      text[];
-  new_row   jsonb;
-  old_row   jsonb;
-  event     jsonb;
-  payload   text;
+  event     text;
+  new_t     name;
+  old_t     name;
+  rows_sql  text;
+  n         bigint;
 BEGIN
+  -- Row level, configured well: the hot path.  Each step is an assignment
+  -- or an IF, whose expression PL/pgSQL evaluates without the executor
+  -- (PERFORM would start a query for every row).  The event is built from
+  -- to_json pieces: no jsonb, which would parse and re-encode every row.
+  IF TG_LEVEL = 'ROW' AND TG_WHEN = 'AFTER' AND TG_ARGV[0] <> '' THEN
+    event := '{"op":"' || TG_OP || '","schema":' || to_json(TG_TABLE_SCHEMA::text)
+      || ',"table":' || to_json(TG_TABLE_NAME::text)
+      || ',"new":' || coalesce(to_json(NEW)::text, 'null')
+      || ',"old":' || coalesce(to_json(OLD)::text, 'null') || '}';
+    IF TG_ARGV[1] = 'notify' THEN
+      IF octet_length(event) >= 8000 THEN
+        -- Too large for NOTIFY: send the keys only, never fail the writer.
+        event := pglisten.keys_only_event(TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, to_json(NEW), to_json(OLD),
+          CASE WHEN TG_NARGS > 2 THEN TG_ARGV[2:TG_NARGS - 1] ELSE pglisten.key_columns(TG_RELID) END);
+      END IF;
+      IF pg_catalog.pg_notify(TG_ARGV[0], event) IS NULL THEN END IF;
+      RETURN NULL;
+    ELSIF TG_ARGV[1] = 'durable' THEN
+      INSERT INTO pglisten.outbox (channel, payload) VALUES (TG_ARGV[0], event);
+      -- identical wake-ups in one transaction are folded into one by the server
+      IF pg_catalog.pg_notify('pglisten_outbox', TG_ARGV[0]) IS NULL THEN END IF;
+      RETURN NULL;
+    END IF;
+  END IF;
+
   -- Misconfiguration is an error at trigger time, named clearly.
-  IF TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' THEN
-    RAISE EXCEPTION 'pglisten.notify_trigger: trigger "%" on %.% must be AFTER ... FOR EACH ROW (it is % ... FOR EACH %)',
+  IF TG_WHEN <> 'AFTER' THEN
+    RAISE EXCEPTION 'pglisten.notify_trigger: trigger "%" on %.% must be AFTER ... FOR EACH ROW or FOR EACH STATEMENT (it is % ... FOR EACH %)',
       TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_WHEN, TG_LEVEL
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -156,64 +260,91 @@ BEGIN
       TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NARGS
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  channel := TG_ARGV[0];
-  mode := TG_ARGV[1];
-  IF mode IS NULL OR mode NOT IN ('notify', 'durable') THEN
+  IF TG_ARGV[1] NOT IN ('notify', 'durable') THEN
     RAISE EXCEPTION 'pglisten.notify_trigger: invalid mode "%" in trigger "%" on %.% (expected ''notify'' or ''durable'')',
-      mode, TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
+      TG_ARGV[1], TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF channel IS NULL OR channel = '' THEN
+  IF TG_ARGV[0] = '' THEN
     RAISE EXCEPTION 'pglisten.notify_trigger: empty channel name in trigger "%" on %.%',
       TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
-  IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;
-  IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;
-  -- SQL NULL becomes JSON null in jsonb_build_object
-  event := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                              'new', new_row, 'old', old_row);
-
-  IF mode = 'durable' THEN
-    PERFORM pglisten.publish(channel, event::text);
+  -- Statement level.  TRUNCATE: one event for the table.
+  IF TG_OP = 'TRUNCATE' THEN
+    event := '{"op":"TRUNCATE","schema":' || to_json(TG_TABLE_SCHEMA::text)
+      || ',"table":' || to_json(TG_TABLE_NAME::text) || '}';
+    IF TG_ARGV[1] = 'durable' THEN
+      INSERT INTO pglisten.outbox (channel, payload) VALUES (TG_ARGV[0], event);
+      PERFORM pg_catalog.pg_notify('pglisten_outbox', TG_ARGV[0]);
+    ELSE
+      PERFORM pg_catalog.pg_notify(TG_ARGV[0], event);
+    END IF;
     RETURN NULL;
   END IF;
 
-  payload := event::text;
-  IF octet_length(payload) >= 8000 THEN
-    -- Too large for NOTIFY: send the keys only, never fail the writer.
-    IF TG_NARGS > 2 THEN
-      keys := TG_ARGV[2:TG_NARGS - 1];
-    ELSE
-      SELECT array_agg(a.attname::text ORDER BY k.ord) INTO keys
-        FROM pg_catalog.pg_index i
-        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-       WHERE i.indrelid = TG_RELID AND i.indisprimary;
-    END IF;
-    payload := NULL;
-    IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
-      event := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-        'new', (SELECT jsonb_object_agg(k, coalesce(new_row -> k, 'null'::jsonb)) FROM unnest(keys) AS k
-                 WHERE new_row IS NOT NULL),
-        'old', (SELECT jsonb_object_agg(k, coalesce(old_row -> k, 'null'::jsonb)) FROM unnest(keys) AS k
-                 WHERE old_row IS NOT NULL),
-        'keys_only', true);
-      payload := event::text;
-    END IF;
-    IF payload IS NULL OR octet_length(payload) >= 8000 THEN
-      payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                    'keys_only', true, 'too_large', true)::text;
-    END IF;
+  -- INSERT, UPDATE, DELETE: the whole statement's rows from its transition
+  -- tables, whose names (the trigger's REFERENCING clause) PL/pgSQL does not
+  -- expose: read them once per statement.
+  SELECT t.tgnewtable, t.tgoldtable INTO new_t, old_t
+    FROM pg_catalog.pg_trigger t WHERE t.tgrelid = TG_RELID AND t.tgname = TG_NAME;
+  IF (TG_OP <> 'DELETE' AND new_t IS NULL) OR (TG_OP <> 'INSERT' AND old_t IS NULL) THEN
+    RAISE EXCEPTION 'pglisten.notify_trigger: statement-level % trigger "%" on %.% needs %',
+      TG_OP, TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME,
+      CASE TG_OP WHEN 'INSERT' THEN 'REFERENCING NEW TABLE AS name'
+                 WHEN 'DELETE' THEN 'REFERENCING OLD TABLE AS name'
+                 ELSE 'REFERENCING OLD TABLE AS name NEW TABLE AS name' END
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Create one statement-level trigger per event, or a row-level trigger for all three.';
   END IF;
-  PERFORM pg_catalog.pg_notify(channel, payload);
+  -- (n, o): the new and the old row as JSON text, in the statement's order.
+  -- An UPDATE's two versions of a row are paired by their position in the
+  -- two transition tables (see the header of this script).
+  rows_sql := CASE TG_OP
+    WHEN 'INSERT' THEN format('SELECT to_json(r)::text AS n, NULL::text AS o FROM %I AS r', new_t)
+    WHEN 'DELETE' THEN format('SELECT NULL::text AS n, to_json(r)::text AS o FROM %I AS r', old_t)
+    ELSE format('SELECT nr.j AS n, orow.j AS o
+                   FROM (SELECT row_number() OVER () AS i, to_json(r)::text AS j FROM %I AS r) AS nr
+                   FULL JOIN (SELECT row_number() OVER () AS i, to_json(r)::text AS j FROM %I AS r) AS orow
+                  USING (i) ORDER BY i', new_t, old_t)
+  END;
+  -- the event up to the new row: the same text as the row level's
+  event := '{"op":"' || TG_OP || '","schema":' || to_json(TG_TABLE_SCHEMA::text)
+    || ',"table":' || to_json(TG_TABLE_NAME::text) || ',"new":';
+
+  IF TG_ARGV[1] = 'durable' THEN
+    EXECUTE format($sql$
+      INSERT INTO pglisten.outbox (channel, payload)
+      SELECT $1, $2 || coalesce(r.n, 'null') || ',"old":' || coalesce(r.o, 'null') || '}'
+        FROM (%s) AS r$sql$, rows_sql)
+      USING TG_ARGV[0], event;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+      PERFORM pg_catalog.pg_notify('pglisten_outbox', TG_ARGV[0]);
+    END IF;
+    RETURN NULL;
+  END IF;
+
+  -- 'notify': one pg_notify per row, in order; an event too large for
+  -- NOTIFY is replaced by its keys (the primary key's columns are looked up
+  -- at most once per statement, and only if needed: an InitPlan).
+  EXECUTE format($sql$
+    SELECT count(pg_catalog.pg_notify($1,
+             CASE WHEN octet_length(e.event) < 8000 THEN e.event
+                  ELSE pglisten.keys_only_event($3, $4, $5, e.n::json, e.o::json,
+                                                coalesce($6, (SELECT pglisten.key_columns($7)))) END))
+      FROM (SELECT $2 || coalesce(r.n, 'null') || ',"old":' || coalesce(r.o, 'null') || '}' AS event, r.n, r.o
+              FROM (%s) AS r OFFSET 0) AS e$sql$, rows_sql)
+    INTO n
+    USING TG_ARGV[0], event, TG_OP, TG_TABLE_SCHEMA::text, TG_TABLE_NAME::text,
+          CASE WHEN TG_NARGS > 2 THEN TG_ARGV[2:TG_NARGS - 1] END, TG_RELID::regclass;
   RETURN NULL;
 END
 $pglisten$;
 
 COMMENT ON FUNCTION pglisten.notify_trigger() IS
-  'AFTER ... FOR EACH ROW trigger: notify_trigger(channel, ''notify''|''durable''[, key column...]) sends {op, schema, table, new, old}';
+  'AFTER ... FOR EACH ROW, or FOR EACH STATEMENT with transition tables, or AFTER TRUNCATE: notify_trigger(channel, ''notify''|''durable''[, key column...]) sends {op, schema, table, new, old} per row';
 ]]
 
 return M
