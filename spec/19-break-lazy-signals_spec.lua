@@ -228,6 +228,26 @@ describe("a lazy connection at its edges", function()
     c:close()
   end)
 
+  it("a bad opts.query_timeout raises at connect, as for a plain connection, not at each first use", function()
+    for _, qt in ipairs({ -1, "x", true }) do
+      assert.has_error(function() pg.connect(nil, { query_timeout = qt }) end)
+      local ok, err = pcall(function() return pg.connect(nil, { lazy = true, query_timeout = qt }) end)
+      assert.is_false(ok, "lazy connect accepted query_timeout = " .. tostring(qt))
+      assert.matches("query_timeout", err, 1, true)
+      assert.matches("19%-break%-lazy%-signals_spec%.lua", err)
+    end
+  end)
+
+  it("what needs no server answers without one while it is down: empty execmany, unlisten", function()
+    local c = assert(pg.connect("host=127.0.0.1 port=1", { lazy = true }))
+    assert.equal(0, c:execmany("INSERT INTO t VALUES ($1)", {}))
+    assert.is_true(c:unlisten())
+    assert.is_true(c:unlisten("a", "b"))
+    assert.same({}, c:channels())
+    assert.equal(0, c:pid()) -- no connect was tried
+    c:close()
+  end)
+
   it("a dropped lazy connection is collected and its session closed", function()
     local o = H.connect()
     local function sessions()

@@ -27,7 +27,7 @@
 -- `txstatus()` "unknown", `pid()` and `server_version()` 0, `pollfd()` -1,
 -- `events()` "r", `timeout()` nil, `alive()` false, `channels()` {} (a
 -- LISTEN connects), `drain()` an empty batch (nothing can have arrived),
--- `notices()` none; `settimeout`, `gettimeout` and `statement_cache` keep
+-- `notices()` none, `unlisten()` true, an empty `execmany` 0; `settimeout`, `gettimeout` and `statement_cache` keep
 -- their setting for the session.  `close()` needs no server either;
 -- afterwards every use raises "attempt to use a closed connection", as for
 -- any connection.  Everything else (`exec`, `execmany`, `transaction`,
@@ -152,6 +152,7 @@ function Lazy:execmany(sql, list)
   local s = state(self, 3)
   if type(sql) ~= "string" then argerror(1, "execmany", "string expected, got " .. type(sql)) end
   if type(list) ~= "table" then argerror(2, "execmany", "table expected, got " .. type(list)) end
+  if not s.conn and rawlen(list) == 0 then return 0 end -- sends nothing, as on a connection
   local c, err, code = session(s)
   if not c then return nil, err, code end
   return c:execmany(sql, list)
@@ -215,6 +216,14 @@ offline("pollfd", -1)
 offline("events", "r")
 offline("timeout", nil)
 offline("alive", false)
+
+--- Without a session nothing is listened to: true at once, no connect.
+function Lazy:unlisten(...)
+  local s = state(self, 3)
+  if s.conn then return s.conn:unlisten(...) end
+  precheck.unlisten(...)
+  return true
+end
 
 function Lazy:channels()
   local c = state(self, 3).conn
@@ -308,6 +317,10 @@ end
 -- dropped), `redact(msg, conninfo)` removes secrets from a message.
 -- @return the connection, or nil, err when libpq cannot parse `conninfo`
 function M.new(facade, conninfo, opts, redact)
+  local qt = opts.query_timeout -- checked now, as connect's settimeout does, not at each first use
+  if qt ~= nil and (type(qt) ~= "number" or qt < 0) then
+    error("bad argument #2 to 'connect' (opts.query_timeout must be a non-negative number)", 3)
+  end
   local ok, perr = core.conninfo_keys(conninfo or "")
   if not ok then return nil, redact(perr, conninfo) end
   local copy = {}
