@@ -111,6 +111,10 @@ end)
 -- The outbox never sticks
 ---------------------------------------------------------------------------
 
+local function one(conn, sql, ...)
+  return assert(conn:exec(sql, ...))[1]
+end
+
 local function claim_all(c, n)
   local evs = assert(outbox.claim(c, { "jobs" }, 100))
   assert.equal(n, #evs)
@@ -183,5 +187,63 @@ describe("a claim under idle_in_transaction_session_timeout", function()
     -- the session's own setting is back after the claim
     local shown = assert(ob:exec("SHOW idle_in_transaction_session_timeout"))[1]
     assert.equal("1s", shown.idle_in_transaction_session_timeout)
+  end)
+end)
+
+describe("outbox.error_text of an object whose __tostring raises", function()
+  it("is a string: finish cannot raise inside the claim's transaction", function()
+    local e = setmetatable({}, { __tostring = function() error("no") end })
+    assert.equal("(an error table that tostring cannot show)", outbox.error_text(e))
+    local c = fresh()
+    local id = assert(outbox.publish(c, "jobs", "{}"))
+    claim_all(c, 1)
+    assert.is_true((outbox.finish(c, {}, { { id = id, error = e, attempts = 0, backoff = 0 } })))
+    assert.equal("idle", c:txstatus())
+    assert.equal(1, one(c, "SELECT attempts FROM pglisten.outbox").attempts)
+  end)
+end)
+
+describe("the runner on a durable handler whose error object cannot be shown", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("buries the event after max_attempts and keeps running when __tostring raises", function()
+    local _, ci = H.createdb("brkts")
+    local rc, out, err = H.run_runner({ "--install", "--db", ci })
+    assert.equal(0, rc, out .. err)
+    local c = connect(ci)
+    assert(c:exec("CREATE TABLE handled (k int NOT NULL)"))
+    -- __tostring works once (the traceback), then raises; or always raises
+    local path = H.file("tostring-raises.lua", ([[
+local pglisten = require "pglisten"
+local db = assert(pglisten.connect(%q))
+local function object(k)
+  local n = 0
+  return setmetatable({}, { __tostring = function()
+    n = n + 1
+    if k == 1 and n == 1 then return "shown once" end
+    error("cannot show " .. k)
+  end })
+end
+return {
+  poll_interval = 0.2,
+  channels = { jobs = { durable = true, max_attempts = 2, retry = { backoff = 0.05 }, handler = function(row)
+    assert(db:exec("INSERT INTO handled (k) VALUES ($1)", row.k))
+    if row.k <= 2 then error(object(row.k)) end
+  end } },
+}]]):format(ci))
+    p = H.start(path, { "--db", ci })
+    assert(c:exec([[SELECT pglisten.publish('jobs', json_build_object('k', g)::text) FROM generate_series(1, 4) g]]))
+    local buried = H.eventually(function()
+      return one(c, "SELECT count(*) AS n FROM pglisten.dead").n == 2 or not p.running()
+    end, 15)
+    assert.is_true(p.running(), "the runner died: " .. p.stderr())
+    assert.is_true(buried, p.stderr())
+    local counts = {}
+    for _, r in ipairs(assert(c:exec("SELECT k, count(*) AS n FROM handled GROUP BY k ORDER BY k"))) do
+      counts[r.k] = r.n
+    end
+    assert.same({ 2, 2, 1, 1 }, counts)
+    assert.equal(0, one(c, "SELECT count(*) AS n FROM pglisten.outbox").n)
   end)
 end)

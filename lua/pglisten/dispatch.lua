@@ -38,7 +38,7 @@ M.FAST_RUN = 64
 function M.errstring(e)
   if type(e) == "string" then return e end
   local mt = getmetatable(e)
-  if mt and mt.__tostring then return tostring(e) end
+  if mt and mt.__tostring then local ok, s = pcall(tostring, e); if ok then return s end end
   if type(e) == "table" then
     local s = pg.json.safe.encode(e)
     if s then return "(error object) " .. s end

@@ -226,8 +226,9 @@ end
 
 local function as_string(msg)
   if msg == nil then return "unknown error" end
-  if type(msg) ~= "string" then return tostring(msg) end
-  return msg
+  if type(msg) == "string" then return msg end
+  local ok, s = pcall(tostring, msg) -- a __tostring may raise
+  return ok and s or ("(an error %s that tostring cannot show)"):format(type(msg))
 end
 
 --- An error text fit for `last_error`: zero bytes removed, bytes that are
