@@ -27,11 +27,12 @@
 -- `txstatus()` "unknown", `pid()` and `server_version()` 0, `pollfd()` -1,
 -- `events()` "r", `timeout()` nil, `alive()` false, `channels()` {} (a
 -- LISTEN connects), `drain()` an empty batch (nothing can have arrived),
--- `notices()` none, `unlisten()` true, an empty `execmany` 0; `settimeout`, `gettimeout` and `statement_cache` keep
+-- `notices()` none, `unlisten()` true (nothing is listened to), an empty
+-- `execmany` 0; `settimeout`, `gettimeout` and `statement_cache` keep
 -- their setting for the session.  `close()` needs no server either;
 -- afterwards every use raises "attempt to use a closed connection", as for
 -- any connection.  Everything else (`exec`, `execmany`, `transaction`,
--- `listen`, `unlisten`, `notify`, `wait`, `ping`, `escape_identifier`,
+-- `listen`, `notify`, `wait`, `ping`, `escape_identifier`,
 -- `reset`, and methods added to connections later) connects first;
 -- `wait(t)` and `ping(t)` bound that connect by their `t`.
 --
