@@ -107,6 +107,25 @@ describe("a URI password with an unencoded '?'", function()
   end)
 end)
 
+describe("a conninfo with a zero byte", function()
+  it("is refused, never connected with the part before the zero byte (sslmode, password dropped)", function()
+    local ci = "host=" .. HOST .. " port=" .. PORT .. " dbname=postgres\0 sslmode=require password=z5ecret"
+    local c, err = pg.connect(ci, { timeout = 5 })
+    if c then c:close() end
+    assert.is_nil(c, "connected without the options after the zero byte")
+    assert.matches("zero byte", err, 1, true)
+    local l, lerr = pg.connect(ci, { lazy = true })
+    if l then l:close() end
+    assert.is_nil(l)
+    assert.matches("zero byte", lerr, 1, true)
+    local s = pg.safe_conninfo(ci)
+    assert.matches("zero byte", s, 1, true)
+    assert.is_nil(s:find("z5ecret", 1, true))
+    assert.is_nil(pg.core.conninfo_keys(ci))
+    assert.is_nil(pg.core.conninfo_parse(ci))
+  end)
+end)
+
 ---------------------------------------------------------------------------
 -- The outbox never sticks
 ---------------------------------------------------------------------------

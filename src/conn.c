@@ -952,10 +952,12 @@ static int conn_tostring(lua_State *L) {
  * nil, "interrupted" when the host program got a stop signal (drive_connect).
  */
 int pgl_conn_connect(lua_State *L) {
-  const char *conninfo = luaL_optstring(L, 1, "");
+  const char *conninfo = pgl_conninfo_arg(L, 1, 1);
   double timeout = luaL_optnumber(L, 2, 10);
   pgl_conn *c;
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
+  if (!conninfo)
+    return 2;
   if (pgl_stopping(L)) { /* as drive_connect would, but without DNS or a socket */
     lua_pushnil(L);
     lua_pushliteral(L, "interrupted");

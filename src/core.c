@@ -270,15 +270,29 @@ static int core_intify(lua_State *L) {
   return 1;
 }
 
+const char *pgl_conninfo_arg(lua_State *L, int idx, int opt) {
+  size_t len;
+  const char *s = opt ? luaL_optlstring(L, idx, "", &len) : luaL_checklstring(L, idx, &len);
+  if (strlen(s) != len) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "invalid conninfo: it contains a zero byte (libpq would read only the part before it)");
+    return NULL;
+  }
+  return s;
+}
+
 /*
  * core.conninfo_keys(conninfo) -> { keyword = true, ... } for the keywords
  * the string sets (keyword/value or URI), or nil, err when libpq cannot
  * parse it.  The values are not returned: they may hold a password.
  */
 static int core_conninfo_keys(lua_State *L) {
-  const char *s = luaL_checkstring(L, 1);
+  const char *s = pgl_conninfo_arg(L, 1, 0);
   char *err = NULL;
-  PQconninfoOption *opts = PQconninfoParse(s, &err), *o;
+  PQconninfoOption *opts, *o;
+  if (!s)
+    return 2;
+  opts = PQconninfoParse(s, &err);
   if (!opts) {
     lua_pushnil(L);
     if (err) {
@@ -435,10 +449,13 @@ static conninfo_box *conninfo_box_new(lua_State *L) {
 }
 
 static int core_conninfo_parse(lua_State *L) {
-  const char *s = luaL_checkstring(L, 1);
-  conninfo_box *b = conninfo_box_new(L); /* at index 2 */
+  const char *s = pgl_conninfo_arg(L, 1, 0);
+  conninfo_box *b;
   PQconninfoOption *o;
   lua_Integer i = 0;
+  if (!s)
+    return 2;
+  b = conninfo_box_new(L); /* at index 2 */
   b->opts = PQconninfoParse(s, &b->err);
   if (!b->opts) {
     lua_pushnil(L);

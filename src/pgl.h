@@ -134,6 +134,10 @@ void pgl_unbox_result(PGresult **box);
 int pgl_push_result_error(lua_State *L, const PGresult *res);
 /* Pushes `s` without trailing white space. */
 void pgl_push_trimmed(lua_State *L, const char *s);
+/* The conninfo argument at `idx` ("" when absent and `opt`), or NULL after
+ * pushing nil, message when it holds a zero byte: libpq would read only
+ * the part before it, silently dropping options such as sslmode. */
+const char *pgl_conninfo_arg(lua_State *L, int idx, int opt);
 /*
  * Pushes the text-format value v[0..len) of a column of type `type` as exec
  * types it: integers, floats, booleans, exact numerics (pgl_push_number),
