@@ -105,6 +105,21 @@ describe("a URI password with an unencoded '?'", function()
     assert.same({ "1", "30", "p?ss5ecret", "postgres" },
       { set.keepalives, set.keepalives_idle, set.password, set.dbname })
   end)
+
+  -- needs sources/notify.lua's with_application_name to add its option
+  -- through pglisten.conninfo.add, as with_keepalives does
+  it("lets the runner listen (application_name is added where libpq reads the query)", function()
+    local path = H.script("return { channels = { sec = function() end } }")
+    local p = H.start(path, { "--db", uri("p?ss5ecret", PORT, "postgres") }, nil, false)
+    local up = H.eventually(function()
+      return p.stderr():find("listening", 1, true) or not p.running()
+    end, 10)
+    p.kill("TERM")
+    p.wait(10)
+    p.stop()
+    assert.truthy(up and p.stderr():find("listening", 1, true), p.stderr())
+    assert.is_nil(p.stderr():find("ss5ecret", 1, true), p.stderr())
+  end)
 end)
 
 describe("a conninfo with a zero byte", function()
