@@ -196,6 +196,7 @@ static int run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *s
   double deadline = timeout > 0 ? deadline_in(timeout) : -1;
   PGresult **box, **err;
   int sent, fd, n, copy_out = 0;
+  int stop = c->stop_ends ? PGL_WAIT_STOP : 0; /* conn:interruptible */
 
   if (unrun)
     *unrun = PGL_RAN;
@@ -219,18 +220,22 @@ static int run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *s
       break;
     if (f < 0)
       goto lost;
-    r = pgl_waitfd(L, fd, POLLIN | POLLOUT, deadline, 0);
+    r = pgl_waitfd(L, fd, POLLIN | POLLOUT, deadline, stop);
     if (r == 0)
       goto timedout;
+    if (r == -2)
+      goto interrupted;
     if (r < 0 || !PQconsumeInput(pg))
       goto lost;
   }
   for (;;) {
     PGresult *res;
     while (PQisBusy(pg)) {
-      int r = pgl_waitfd(L, fd, POLLIN, deadline, 0);
+      int r = pgl_waitfd(L, fd, POLLIN, deadline, stop);
       if (r == 0)
         goto timedout;
+      if (r == -2)
+        goto interrupted;
       if (r < 0 || !PQconsumeInput(pg))
         goto lost;
     }
@@ -254,9 +259,11 @@ static int run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *s
         if (got > 0) {
           PQfreemem(buf);
         } else {
-          int r = pgl_waitfd(L, fd, POLLIN, deadline, 0);
+          int r = pgl_waitfd(L, fd, POLLIN, deadline, stop);
           if (r == 0)
             goto timedout;
+          if (r == -2)
+            goto interrupted;
           if (r < 0 || !PQconsumeInput(pg))
             goto lost;
         }
@@ -312,6 +319,15 @@ timedout:
   lua_pop(L, 2);
   lua_pushnil(L);
   lua_pushfstring(L, "timeout: no answer from the server within %f s; connection closed", timeout);
+  lua_pushliteral(L, "08006");
+  return -3;
+interrupted: /* a stop signal of the host: the session is dropped, as on a timeout */
+  pgl_conn_abandon(c);
+  pgl_unbox_result(box);
+  pgl_unbox_result(err);
+  lua_pop(L, 2);
+  lua_pushnil(L);
+  lua_pushliteral(L, "interrupted");
   lua_pushliteral(L, "08006");
   return -3;
 lost:
@@ -583,6 +599,23 @@ static int conn_statement_cache(lua_State *L) {
     if (!c->stmt_cache)
       stmts_forget(c);
   }
+  lua_pushboolean(L, was);
+  return 1;
+}
+
+/*
+ * conn:interruptible([on]) -> whether a stop signal of the host program
+ * (TERM/INT) ends a wait of exec for the server (before this call).  On, an
+ * exec that waits then returns nil, "interrupted", "08006" and the session
+ * is dropped (the query's fate is unknown).  Off by default: handlers finish
+ * their queries in the stop's grace.  The runner turns it on for its own
+ * connections, whose LISTEN or lock query must not hold a stop.
+ */
+static int conn_interruptible(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  int was = c->stop_ends;
+  if (!lua_isnone(L, 2))
+    c->stop_ends = lua_toboolean(L, 2);
   lua_pushboolean(L, was);
   return 1;
 }
@@ -994,6 +1027,7 @@ int pgl_conn_connect(lua_State *L) {
 static const luaL_Reg conn_methods[] = {
   {"exec", conn_exec},
   {"statement_cache", conn_statement_cache},
+  {"interruptible", conn_interruptible},
   {"ping", conn_ping},
   {"wait", conn_wait},
   {"drain", conn_drain},

@@ -49,6 +49,7 @@ typedef struct pgl_conn {
   int notice_head, notice_count;
   int notices_dropped;
   int stmt_cache;      /* 1: exec prepares statements it sees again */
+  int stop_ends;       /* 1: in the host a stop signal ends a query's wait (conn:interruptible) */
   unsigned stmt_next;  /* the last id given */
   unsigned long stmt_clock;
   pgl_stmt stmts[PGL_STMTS];

@@ -160,7 +160,9 @@ end
 --   PgBouncer before 1.21 in transaction mode),
 --   `lazy` (return at once without the network and connect on first use;
 --   a first use that cannot connect returns nil, err, "08001"; see
---   pglisten.lazy).  nil, "interrupted" when the runner got SIGTERM/SIGINT.
+--   pglisten.lazy), `interruptible` (a stop signal of the runner also ends
+--   an exec waiting for the server; see conn:interruptible).
+--   nil, "interrupted" when the runner got SIGTERM/SIGINT.
 -- @return conn, or nil and a message without the password
 function M.connect(conninfo, opts)
   if conninfo ~= nil and type(conninfo) ~= "string" then
@@ -179,6 +181,7 @@ function M.connect(conninfo, opts)
   if not conn then return nil, redact(err, conninfo) end
   if opts.query_timeout then conn:settimeout(opts.query_timeout) end
   if opts.statement_cache == false then conn:statement_cache(false) end
+  if opts.interruptible then conn:interruptible(true) end
   state[conn] = {
     channels = {},
     conninfo = conninfo,

@@ -46,7 +46,7 @@ function M:acquire(conninfo)
   if not conn or not conn:alive() then
     if conn then conn:close() end
     local err
-    conn, err = pg.connect(conninfo, { timeout = self.rt.settings.connect_timeout, heal = false })
+    conn, err = pg.connect(conninfo, { timeout = self.rt.settings.connect_timeout, heal = false, interruptible = true })
     if not conn then return nil, err end
   end
   local r, err = conn:exec(

@@ -165,7 +165,8 @@ function M:open()
   if leader then
     conn, err = leader:acquire(self.conninfo)
   else
-    conn, err = pg.connect(self.conninfo, { timeout = self.rt.settings.connect_timeout, heal = false })
+    conn, err = pg.connect(self.conninfo,
+      { timeout = self.rt.settings.connect_timeout, heal = false, interruptible = true })
   end
   if not conn then return nil, err end
   local ok, lerr = conn:listen(table.unpack(M.wants(self.rt.spec)))
