@@ -149,6 +149,12 @@ local function one(conn, sql, ...)
   return assert(conn:exec(sql, ...))[1]
 end
 
+local function ids_of(events)
+  local ids = {}
+  for i, e in ipairs(events) do ids[i] = e.id end
+  return ids
+end
+
 local function claim_all(c, n)
   local evs = assert(outbox.claim(c, { "jobs" }, 100))
   assert.equal(n, #evs)
@@ -201,6 +207,28 @@ CREATE TRIGGER refuse BEFORE DELETE OR UPDATE ON pglisten.outbox
     assert.same({ { ids[5], 2 }, { ids[6], 2 } },
       { { rows[1].id, rows[1].attempts }, { rows[2].id, rows[2].attempts } })
     assert.equal(1, assert(outbox.pending(c, "jobs")))
+  end)
+end)
+
+describe("outbox.finish when a deferred constraint refuses one event's delete", function()
+  it("finishes the other events: the check runs inside finish, not at COMMIT", function()
+    local c = fresh()
+    -- a deferred foreign key from a user's table, say; here a constraint trigger
+    assert(c:exec([[
+CREATE FUNCTION public.refuse_later() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF OLD.payload LIKE '%poison%' THEN RAISE EXCEPTION 'refused event %', OLD.id; END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER refuse_later AFTER DELETE ON pglisten.outbox
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.refuse_later()]]))
+    local ids = {}
+    for i = 1, 4 do ids[i] = assert(outbox.publish(c, "jobs", i == 2 and '"poison"' or '"good"')) end
+    local ok, err = outbox.finish(c, ids_of(claim_all(c, 4)))
+    assert.is_true(ok, err)
+    local rows = assert(c:exec("SELECT id, attempts FROM pglisten.outbox"))
+    assert.equal(1, rows.n)
+    assert.same({ ids[2], 1 }, { rows[1].id, rows[1].attempts })
   end)
 end)
 

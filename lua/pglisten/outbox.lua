@@ -364,7 +364,9 @@ end
 -- rolled back, so the claim's transaction and its locks live on; `fatal` is
 -- true when they did not (the connection is gone, or rolling back failed).
 local function guarded(conn, sql, ...)
-  local ok, err, code = conn:exec("SAVEPOINT pglisten_finish")
+  -- deferred constraints checked now, under the savepoint, not at COMMIT
+  -- (where one refused row would roll the whole claim back)
+  local ok, err, code = conn:exec("SAVEPOINT pglisten_finish; SET CONSTRAINTS ALL IMMEDIATE")
   if not ok then return nil, err, code, true end
   local r
   r, err, code = conn:exec(sql, ...)
