@@ -108,10 +108,15 @@ static void leave_c(locale_t old) {
  * 17 digits (%.15g also finds any shorter form: it drops trailing zeros); a
  * subnormal has fewer bits, so 5e-324 is searched from one digit.
  */
+/* x in "%.{p}g" (p <= 17: at most 24 bytes) into buf, PGL_NUMBUF bytes. */
+static int gfmt(char *buf, int p, double x) {
+  return snprintf(buf, PGL_NUMBUF, "%.*g", p < 1 ? 1 : p > 17 ? 17 : p, x);
+}
+
 static int shortest_g(double x, char *buf) {
   int p = fabs(x) < DBL_MIN ? 1 : 15, n;
   for (;; p++) {
-    n = snprintf(buf, PGL_NUMBUF, "%.*g", p, x);
+    n = gfmt(buf, p, x);
     if (p >= 17 || strtod(buf, NULL) == x)
       break;
   }
@@ -216,15 +221,53 @@ static int significant(const char *s, const char *e, char dig[17], long *exp) {
   return n;
 }
 
-/* 1 when the shortest form of the finite x denotes exactly the value of the
- * number text s[0..e). */
+/* 1 when a decimal of fewer than na digits reads back as ax > 0, the text
+ * being +-0.a[0..na) * 10^ea.  Any such decimal near the text is at least
+ * as far from it as the nearest two of na - 1 digits, below and above it,
+ * and what reads back as ax is an interval holding the text: so trying
+ * those two is enough. */
+static int shorter_reads_back(const char *a, int na, long ea, double ax) {
+  char f[64], up[17];
+  int i = na - 2;
+  snprintf(f, sizeof f, "0.%.*se%ld", na - 1, a, ea);
+  if (strtod(f, NULL) == ax)
+    return 1;
+  memcpy(up, a, (size_t)(na - 1));
+  while (i >= 0 && up[i] == '9')
+    up[i--] = '0';
+  if (i < 0) /* 0.99..9 up is 0.1 * 10^(ea + 1) */
+    snprintf(f, sizeof f, "0.1e%ld", ea + 1);
+  else {
+    up[i]++;
+    snprintf(f, sizeof f, "0.%.*se%ld", na - 1, up, ea);
+  }
+  return strtod(f, NULL) == ax;
+}
+
+/*
+ * 1 when the shortest form of the finite x (strtod of the text s[0..e))
+ * denotes exactly the value of the text.  The text has na significant
+ * digits and reads back as x.  shortest_g gives the text when no shorter
+ * decimal reads back (tried with strtod alone) and x's correctly rounded na
+ * digits are the text's (one printf, the costly part, done last).  The one
+ * case where shortest_g can miss a shorter form is a power of two, whose
+ * rounding interval is narrower below than above; it is run there as it is.
+ */
 static int denotes(const char *s, const char *e, double x) {
   char a[17], b[17], f[PGL_NUMBUF];
   long ea = 0, eb = 0;
-  int na = significant(s, e, a, &ea), nb;
+  int na = significant(s, e, a, &ea), nb, ex;
   if (na <= 0)
     return na == 0; /* zero is any zero; more than 17 digits never */
-  nb = significant(f, f + shortest_g(x, f), b, &eb);
+  if (na <= DBL_DIG && isnormal(x))
+    return 1; /* DBL_DIG digits read back through a normal double */
+  if (x == 0 || fabs(frexp(x, &ex)) == 0.5) {
+    nb = significant(f, f + shortest_g(x, f), b, &eb);
+  } else {
+    if (na > 1 && shorter_reads_back(a, na, ea, fabs(x)))
+      return 0;
+    nb = significant(f, f + gfmt(f, na, x), b, &eb);
+  }
   return na == nb && ea == eb && memcmp(a, b, (size_t)na) == 0;
 }
 
