@@ -262,6 +262,20 @@ describe("a lazy connection at its edges", function()
     end
   end)
 
+  it("reset(t) with t <= 0 raises (t < 0 was no deadline at all: deadline_in(-1)), lazy or not", function()
+    local plain = H.connect()
+    local lazy = assert(pg.connect(nil, { lazy = true }))
+    for _, c in ipairs({ plain, lazy }) do
+      for _, t in ipairs({ -1, 0, "x" }) do
+        local ok, err = pcall(function() return c:reset(t) end)
+        assert.is_false(ok, ("reset(%s) returned instead of raising"):format(tostring(t)))
+        assert.matches("bad argument", err, 1, true)
+      end
+    end
+    assert(plain:exec("SELECT 1"))
+    plain:close(); lazy:close()
+  end)
+
   it("a dropped lazy connection is collected and its session closed", function()
     local o = H.connect()
     local function sessions()

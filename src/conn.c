@@ -916,6 +916,7 @@ static int conn_server_version(lua_State *L) {
 static int conn_reset(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
   double timeout = luaL_optnumber(L, 2, 10);
+  luaL_argcheck(L, timeout > 0, 2, "timeout must be positive"); /* as connect: < 0 is no deadline */
   if (pgl_stopping(L)) { /* as drive_connect would, but without the network */
     lua_pushnil(L);
     lua_pushliteral(L, "interrupted");

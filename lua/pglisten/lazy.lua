@@ -172,6 +172,9 @@ end
 --- Connects (the first time) or reconnects and LISTENs again.
 function Lazy:reset(timeout)
   local s = state(self, 3)
+  if timeout ~= nil and (type(timeout) ~= "number" or timeout <= 0) then
+    argerror(1, "reset", "timeout must be a positive number")
+  end
   if not s.conn then
     local c, err, code = session(s, timeout)
     if not c then return nil, err, code end
