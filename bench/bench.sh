@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # lua-pglisten beside the peer consumers of ../shared/bench (make bench).
 #
-#   bench/bench.sh
+#   bench/bench.sh            everything below
+#   bench/bench.sh capture    the capture part alone (rewrites only its section
+#                             of bench/RESULTS.md)
 #
 # Runs a copy of ../shared/bench (read-only; copied so that `npm install` can
 # put node-postgres there) with the runner added as extra consumers:
@@ -11,7 +13,12 @@
 #            lua-pglisten-batch-json  bench/consumers/batch_json.lua  batch handler, one statement
 #                                 per batch (rows as one JSON parameter, json_populate_recordset)
 # then, on a cluster of its own, sync.sh's inserts with no listener and the
-# batch consumers with every row queued before they read (their capacity),
+# batch consumers with every row queued before they read (their capacity);
+# then what capture costs the writers:
+#   capture.sh  with this checkout's schema (PGL_SQL from `lua-pglisten --sql`)
+#   bench/capture-forms.sh  the trigger forms capture.sh cannot name (FOR EACH
+#               STATEMENT with transition tables), and single-row transactions
+#               under this schema and under BENCH_BASE_REV's
 # and writes the tables, the machine, the commands and the targets to
 # bench/RESULTS.md.  bench/profile.sh is the callgrind profile of the hot path.
 #
@@ -21,7 +28,12 @@
 #   BENCH_RUNS (3)            runs per median
 #   BENCH_BATCH (1000)        notes/rows per producer transaction
 #   BENCH_RATE (2000)         notes/s in run.sh's latency run
-#   BENCH_ONLY (all)          run | sync: one of the two scripts
+#   BENCH_ONLY (all)          run | sync | capture: one part only
+#   BENCH_CAPTURE_N (100000)  rows per capture measurement (BENCH_BATCH per transaction)
+#   BENCH_SINGLE_N (10000)    single-row transactions per measurement
+#   BENCH_BASE_REV (0c97c05)  the tree whose schema the single-row rows compare with
+#                             (0c97c05: the schema before set-based capture)
+#   BENCH_BUILD (build)       the build directory of the runner
 #   BENCH_NO_DEPS=1           do not apt-get/npm install anything
 #   BENCH_SHARED              the peer bench (default ../shared/bench)
 #   BENCH_RESULTS             where to write (default bench/RESULTS.md)
@@ -30,14 +42,21 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 shared=${BENCH_SHARED:-$repo/../shared/bench}
-runner=$repo/build/lua-pglisten
+build=${BENCH_BUILD:-build}
+runner=$repo/$build/lua-pglisten
 results=${BENCH_RESULTS:-$here/RESULTS.md}
 N=${BENCH_N:-200000} SYNC_N=${BENCH_SYNC_N:-50000} RUNS=${BENCH_RUNS:-3}
 B=${BENCH_BATCH:-1000} RATE=${BENCH_RATE:-2000} ONLY=${BENCH_ONLY:-all}
+CAP_N=${BENCH_CAPTURE_N:-100000} SINGLE_N=${BENCH_SINGLE_N:-10000} BASE_REV=${BENCH_BASE_REV:-0c97c05}
+case ${1:-} in
+  capture) ONLY=capture ;;
+  "") ;;
+  *) echo "usage: bench/bench.sh [capture]" >&2; exit 2 ;;
+esac
 
 [ -d "$shared" ] || { echo "bench: no peer bench at $shared (set BENCH_SHARED)" >&2; exit 1; }
 shared=$(cd "$shared" && pwd)
-if [ ! -x "$runner" ]; then make -C "$repo" --no-print-directory || exit 1; fi
+if [ ! -x "$runner" ]; then make -C "$repo" --no-print-directory BUILD="$build" || exit 1; fi
 
 tmp=$(mktemp -d /tmp/pglbench-lua.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
@@ -92,7 +111,7 @@ machine() {
     "$( [ -d "$tmp/bench/node_modules/pg" ] && echo "node $(node --version) pg $(node -p 'require(process.argv[1]).version' "$tmp/bench/node_modules/pg/package.json")" || echo 'node-pg missing')"
   echo "- kernel: $(uname -sr)"
   echo "- load average (1, 5, 15 min) at start: $load0; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
-  echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; build of $(date -u -r "$(ls -t "$runner" "$repo/build/pglisten/core.so" | head -n 1)" '+%Y-%m-%d %H:%M UTC') (the newer of the runner and core.so)"
+  echo "- tree: $(git -C "$repo" rev-parse --short HEAD 2>/dev/null) with $(git -C "$repo" status --porcelain -- src lua Makefile 2>/dev/null | wc -l) uncommitted change(s) under src/ lua/ Makefile; build of $(date -u -r "$(ls -t "$runner" "$repo/$build/pglisten/core.so" | head -n 1)" '+%Y-%m-%d %H:%M UTC') (the newer of the runner and core.so)"
 }
 
 # --- The runs ---
@@ -113,6 +132,88 @@ run_run() {
 run_sync() {
   say "bench: sync.sh (N=$SYNC_N, $RUNS runs)"
   BENCH_N=$SYNC_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/sync.sh" "${sync_cmd[@]}" 2>"$tmp/sync.err" | tee "$tmp/sync.out" >&2
+}
+
+# What capture costs the writers: capture.sh with this checkout's schema,
+# then bench/capture-forms.sh for the forms capture.sh cannot name and for
+# single-row transactions (also under the schema of BASE_REV, when it has one).
+run_capture() {
+  "$runner" --sql >"$tmp/schema.sql" || { say "bench: $runner --sql failed"; return 1; }
+  rm -f "$tmp/base.sql"
+  if git -C "$repo" show "$BASE_REV:lua/pglisten/schema.lua" >"$tmp/base_schema.lua" 2>/dev/null; then
+    "${LUA:-lua5.4}" - "$tmp/base_schema.lua" >"$tmp/base.sql" <<<'io.write(dofile(arg[1]).sql)' || rm -f "$tmp/base.sql"
+  fi
+  [ -s "$tmp/base.sql" ] || say "bench: no schema at $BASE_REV: single-row rows without the base schema"
+  say "bench: capture.sh (N=$CAP_N, $RUNS runs)"
+  PGL_SQL=$tmp/schema.sql BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/capture.sh" \
+    2>"$tmp/capture.err" | tee "$tmp/capture.out" >&2
+  say "bench: capture-forms.sh (N=$CAP_N, $SINGLE_N single-row transactions, $RUNS runs)"
+  PGL_SQL=$tmp/schema.sql PGL_SQL_BASE=$( [ -s "$tmp/base.sql" ] && echo "$tmp/base.sql") BENCH_SHARED=$tmp/bench \
+    BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_SINGLE_N=$SINGLE_N "$here/capture-forms.sh" \
+    2>"$tmp/forms.err" | tee "$tmp/forms.out" >&2
+}
+
+# The goals of set-based capture, from the two scripts' tables.
+capture_targets() {
+  awk -F'|' -v cap="$tmp/capture.out" -v forms="$tmp/forms.out" '
+    function t(s) { gsub(/^ +| +$/, "", s); return s }
+    function row(what, got, ok) { printf "| %s | %s | %s |\n", what, got, ok ? "met" : "**not met**" }
+    FILENAME == cap && /^\| / && $3 ~ /[0-9]/ && !rb { c[t($2)] = t($4) + 0; cr[t($2)] = t($3) + 0 }
+    FILENAME == cap && /^## Reading/ { rb = 1 }
+    FILENAME == forms && /^### Single/ { single = 1 }
+    FILENAME == forms && /^\| / && $3 ~ /[0-9]/ { if (single) s[t($2)] = t($3) + 0; else f[t($2)] = t($4) + 0 }
+    END {
+      print "| goal | measured | |"
+      print "|---|---|---|"
+      if ("notify_trigger" in c) row("capture.sh: notify_trigger (row-level) ratio >= hand-trigger ratio",
+        sprintf("%.2f vs %.2f", c["notify_trigger"], c["hand-trigger"]), c["notify_trigger"] >= c["hand-trigger"])
+      if ("durable_trigger" in c) row("capture.sh: durable_trigger (row-level) ratio >= 0.5",
+        sprintf("%.2f", c["durable_trigger"]), c["durable_trigger"] >= 0.5)
+      if ("notify_statement" in f) row("forms: notify_statement ratio >= hand-trigger ratio",
+        sprintf("%.2f vs %.2f", f["notify_statement"], f["hand-trigger"]), f["notify_statement"] >= f["hand-trigger"])
+      if ("durable_statement" in f) row("forms: durable_statement ratio >= 0.5",
+        sprintf("%.2f", f["durable_statement"]), f["durable_statement"] >= 0.5)
+      for (m in s) if (m ~ /base schema/) {
+        n = m; sub(/ \(base schema\)/, "", n)
+        row("single-row transactions: " n " not slower than under the base schema",
+          sprintf("%d vs %d rows/s (%.2f x)", s[n], s[m], s[m] > 0 ? s[n] / s[m] : 0), s[n] >= s[m])
+      }
+    }' "$tmp/capture.out" "$tmp/forms.out"
+}
+
+# The capture section of RESULTS.md (between markers, so that
+# `bench/bench.sh capture` can rewrite it alone).
+capture_section() {
+  echo "<!-- capture:begin (bench/bench.sh capture rewrites this section) -->"
+  echo "## Capture: what it costs the writers"
+  echo
+  if [ "$ONLY" = capture ]; then
+    echo "Measured by \`bench/bench.sh capture\` on $(date -u '+%Y-%m-%d %H:%M UTC'), tree $(git -C "$repo" rev-parse --short HEAD 2>/dev/null);"
+    echo "load average at start: $load0, at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo
+  fi
+  echo '```'
+  echo "$runner --sql >schema.sql"
+  echo "PGL_SQL=schema.sql BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B \$tmp/bench/capture.sh"
+  echo "PGL_SQL=schema.sql PGL_SQL_BASE=<schema of $BASE_REV> BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_SINGLE_N=$SINGLE_N bench/capture-forms.sh"
+  echo '```'
+  echo
+  echo "capture.sh's own rows: \`notify_trigger\` and \`durable_trigger\` are the row-level form"
+  echo "(\`FOR EACH ROW\`) of this checkout's \`pglisten.notify_trigger\`."
+  echo
+  sed 's/^## /### /' "$tmp/capture.out"
+  echo
+  echo "bench/capture-forms.sh, on a cluster of its own with capture.sh's table, trigger, listener and"
+  echo "insert loop: the statement-level form (\`AFTER INSERT ... REFERENCING NEW TABLE AS new_rows FOR EACH"
+  echo "STATEMENT\`), and transactions of a single INSERT. Each run measures every row once in turn;"
+  echo "the ratios are to \`none\` of the same table."
+  echo
+  cat "$tmp/forms.out"
+  echo
+  echo "### Goals"
+  echo
+  capture_targets
+  echo "<!-- capture:end -->"
 }
 
 # sync.sh prints no producer-alone figure, and its consumers read while the
@@ -223,7 +324,7 @@ write_results() {
     echo
     echo '```'
     echo "cp -r $shared \$tmp/bench && cd \$tmp/bench && npm install"
-    if [ "$ONLY" != sync ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = run ]; then
       printf 'BENCH_N=%s BENCH_RUNS=%s BENCH_BATCH=%s BENCH_RATE=%s $tmp/bench/run.sh' "$N" "$RUNS" "$B" "$RATE"
       printf " \\\\\n  '%s'" "${run_cmd[@]}"; echo
     fi
@@ -270,6 +371,10 @@ write_results() {
         cat "$tmp/sync_extra.out"
       fi
     fi
+    if [ "$ONLY" = all ]; then
+      echo
+      capture_section
+    fi
     echo
     echo "## Targets"
     echo
@@ -292,15 +397,30 @@ install_peer_deps
 copy_bench || { echo "bench: cannot copy $shared" >&2; exit 1; }
 : >"$tmp/run.out"; : >"$tmp/sync.out"; : >"$tmp/sync_extra.out"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-[ "$ONLY" != sync ] && run_run
-if [ "$ONLY" != run ]; then
+case $ONLY in all|run) run_run ;; esac
+case $ONLY in all|capture) run_capture ;; esac
+if [ "$ONLY" = all ] || [ "$ONLY" = sync ]; then
   run_sync
   say "bench: sync producer alone, and the batch consumers' capacity"
   sync_extra >"$tmp/sync_extra.out" 2>"$tmp/sync_extra.err"; cat "$tmp/sync_extra.out" >&2
 fi
-for f in run sync; do
+for f in run sync capture forms; do
   [ -s "$tmp/$f.err" ] && { say "bench: $f.sh stderr:"; tail -n 20 "$tmp/$f.err" >&2; }
 done
+if [ "$ONLY" = capture ]; then
+  # only the capture section of the existing file
+  capture_section >"$tmp/capture.md"
+  if [ -f "$results" ] && grep -q '^<!-- capture:begin' "$results"; then
+    awk -v sec="$tmp/capture.md" '
+      /^<!-- capture:begin/ { while ((getline l < sec) > 0) print l; skip = 1; next }
+      /^<!-- capture:end/ { skip = 0; next }
+      !skip' "$results" >"$tmp/results.md" && cp "$tmp/results.md" "$results"
+  else
+    { [ -f "$results" ] && cat "$results" && echo; cat "$tmp/capture.md"; } >"$tmp/results.md" && cp "$tmp/results.md" "$results"
+  fi
+  say "bench: wrote the capture section of $results"
+  exit 0
+fi
 write_results
 say "bench: wrote $results"
 
