@@ -276,6 +276,40 @@ describe("a lazy connection at its edges", function()
     plain:close(); lazy:close()
   end)
 
+  it("first uses and heals during a server restart: rows or nil, err, 08xxx, within the timeout; never raise", function()
+    local used = assert(pg.connect(H.conninfo2(), { lazy = true, timeout = 2 }))
+    assert(used:exec("SELECT 1"))
+    local done = H.dir .. "/brk-restart.done"
+    os.remove(done)
+    assert(os.execute(("(%s restart >/dev/null 2>&1; touch %s) &"):format(H.ctl2, H.q(done))))
+    finally(function()
+      H.eventually(function() return io.open(done) end, 60)
+      if not pcall(H.connect, H.conninfo2()) then H.server2("start") end
+    end)
+    local results, worst = {}, 0
+    local deadline = pg.monotonic() + 30
+    repeat
+      for _, c in ipairs({ assert(pg.connect(H.conninfo2(), { lazy = true, timeout = 2 })), used }) do
+        local t0 = pg.monotonic()
+        local ok, r, err, code = pcall(c.exec, c, "SELECT 1 AS v")
+        worst = math.max(worst, pg.monotonic() - t0)
+        assert.is_true(ok, tostring(r))
+        if r then
+          assert.equal(1, r[1].v)
+        else
+          assert.matches("^08", code or "", 1, false)
+          results[#results + 1] = code
+        end
+        if c ~= used then c:close() end
+      end
+      pg.sleep(0.02)
+    until io.open(done) or pg.monotonic() > deadline
+    assert(H.eventually(function() return used:exec("SELECT 1") end, 10))
+    report(("restart: %d failed uses, slowest call"):format(#results), worst)
+    assert.is_true(worst < 4.5, ("a call took %.3f s"):format(worst))
+    used:close()
+  end)
+
   it("a dropped lazy connection is collected and its session closed", function()
     local o = H.connect()
     local function sessions()
