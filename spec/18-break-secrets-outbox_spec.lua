@@ -93,6 +93,20 @@ describe("a URI password with an unencoded '@' or '/'", function()
   end)
 end)
 
+describe("a conninfo given where the SCRIPT goes (--db forgotten)", function()
+  it("is not echoed with its secret when the script cannot be loaded, with or without --check", function()
+    for _, ci in ipairs({ uri("s3cretK", PORT, "postgres"), "host=" .. HOST .. " password=s3cretK",
+        "postgres://" .. HOST .. "/postgres?password=s3cretK" }) do
+      for _, args in ipairs({ { ci }, { "--check", ci }, { "--log-format", "json", ci } }) do
+        local rc, out, log = H.run_runner(args)
+        assert.equal(2, rc, log)
+        assert.is_nil((out .. log):find("s3cretK", 1, true), table.concat(args, " ") .. ":\n" .. out .. log)
+        assert.matches("cannot", log, 1, true)
+      end
+    end
+  end)
+end)
+
 describe("a URI password with an unencoded '?'", function()
   it("connects: the keepalives go where libpq reads the query, not into the database name", function()
     local ci = uri("p?ss5ecret", PORT, "postgres")

@@ -6,6 +6,7 @@ local pg = require "pglisten"
 local host = require "pglisten.host"
 local logmod = require "pglisten.log"
 local scriptmod = require "pglisten.script"
+local conninfo = require "pglisten.conninfo"
 
 local M = {}
 
@@ -149,6 +150,9 @@ function M.main(argv)
   local spec
   spec, err = scriptmod.load(opts.script)
   if not spec then
+    -- a conninfo given where SCRIPT goes (--db forgotten) is shown without its secrets
+    local secrets = conninfo.secrets(opts.script)
+    err, opts.script = conninfo.mask(tostring(err), secrets), conninfo.mask(opts.script, secrets)
     if host.stopping() then -- SIGTERM/INT during the script's top level (a connect it waited on)
       log.info("stopped: signal received while loading the script", { script = opts.script, error = err })
       return 0
