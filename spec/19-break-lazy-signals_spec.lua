@@ -276,7 +276,7 @@ describe("a lazy connection at its edges", function()
     plain:close(); lazy:close()
   end)
 
-  it("first uses and heals during a server restart: rows or nil, err, 08xxx, within the timeout; never raise", function()
+  it("first uses and heals during a server restart: rows or nil, err, 08xxx, in the timeout; never raise", function()
     local used = assert(pg.connect(H.conninfo2(), { lazy = true, timeout = 2 }))
     assert(used:exec("SELECT 1"))
     local done = H.dir .. "/brk-restart.done"
@@ -291,7 +291,7 @@ describe("a lazy connection at its edges", function()
     repeat
       for _, c in ipairs({ assert(pg.connect(H.conninfo2(), { lazy = true, timeout = 2 })), used }) do
         local t0 = pg.monotonic()
-        local ok, r, err, code = pcall(c.exec, c, "SELECT 1 AS v")
+        local ok, r, _, code = pcall(c.exec, c, "SELECT 1 AS v")
         worst = math.max(worst, pg.monotonic() - t0)
         assert.is_true(ok, tostring(r))
         if r then
