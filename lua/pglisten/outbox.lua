@@ -162,8 +162,11 @@ function M.claim(conn, channels, limit)
   end
   -- the events stay locked while the handlers run: a server that ends
   -- sessions idle in a transaction would roll every slow claim back, and
-  -- its events would be handled again and again (SET LOCAL: for this claim)
-  local ok, err, code = conn:exec("BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0")
+  -- its events would be handled again and again (SET LOCAL: for this claim).
+  -- Read committed whatever the default: FOR UPDATE SKIP LOCKED claims by
+  -- competing runners fail to serialize otherwise
+  local ok, err, code = conn:exec(
+    "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0")
   if not ok then return abort(conn, err, code) end
   local rows
   rows, err, code = conn:exec(CLAIM, list, limit)
