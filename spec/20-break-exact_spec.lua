@@ -37,6 +37,27 @@ describe("float table keys", function()
   end)
 end)
 
+describe("a number key and a string key that are the same JSON key", function()
+  it("refuse to encode, rather than write the key twice and lose a value", function()
+    for _, t in ipairs { { [1] = "a", ["1"] = "b" }, { [0.5] = 1, ["0.5"] = 2 }, { [-7] = 1, ["-7"] = 2, x = 3 } } do
+      assert.has_error(function() encode(t) end)
+      local s, err = pg.json.safe.encode(t)
+      assert.is_nil(s)
+      assert.matches("both", err)
+    end
+    assert.equal('{"2":"a"}', encode({ [2] = "a" }))
+    local back = assert(decode(encode({ [2] = "two", ["1"] = "one" })))
+    assert.same({ ["1"] = "one", ["2"] = "two" }, back)
+  end)
+
+  it("make exec raise before anything is sent", function()
+    local c = H.connect()
+    finally(function() c:close() end)
+    assert.has_error(function() c:exec("SELECT $1::jsonb AS j", { [1] = "a", ["1"] = "b" }) end)
+    assert.equal("a", assert(c:exec("SELECT $1::jsonb AS j", { [1] = "a", ["2"] = "b" }))[1].j["1"])
+  end)
+end)
+
 ---------------------------------------------------------------------------
 -- Another locale: a child lua5.4 with LOCPATH pointing at locales that
 -- localedef builds here, de_DE (',') and ps_AF (a two-byte decimal point).

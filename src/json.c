@@ -17,7 +17,9 @@
  * the encoder pushes keys and values between its additions.
  *
  * Tables: a table whose keys are exactly 1..n is an array (an empty table is
- * {}); any other table is an object whose keys must be strings or numbers.
+ * {}); any other table is an object whose keys must be strings or numbers
+ * (a float key in the shortest form; a number key whose text is also a
+ * string key of the table raises: {[1] = a, ["1"] = b} would hold "1" twice).
  * The null sentinel (pglisten.null) is null.  Nesting beyond 1000 levels
  * (or a cycle) raises, as do values JSON cannot carry (functions, ...).
  */
@@ -118,19 +120,33 @@ static void put_number(lua_State *L, jbuf *b, int idx) {
   jput(L, b, buf, (size_t)n);
 }
 
-/* An object key: a string as it is, an integer with all its digits, a
- * finite float in the shortest form (Lua's tostring has 14 digits, so 0.3
- * and 0.1 + 0.2 would both be "0.3", and follows the locale). */
-static void put_key(lua_State *L, jbuf *b, int idx) {
+/*
+ * The key at idx of the table at t: a string as it is, an integer with all
+ * its digits, a finite float in the shortest form (Lua's tostring has 14
+ * digits, so 0.3 and 0.1 + 0.2 would both be "0.3", and follows the
+ * locale).  A number key whose text is also a string key of the table
+ * raises: the object would hold that key twice and a reader keep one value.
+ */
+static void put_key(lua_State *L, jbuf *b, int t, int idx) {
   char buf[PGL_NUMBUF];
   size_t len;
   const char *k;
-  if (lua_type(L, idx) == LUA_TNUMBER && !lua_isinteger(L, idx) && isfinite(lua_tonumber(L, idx))) {
-    int n = pgl_format_float((double)lua_tonumber(L, idx), buf, 1);
-    put_string(L, b, buf, (size_t)n);
+  if (lua_type(L, idx) != LUA_TNUMBER) {
+    k = lua_tolstring(L, idx, &len);
+    put_string(L, b, k, len);
     return;
   }
-  lua_pushvalue(L, idx); /* a copy: tolstring would change a number key in place */
+  if (!lua_isinteger(L, idx) && isfinite(lua_tonumber(L, idx)))
+    lua_pushlstring(L, buf, (size_t)pgl_format_float((double)lua_tonumber(L, idx), buf, 1));
+  else {
+    lua_pushvalue(L, idx); /* a copy: tolstring would change a number key in place */
+    lua_tolstring(L, -1, NULL);
+  }
+  lua_pushvalue(L, -1);
+  if (lua_rawget(L, t) != LUA_TNIL)
+    luaL_error(L, "cannot encode as JSON: the number key %s and the string key \"%s\" are both the key \"%s\"",
+               lua_tostring(L, -2), lua_tostring(L, -2), lua_tostring(L, -2));
+  lua_pop(L, 1);
   k = lua_tolstring(L, -1, &len);
   put_string(L, b, k, len);
   lua_pop(L, 1);
@@ -207,7 +223,7 @@ static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
       if (!first)
         jputc(L, b, ',');
       first = 0;
-      put_key(L, b, lua_gettop(L) - 1);
+      put_key(L, b, idx, lua_gettop(L) - 1);
       jputc(L, b, ':');
       encode(L, b, lua_gettop(L), depth + 1, nullidx);
       lua_pop(L, 1);
