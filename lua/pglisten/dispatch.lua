@@ -56,14 +56,17 @@ local function msgh(e)
   return e
 end
 
---- Calls `fn(arg, note)`: true, or false, err, traceback.  The only way a
--- handler (or on_connect) is called.
+--- Calls `fn(arg, note)`: true (and what fn returned), or false and the
+-- error value; `dispatch.traceback()` is then the failure's traceback.  The
+-- only way a handler (or on_connect) is called.  A tail call, so that the
+-- fast path pays for one call frame only.
 local function invoke(fn, arg, note)
-  local ok, err = xpcall(fn, msgh, arg, note)
-  if ok then return true end
-  return false, err, last_traceback
+  return xpcall(fn, msgh, arg, note)
 end
 M.invoke = invoke
+
+--- The traceback of the last failed invoke.
+function M.traceback() return last_traceback end
 
 local function not_container(v)
   return ("payload is JSON but not an object or array (%s)"):format(type(v) == "userdata" and "null" or type(v))
@@ -207,12 +210,12 @@ function M:run_lane(lane)
       self:decode_failed(entry, note, err)
     else
       self.current_at = note.received_at
-      local ok, herr, tb = invoke(entry.handler, v, note)
+      local ok, herr = invoke(entry.handler, v, note)
       if ok then
         handled = handled + 1
       else
         q.head = h
-        self:handler_failed(entry, note, herr, tb, 1)
+        self:handler_failed(entry, note, herr, last_traceback, 1)
       end
     end
     if pending() then break end
@@ -291,7 +294,8 @@ function M:attempt(lane, job)
   job.attempt = job.attempt + 1
   lane.job, lane.wait_until = nil, nil
   self.current_at = job.note.received_at
-  local ok, err, tb = invoke(entry.handler, job.arg, job.notes or job.note)
+  local ok, err = invoke(entry.handler, job.arg, job.notes or job.note)
+  local tb = not ok and last_traceback or nil
   self.current_at = nil
   if ok then
     self.stats.handled = self.stats.handled + (job.notes and #job.notes or 1)

@@ -19,6 +19,8 @@
 local pg = require "pglisten"
 local outbox = require "pglisten.outbox"
 local backoff = require "pglisten.backoff"
+local dispatch = require "pglisten.dispatch"
+local conninfo_lib = require "pglisten.conninfo"
 
 local M = {}
 M.__index = M
@@ -46,10 +48,8 @@ end
 function M.with_application_name(conninfo)
   local set = pg.core.conninfo_keys(conninfo)
   if not set or set.application_name or os.getenv("PGAPPNAME") then return conninfo end
-  if conninfo:match("^postgres[a-z]*://") then
-    return conninfo .. (conninfo:find("?", 1, true) and "&" or "?") .. "application_name=lua-pglisten"
-  end
-  return (conninfo == "" and "" or (conninfo .. " ")) .. "application_name=lua-pglisten"
+  -- where libpq reads it, as with_keepalives does (a "?" in a password starts no query)
+  return conninfo_lib.add(conninfo, { "application_name=lua-pglisten" })
 end
 
 --- The channels a spec wants LISTENed, sorted.  Durable channels are
@@ -227,9 +227,10 @@ end
 function M:call_on_connect(info)
   local f, conn = self.rt.spec.on_connect, self.conn
   if not f then return end
-  local ok, err, tb = self.rt.invoke(f, conn, info)
+  local ok, err = self.rt.invoke(f, conn, info)
   if not ok then
-    self.log.error("on_connect failed; listening goes on", { error = self.rt.errstring(err), traceback = tb })
+    self.log.error("on_connect failed; listening goes on",
+      { error = self.rt.errstring(err), traceback = dispatch.traceback() })
   end
   if conn:isclosed() or conn:status() ~= "ok" then return self:lost("connection lost in on_connect") end
   local tx = conn:txstatus()

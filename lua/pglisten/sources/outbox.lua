@@ -147,10 +147,11 @@ function M:handle(entry, events, failed, done)
   if #notes == 0 then return end
   local ok, err, tb
   if entry.batch then
-    ok, err, tb = invoke(entry.handler, values, notes)
+    ok, err = invoke(entry.handler, values, notes)
   else
-    ok, err, tb = invoke(entry.handler, values[1], notes[1])
+    ok, err = invoke(entry.handler, values[1], notes[1])
   end
+  if not ok then tb = dispatch.traceback() end
   for i, note in ipairs(notes) do
     if ok then
       done[#done + 1] = note.id
