@@ -210,47 +210,10 @@ local function end_tx(s)
   s.intx, s.txlost = nil, nil
 end
 
--- The words a statement starts with, lower case, after white space and
--- comments (the first four: enough to tell how it ends a transaction).
-local function first_words(sql)
-  local i = 1
-  while true do
-    local j = sql:match("^%s*()", i)
-    if sql:sub(j, j + 1) == "--" then
-      i = (sql:find("\n", j, true) or #sql) + 1
-    elseif sql:sub(j, j + 1) == "/*" then
-      local _, e = sql:find("*/", j + 2, true)
-      i = (e or #sql) + 1
-    else
-      i = j
-      break
-    end
-  end
-  local words = {}
-  for w in sql:sub(i, i + 200):gmatch("[%a_]+") do
-    words[#words + 1] = w:lower()
-    if #words == 4 then break end
-  end
-  return words
-end
-
--- How `sql` ends a transaction block: "rollback" (ROLLBACK, ABORT),
--- "commit" (COMMIT, END, PREPARE TRANSACTION), or nil when it does not end
--- one (ROLLBACK TO SAVEPOINT) or begins another (AND CHAIN).
-local function ends_tx(sql)
-  local w = first_words(sql)
-  local kind = ({ rollback = "rollback", abort = "rollback", commit = "commit", ["end"] = "commit" })[w[1]]
-  if w[1] == "prepare" and w[2] == "transaction" then return "commit" end
-  if not kind or w[2] == "prepared" then return nil end -- COMMIT PREPARED 'gid'
-  local k = (w[2] == "work" or w[2] == "transaction") and 3 or 2
-  if w[k] == "to" or w[k] == "and" and w[k + 1] == "chain" then return nil end
-  return kind
-end
-
-local function begins_tx(sql)
-  local w = first_words(sql)
-  return w[1] == "begin" or (w[1] == "start" and w[2] == "transaction")
-end
+-- How a statement ends or begins a transaction block, and what a string of
+-- statements may have done when the connection was lost under it.
+local txblock = require "pglisten.txblock"
+local ends_tx = txblock.ends
 
 local LOST_FOUND = "connection lost inside a transaction: the server rolled it back;"
   .. " calls fail until the transaction is ended (ROLLBACK)"
@@ -340,14 +303,18 @@ local function after_call(conn, sql, err, code)
   local s = state[conn]
   if not s then return err, code end
   if conn:status() ~= "ok" then
-    if not (s.intx or begins_tx(sql)) then return err, code end
+    -- any statement of `sql` may have been the one under the loss
+    local lost, committed = txblock.effect(sql, s.intx)
+    if not (lost or committed) then return err, code end
     s.dirty = nil
-    if ends_tx(sql) == "commit" then -- the server may have committed before the loss
-      end_tx(s)
-      return (err or "connection lost") .. " (during COMMIT: whether it committed is unknown)", "08007"
+    err = err or "connection lost"
+    if lost then s.intx, s.txlost = true, true else end_tx(s) end
+    if committed then -- the server may have committed before the loss
+      return err .. " (during COMMIT: whether it committed is unknown"
+        .. (lost and "; the transaction it begins was rolled back: calls fail until it is ended" or "")
+        .. ")", "08007"
     end
-    s.intx, s.txlost = true, true
-    return (err or "connection lost") .. " (" .. LOST_FOUND .. ")", code or "08006"
+    return err .. " (" .. LOST_FOUND .. ")", code or "08006"
   end
   local tx = conn:txstatus()
   s.intx = (tx == "intrans" or tx == "inerror") or nil
@@ -519,21 +486,50 @@ function methods:notify(channel, payload)
   return true
 end
 
+local TX_ABORTED = "the transaction was aborted by an error inside it that fn did not pass on;"
+  .. " the server rolled it back: nothing was committed"
+
+-- transaction(fn) inside a transaction block: fn runs under a savepoint,
+-- so its failure undoes only its own work and its success commits nothing
+-- before the outer block does (a second BEGIN would be ignored and the
+-- inner COMMIT would commit the outer block's work early).
+local function sub_transaction(conn, fn)
+  local ok, err, code = conn:exec("SAVEPOINT pglisten_tx")
+  if not ok then return nil, err, code end
+  local res = table.pack(pcall(fn, conn))
+  local failed = not res[1] or (res[2] == nil and res[3] ~= nil)
+  if not failed then
+    ok, err, code = conn:exec("RELEASE SAVEPOINT pglisten_tx")
+    if ok then return table.unpack(res, 2, res.n) end
+    if code == "25P02" then err = TX_ABORTED end -- undone below, as for a failure
+  end
+  -- fails without the server when the connection is lost: the outer block is lost too
+  conn:exec("ROLLBACK TO SAVEPOINT pglisten_tx; RELEASE SAVEPOINT pglisten_tx")
+  if not res[1] then return nil, tostring(res[2]) end
+  if failed then return nil, res[3], res[4] end
+  return nil, err, code
+end
+
 --- Runs `fn(conn)` inside BEGIN/COMMIT; rolls back when `fn` raises or returns
 -- nil, err.  Returns what `fn` returned, or nil, err[, sqlstate].  When the
 -- connection is lost under `fn`, its later calls fail (08003) and so does
 -- the transaction: nil, err, "08003" ("nothing was committed"); a loss
--- during the COMMIT itself is nil, err, "08007" (outcome unknown).
+-- during the COMMIT itself is nil, err, "08007" (outcome unknown).  A
+-- statement of `fn` that failed without `fn` passing the error on aborted
+-- the block: nil, err, "25P02" (the server rolled it back at COMMIT).
+-- Inside a transaction block (a transaction() in another) `fn` runs under
+-- a savepoint: its failure rolls back its own work only, and its work is
+-- committed with the outer block.
 function methods:transaction(fn)
   check_open(self)
   if type(fn) ~= "function" then
     error("bad argument #1 to 'transaction' (function expected, got " .. type(fn) .. ")", 2)
   end
   local s = st(self)
-  local was_lost = s.txlost
+  if s.intx or s.txlost then return sub_transaction(self, fn) end
   local ok, err, code = self:exec("BEGIN")
   if not ok then
-    if not was_lost then end_tx(s) end -- this BEGIN's own loss: nothing to end
+    end_tx(s) -- this BEGIN's own loss: nothing to end
     return nil, err, code
   end
   local res = table.pack(pcall(fn, self))
@@ -546,6 +542,7 @@ function methods:transaction(fn)
   ok, err, code = self:exec("COMMIT")
   end_tx(s)
   if not ok then return nil, err, code end
+  if ok.command == "ROLLBACK" then return nil, TX_ABORTED, "25P02" end -- COMMIT of an aborted block
   return table.unpack(res, 2, res.n)
 end
 
