@@ -370,3 +370,59 @@ describe("break: channels() equals pg_listening_channels()", function()
     assert.equal("ch100", note.channel)
   end)
 end)
+
+-- A COMMIT that the server has written but not answered: with
+-- synchronous_standby_names naming a standby that never comes, a COMMIT is
+-- flushed locally and then waits for it; a backend terminated in that wait
+-- has committed (its WARNING says so), and its client never hears it.
+describe("break: a connection lost after the server committed", function()
+  local admin
+  before_each(function()
+    admin = H.connect()
+    assert(admin:exec("SET synchronous_commit = local"))
+    assert(admin:exec("DROP TABLE IF EXISTS tx21; CREATE TABLE tx21 (id int PRIMARY KEY)"))
+    assert(admin:exec("ALTER SYSTEM SET synchronous_standby_names = 'nobody21'"))
+    assert(admin:exec("SELECT pg_reload_conf()"))
+  end)
+  after_each(function()
+    assert(admin:exec("ALTER SYSTEM RESET synchronous_standby_names"))
+    assert(admin:exec("SELECT pg_reload_conf()"))
+    admin:close()
+  end)
+
+  local function waiting_conn()
+    local c = H.connect()
+    assert(c:exec("SET synchronous_commit = on"))            -- the test servers run with off
+    assert(H.eventually(function()
+      return assert(c:exec("SHOW synchronous_standby_names"))[1].synchronous_standby_names == "nobody21"
+    end, 10))
+    return c
+  end
+
+  it("execmany's own COMMIT is 08007 (outcome unknown), never a failure that rolled back", function()
+    local c = waiting_conn()
+    local killer = kill_later(c:pid(), 0.5)
+    local n, err, code = c:execmany("INSERT INTO tx21 VALUES ($1)", { { 1 }, { 2 } })
+    killer.wait(10)
+    assert.is_nil(n)
+    assert.equal("08007", code); assert.matches("unknown", err)
+    assert.same({ 1, 2 }, ids(admin))                       -- it had committed
+    c:close()
+  end)
+
+  it("transaction()'s COMMIT is 08007, and the next call heals", function()
+    local c = waiting_conn()
+    local killer
+    local ok, err, code = c:transaction(function(conn)
+      assert(conn:exec("INSERT INTO tx21 VALUES (1)"))
+      killer = kill_later(conn:pid(), 0.5)
+      return true
+    end)
+    killer.wait(10)
+    assert.is_nil(ok); assert.equal("08007", code); assert.matches("unknown", err)
+    assert.same({ 1 }, ids(admin))
+    assert(c:exec("SET synchronous_commit = local; INSERT INTO tx21 VALUES (2)"))
+    assert.same({ 1, 2 }, ids(admin))
+    c:close()
+  end)
+end)

@@ -55,6 +55,7 @@ typedef struct batch {
   lua_Integer queued;     /* commands queued, the Syncs not counted */
   lua_Integer done;       /* commands whose results have all been taken */
   lua_Integer err_at;     /* ordinal of the first command that failed, -1 */
+  lua_Integer commit_at;  /* ordinal of the batch's own COMMIT once queued, else 0 */
   int syncs, synced;      /* Syncs queued / their results taken */
   lua_Integer zero_tuple; /* tuple with a string holding a zero byte (not sent), 0 */
   int zero_param;         /* ... and its parameter number */
@@ -384,9 +385,27 @@ static int send_tuples(lua_State *L) {
 
 /* Pushes the outcome of a batch whose transport failed; returns the count.
  * The connection is left bad in every case: a pipeline cut off half way
- * cannot be brought back in step. */
+ * cannot be brought back in step.  Cut off while the batch's own COMMIT was
+ * the command outstanding (every command before it answered, none failed),
+ * the server may have committed: 08007, as for transaction()'s COMMIT. */
 static int push_transport_failure(lua_State *L, batch *b) {
+  int in_commit = b->commit_at > 0 && !*b->err && b->done >= b->commit_at;
   pgl_unbox_result(b->err);
+  if (in_commit) {
+    int timedout = b->fail == B_TIMEOUT;
+    if (timedout || PQstatus(b->pg) != CONNECTION_BAD)
+      pgl_conn_abandon(b->c);
+    lua_pushnil(L);
+    if (timedout)
+      lua_pushfstring(L, "timeout: no answer from the server within %f s to the batch's COMMIT;"
+                         " connection closed", b->c->timeout);
+    else
+      pgl_push_trimmed(L, PQerrorMessage(b->pg));
+    lua_pushliteral(L, " (connection lost during the batch's COMMIT: whether it committed is unknown)");
+    lua_concat(L, 2);
+    lua_pushliteral(L, "08007");
+    return 3;
+  }
   if (b->fail == B_TIMEOUT) {
     pgl_conn_abandon(b->c);
     lua_pushnil(L);
@@ -497,8 +516,10 @@ static int conn_execmany(lua_State *L) {
 
   /* close the first pipeline: commit what was all sent, else roll back */
   if (!b.fail) {
-    if (!raised && !b.zero_tuple && b.err_at < 0 && b.sent == b.ntuples)
+    if (!raised && !b.zero_tuple && b.err_at < 0 && b.sent == b.ntuples) {
+      b.commit_at = b.own_tx ? b.queued : 0;
       (void)(queue(&b, b.own_tx ? "COMMIT" : "RELEASE SAVEPOINT " PGL_SAVEPOINT) && sync_all(&b));
+    }
     else
       (void)(queue_rollback(&b) && sync_all(&b));
   }

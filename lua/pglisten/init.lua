@@ -371,7 +371,9 @@ local cexecmany = methods.execmany
 --   sends nothing), or nil, err, sqlstate, index: index is the 1-based tuple
 --   that failed (nil when the failure was not a tuple's); nothing of the
 --   batch is kept and the connection is idle (or back in the caller's
---   transaction) and usable, unless sqlstate is "08006" (connection lost).
+--   transaction) and usable, unless sqlstate is "08006" (connection lost)
+--   or "08007": the connection was lost while the batch's own COMMIT was
+--   under way (outside a transaction), and whether it committed is unknown.
 function methods:execmany(sql, list)
   check_open(self)
   if type(sql) ~= "string" then
