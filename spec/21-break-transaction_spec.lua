@@ -232,6 +232,20 @@ describe("break: explicit transaction blocks through exec", function()
     assert.same({ 1, 2 }, ids(admin))
   end)
 
+  it("a COMMIT AND CHAIN in a string, killed after it: 08007, and the chained block stays lost", function()
+    assert(c:exec("BEGIN"))
+    local killer = kill_later(c:pid(), 0.5)
+    local r, err, code = c:exec("INSERT INTO tx21 VALUES (1); COMMIT AND CHAIN; SELECT pg_sleep(10)")
+    killer.wait(10)
+    assert.is_nil(r)
+    assert.equal("08007", code); assert.matches("unknown", err)
+    assert.same({ 1 }, ids(admin))                          -- it did commit
+    r, _, code = c:exec("INSERT INTO tx21 VALUES (2)")      -- inside the chained block
+    assert.is_nil(r); assert.equal("08003", code)
+    assert(c:exec("ROLLBACK"))
+    assert.same({ 1 }, ids(admin))
+  end)
+
   it("a quoted ';' or a BEGIN inside a literal does not fool the statement splitter", function()
     local killer = kill_later(c:pid(), 0.5)
     local r, _, code = c:exec("SELECT 'x; BEGIN' AS a, $$; begin$$ AS b, \"begin\" FROM (SELECT 1 AS \"begin\") s;"
@@ -425,4 +439,39 @@ describe("break: a connection lost after the server committed", function()
     assert.same({ 1, 2 }, ids(admin))
     c:close()
   end)
+end)
+
+describe("break: what a string does to a transaction block (pglisten.txblock)", function()
+  local txblock = require "pglisten.txblock"
+  -- { sql, open before, lost expected, maybe committed expected }
+  local cases = {
+    { "SELECT 1", false, false, false },
+    { "SELECT 1", true, true, false },
+    { "", true, true, false },                               -- execmany's own batch
+    { "BEGIN; INSERT INTO t VALUES (1)", false, true, false },
+    { "SET x = 1; BEGIN; SELECT 1", false, true, false },
+    { "COMMIT", true, false, true },
+    { "COMMIT", false, false, false },
+    { "COMMIT; BEGIN; SELECT 1", true, true, true },
+    { "INSERT INTO t VALUES (1); COMMIT; SELECT pg_sleep(1)", true, false, true },
+    { "INSERT INTO t VALUES (1); COMMIT AND CHAIN; SELECT pg_sleep(1)", true, true, true },
+    { "end and chain", true, true, true },
+    { "ROLLBACK AND CHAIN; SELECT 1", true, true, false },
+    { "ROLLBACK; BEGIN", true, true, false },
+    { "ROLLBACK TO SAVEPOINT s; SELECT 1", true, true, false },
+    { "SELECT 'x; BEGIN', $$; begin$$, $a$ ; begin $a$, \"begin;\"; SELECT 2", false, false, false },
+    { "SELECT E'it\\'s; begin'; SELECT 2", false, false, false },
+    { "/* ; begin /* nested ; */ begin */ SELECT 1", false, false, false },
+    { "-- ; begin\nSELECT 1", false, false, false },
+    { "SELECT $1::int", true, true, false },
+    { "  /* x */ begin;", false, true, false },
+    { "START TRANSACTION ISOLATION LEVEL SERIALIZABLE", false, true, false },
+  }
+  for _, t in ipairs(cases) do
+    it(("%q, %s before"):format(t[1], t[2] and "inside" or "outside"), function()
+      local lost, committed = txblock.effect(t[1], t[2])
+      assert.equal(t[3], lost, "lost")
+      assert.equal(t[4], committed, "maybe committed")
+    end)
+  end
 end)

@@ -106,6 +106,15 @@ function M.ends(sql)
   return kind
 end
 
+--- Whether the first statement of `sql` commits and begins the next block
+-- at once (COMMIT AND CHAIN, END AND CHAIN).
+function M.chains(sql)
+  local w = M.first_words(sql)
+  if w[1] ~= "commit" and w[1] ~= "end" then return false end
+  local k = (w[2] == "work" or w[2] == "transaction") and 3 or 2
+  return w[k] == "and" and w[k + 1] == "chain"
+end
+
 --- Whether the first statement of `sql` begins a transaction block.
 function M.begins(sql)
   local w = M.first_words(sql)
@@ -127,6 +136,8 @@ function M.effect(sql, intx)
     if kind then
       if intx and kind == "commit" then committed = true end
       intx = false
+    elseif M.chains(stmt) then
+      if intx then committed = true end
     elseif M.begins(stmt) then
       intx = true
     end
