@@ -95,9 +95,9 @@ M.sql = [[
 --     filled in step is how PostgreSQL 10 to 15 work, not a documented
 --     promise; spec/13-capture-trigger_spec.lua checks it.
 --   * A statement making several kinds of change (INSERT ... ON CONFLICT DO
---     UPDATE, MERGE) sends each kind's events together, trigger by trigger
---     (AFTER STATEMENT triggers fire in name order), where the row-level
---     form interleaves them.
+--     UPDATE, MERGE) sends one group of events per kind, in the order
+--     PostgreSQL fires those triggers (an upsert's updates first), where the
+--     row-level form interleaves them.
 --   * On a partitioned table, the statement trigger names the table the
 --     statement ran on; a row-level trigger names the partition.
 --   * The transition table names are read from pg_trigger once per
