@@ -240,7 +240,8 @@ describe("break: explicit transaction blocks through exec", function()
     assert.is_nil(r)
     assert.equal("08007", code); assert.matches("unknown", err)
     assert.same({ 1 }, ids(admin))                          -- it did commit
-    r, _, code = c:exec("INSERT INTO tx21 VALUES (2)")      -- inside the chained block
+    r, err, code = c:exec("INSERT INTO tx21 VALUES (2)")    -- inside the chained block
+    assert.matches("ROLLBACK", err)
     assert.is_nil(r); assert.equal("08003", code)
     assert(c:exec("ROLLBACK"))
     assert.same({ 1 }, ids(admin))
@@ -474,4 +475,27 @@ describe("break: what a string does to a transaction block (pglisten.txblock)", 
       assert.equal(t[4], committed, "maybe committed")
     end)
   end
+end)
+
+describe("break: the outbox across a kill", function()
+  local outbox = require "pglisten.outbox"
+
+  it("a claim whose backend dies before finish: finish fails, nothing is deleted, the events come back", function()
+    local c, admin = H.connect(), H.connect()
+    assert(outbox.install(admin))
+    assert(admin:exec("DELETE FROM pglisten.outbox WHERE channel = 'brk21'"))
+    for i = 1, 3 do assert(outbox.publish(admin, "brk21", "e" .. i)) end
+    local events = assert(outbox.claim(c, { "brk21" }, 10))
+    assert.equal(3, #events)
+    kill_now(admin, c)
+    local ok, err = outbox.finish(c, { events[1].id, events[2].id },
+      { { id = events[3].id, error = "x", attempts = events[3].attempts } })
+    assert.is_nil(ok); assert.is_string(err)
+    local again = assert(outbox.claim(c, { "brk21" }, 10))   -- healed: all three, attempts unchanged
+    assert.equal(3, #again)
+    for i, e in ipairs(again) do assert.equal(events[i].attempts, e.attempts) end
+    assert(outbox.finish(c, { again[1].id, again[2].id, again[3].id }))
+    assert.equal(0, assert(outbox.pending(admin, "brk21")))
+    c:close(); admin:close()
+  end)
 end)
