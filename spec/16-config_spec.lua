@@ -211,7 +211,7 @@ describe("script.validate", function()
   it("knows the keys of coming versions, type-checks them, and refuses what this version lacks", function()
     local cases = {
       { { replication = { slot = "s", publication = "p", snapshot = true, create = false } },
-        "replication: the logical-replication source is not in this version of lua-pglisten" },
+        'replication: no channel has source = "replication"' },
       { { replication = { slot = 5 } }, "replication.slot must be a string, got number" },
       { { replication = { snapshot = "yes" } }, "replication.snapshot must be a boolean, got string" },
       { { replication = "crm" }, "replication must be a table" },
@@ -219,7 +219,7 @@ describe("script.validate", function()
       { { metrics = 9187 }, "metrics must be a string \"ADDR:PORT\", got 9187" },
       { { metrics = "host:99999" }, "metrics must be a string \"ADDR:PORT\", got \"host:99999\"" },
       { { channels = { a = { handler = h, source = "replication" } } },
-        'source "replication": the logical-replication source is not in this version of lua-pglisten' },
+        'source = "replication" needs table = "schema.table" (or a channel named "schema.table"), got "a"' },
       { { channels = { a = { handler = h, source = "kafka" } } }, 'source must be "notify" or "replication"' },
       { { channels = { a = { handler = h, ordered = true } } }, "ordered = true is not in this version" },
       { { channels = { a = { handler = h, ordered = 1 } } }, "ordered must be a boolean, got number" },

@@ -13,6 +13,7 @@ local M = {}
 local USAGE = [[
 usage: lua-pglisten [options] SCRIPT
        lua-pglisten --sql | --install [--db CONNINFO]
+       lua-pglisten --drop-slot [--db CONNINFO] SCRIPT
 
 Runs the handler script SCRIPT: LISTENs on the channels it names and calls
 its handler for each notification, with the payload decoded from JSON.
@@ -30,6 +31,8 @@ its handler for each notification, with the payload decoded from JSON.
                            elected with an advisory lock; others stand by)
       --sql                print the SQL that installs schema pglisten, exit
       --install            apply that SQL to --db, exit
+      --drop-slot          drop SCRIPT's replication slot (and the publication
+                           lua-pglisten created for it), exit
   -V, --version            print the version, exit
   -h, --help               print this help, exit
 
@@ -50,6 +53,7 @@ local OPTIONS = {
   { long = "single-active" },
   { long = "sql" },
   { long = "install" },
+  { long = "drop-slot" },
   { short = "V", long = "version" },
   { short = "h", long = "help" },
 }
@@ -176,8 +180,35 @@ function M.main(argv)
     end
     return 0
   end
+  if opts["drop-slot"] then return M.drop_slot(opts, spec) end
   local runner = require("pglisten.runner").make_runner(opts, spec, log)
   return runner:run()
+end
+
+--- --drop-slot: drops the script's replication slot, and its publication
+-- when lua-pglisten created it.
+function M.drop_slot(opts, spec)
+  local slotmod = require "pglisten.replication.slot"
+  local cfg = slotmod.config(spec)
+  if not cfg then
+    printerr(opts.script, ': no channel has source = "replication": there is no slot to drop')
+    return 2
+  end
+  local db = opts.db or os.getenv("DATABASE_URL") or ""
+  local conn, err = pg.connect(db)
+  if not conn then
+    printerr("cannot connect: ", err)
+    return 1
+  end
+  local done
+  done, err = slotmod.drop(conn, cfg)
+  conn:close()
+  if not done then
+    printerr(err)
+    return 1
+  end
+  for _, line in ipairs(done) do io.stdout:write(line, "\n") end
+  return 0
 end
 
 --- --sql / --install.

@@ -18,6 +18,12 @@ M.core = core
 --- The value SQL NULL and JSON null come back as (lua-cjson's `cjson.null`).
 M.null = cjson.null
 
+--- What an unchanged TOASTed column holds in a replication UPDATE event's
+-- `new` (the server did not send it): a unique value printing as
+-- "pglisten.unchanged".  Leave the column out of the upsert, or use
+-- REPLICA IDENTITY FULL.
+M.unchanged = core.unchanged
+
 --- Longest payload NOTIFY accepts is 7999 bytes (the server's limit is 8000
 -- including the terminating zero).
 M.MAX_PAYLOAD = 7999

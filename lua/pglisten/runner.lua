@@ -30,6 +30,7 @@ local scriptmod = require "pglisten.script"
 local dispatch = require "pglisten.dispatch"
 local notify = require "pglisten.sources.notify"
 local outbox_source = require "pglisten.sources.outbox"
+local replication = require "pglisten.sources.replication"
 local leader = require "pglisten.services.leader"
 local stats = require "pglisten.services.stats"
 
@@ -93,9 +94,10 @@ function Runner.new(opts, spec, log)
   self.stats_service = stats.new(self)
   self.notify = notify.new(self)
   self.outbox = outbox_source.new(self)
-  self.sources = { self.notify, self.outbox }
+  self.replication = replication.new(self)
+  self.sources = { self.notify, self.outbox, self.replication }
   -- hook order: the leader sets info.leader before the others see it
-  self.parts = { self.leader, self.notify, self.outbox, self.stats_service }
+  self.parts = { self.leader, self.notify, self.outbox, self.replication, self.stats_service }
   if not self.leader then table.remove(self.parts, 1) end
   self.next_tick = 0
   return self

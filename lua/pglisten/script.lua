@@ -3,10 +3,11 @@
 -- Every key a script may use is in one of the tables below (SCRIPT, CHANNEL,
 -- RETRY, RECONNECT, REPLICATION) with its check: a key in none of them is
 -- refused with a "did you mean" suggestion, so a misspelt `durable` cannot
--- pass unnoticed.  Keys of features a coming version adds (`replication`,
--- `metrics`, a channel's `source`, `table`, `on_failure`, `ordered`) are
--- known and type-checked; a value that needs the feature is refused until it
--- exists.  `decode` names an entry of pglisten.decoders.  Errors name the
+-- pass unnoticed.  Keys of features a coming version adds (`metrics`, a
+-- channel's `ordered`) are known and type-checked; a value that needs the
+-- feature is refused until it exists.  `replication` and a channel's
+-- `source`, `table` and `on_failure` configure the logical-replication
+-- source (pglisten.sources.replication).  `decode` names an entry of pglisten.decoders.  Errors name the
 -- file, and the line where one is known.
 -- @module pglisten.script
 
@@ -314,6 +315,25 @@ local function check_decode(e, label)
   return how, fn
 end
 
+-- A source = "replication" entry: its table ("schema.table": the `table`
+-- key, else the channel name) and on_failure; keys of NOTIFY channels are
+-- refused.  Its events are tables already: e.decoder passes them through.
+local function replication_entry(e, v, name, label)
+  local t = e.table or name
+  if not t:match("^[^.]+%.[^.]+$") then
+    fail('%s: source = "replication" needs table = "schema.table" (or a channel named "schema.table"), got %s',
+      label, shown(t))
+  end
+  for _, k in ipairs({ "durable", "max_attempts", "decode" }) do
+    if v[k] ~= nil then
+      fail('%s: %s does not apply to source = "replication" channels (their events are tables already; '
+        .. "retry and on_failure say what a failure does)", label, k)
+    end
+  end
+  e.table, e.on_failure = t, e.on_failure or "block"
+  e.decode, e.decoder = "raw", function(ev) return ev end
+end
+
 --- Normalizes one channel entry; raises a message naming file and line.
 local function channel_entry(name, v, path)
   if type(v) == "function" then v = { handler = v } end
@@ -333,13 +353,15 @@ local function channel_entry(name, v, path)
   e.decode, e.decoder = check_decode(v, label)
   e.retry = retry(v.retry, ctx)
   if e.source == "replication" then
-    fail('%s: source "replication": the logical-replication source %s', label, NOT_YET)
+    replication_entry(e, v, name, label)
   end
   if e.ordered then
     fail("%s: ordered = true %s (a durable event that fails is overtaken by later ones)", label, NOT_YET)
   end
   for _, k in ipairs({ "table", "on_failure" }) do
-    if e[k] ~= nil then fail('%s: %s applies to source = "replication" channels only', label, k) end
+    if e[k] ~= nil and e.source ~= "replication" then
+      fail('%s: %s applies to source = "replication" channels only', label, k)
+    end
   end
   if e.max_attempts and not e.durable then
     fail("%s: max_attempts applies to durable channels only (a plain channel retries with retry = "
@@ -351,6 +373,41 @@ end
 ----------------------------------------------------------------------------
 -- The script
 ----------------------------------------------------------------------------
+
+-- A slot name from the script's file name (lower case, [a-z0-9_], 63 bytes).
+local function default_slot(path)
+  local base = ((path or "script"):match("([^/]+)$") or "script"):gsub("%.lua$", "")
+  return ("lua_pglisten_" .. base:lower():gsub("[^a-z0-9_]", "_")):sub(1, 63)
+end
+
+-- The replication settings, with defaults, when some channel streams from
+-- the WAL; one channel per table.
+local function replication(v, spec, ctx)
+  local tables, any = {}, false
+  for _, n in ipairs(spec.names) do
+    local e = spec.channels[n]
+    if e.source == "replication" then
+      any = true
+      if tables[e.table] then
+        fail('%s: channels[%q] and channels[%q] both stream table %s: one channel per table',
+          ctx.path, tables[e.table], n, e.table)
+      end
+      tables[e.table] = n
+    end
+  end
+  if v == nil and not any then return nil end
+  local r = fields(v or {}, ctx, "replication", REPLICATION,
+    "{ slot = NAME, publication = NAME, snapshot = BOOL, create = BOOL }")
+  if not any then
+    fail('%s: replication: no channel has source = "replication" (name a table\'s channel, e.g. '
+      .. '["public.users"] = { source = "replication", handler = ... })', ctx.path)
+  end
+  r.slot = r.slot or default_slot(ctx.path)
+  r.publication = r.publication or r.slot
+  r.snapshot = r.snapshot or false
+  if r.create == nil then r.create = true end
+  return r
+end
 
 --- Validates the table a script returned; returns the normalized spec.
 -- Raises a message naming the file (and line) at the first problem.
@@ -379,11 +436,7 @@ function M.validate(t, path)
   if t.reconnect ~= nil then
     spec.reconnect = fields(t.reconnect, ctx, "reconnect", RECONNECT, "{ min = seconds, max = seconds }")
   end
-  if t.replication ~= nil then
-    fields(t.replication, ctx, "replication", REPLICATION,
-      "{ slot = NAME, publication = NAME, snapshot = BOOL, create = BOOL }")
-    fail("%s: replication: the logical-replication source %s", path, NOT_YET)
-  end
+  spec.replication = replication(t.replication, spec, ctx)
   spec.ordering = spec.ordering or "global"
   return spec
 end

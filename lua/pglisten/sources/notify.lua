@@ -169,7 +169,9 @@ function M:open()
       { timeout = self.rt.settings.connect_timeout, heal = false, interruptible = true })
   end
   if not conn then return nil, err end
-  local ok, lerr = conn:listen(table.unpack(M.wants(self.rt.spec)))
+  local wants = M.wants(self.rt.spec) -- none when every channel streams from the WAL
+  local ok, lerr = true, nil
+  if #wants > 0 then ok, lerr = conn:listen(table.unpack(wants)) end
   if not ok then
     conn:close()
     return nil, "LISTEN failed: " .. tostring(lerr)

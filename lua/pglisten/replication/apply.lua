@@ -1,0 +1,260 @@
+--- Applying a replication stream: the queue of decoded changes, their
+-- handlers, and the position that may be reported as flushed.
+--
+-- The queue holds, in the order the server sent them, events (a change of
+-- a table some channel streams: `{ entry, ev, note }`) and marks (`{ lsn,
+-- time }`: a commit's end, or a keepalive's walEnd outside a transaction).
+-- Handling takes the head: a mark moves `flushed` to its LSN (every event
+-- before it is handled); an event becomes a job -- one event, or for a
+-- `batch = N` channel the run of up to N events of that channel at the
+-- head, with the marks between them -- and the job's handler runs through
+-- dispatch.invoke.  So events are handled in commit order, one at a time,
+-- and the flush position never passes an event that is not handled.
+--
+-- A failed job is retried after `backoff.delay` (the channel's `retry`);
+-- when its attempts are spent it is logged and passed to `on_error`, and
+-- then either blocks the queue, retried with the growing backoff for as
+-- long as it fails (`on_failure = "block"`, the default: nothing is
+-- skipped), or is recorded in `pglisten.dead` and passed
+-- (`on_failure = "dead"`; the outbox schema must exist on the source
+-- database, `lua-pglisten --install`).
+-- @module pglisten.replication.apply
+
+local pg = require "pglisten"
+local host = require "pglisten.host"
+local backoff = require "pglisten.backoff"
+local dispatch = require "pglisten.dispatch"
+
+local M = {}
+M.__index = M
+
+local now = pg.monotonic
+local invoke, errstring = dispatch.invoke, dispatch.errstring
+local unchanged = pg.core.unchanged
+
+--- An applier for runtime `rt`; `counters` is the source's; `sql()`
+-- returns a plain connection to the source database (for pglisten.dead).
+function M.new(rt, counters, sql)
+  local self = setmetatable({ rt = rt, log = rt.log, c = counters, sql = sql, flushed = 0, events = 0 }, M)
+  self:reset()
+  return self
+end
+
+--- Forgets everything queued (the stream is restarted from `flushed`).
+function M:reset()
+  self.q, self.head, self.tail, self.events = {}, 1, 0, 0
+  self.job, self.wait_until = nil, nil
+end
+
+--- Appends an event or a mark.
+function M:push(item)
+  local t = self.tail + 1
+  self.q[t], self.tail = item, t
+  if item.entry then self.events = self.events + 1 end
+end
+
+--- Items queued (events and marks).
+function M:len() return self.tail - self.head + 1 end
+
+--- True when there is work that may be done now.
+function M:ready()
+  if self.job then return now() >= self.wait_until end
+  return self.head <= self.tail
+end
+
+--- The commit time of the oldest event not yet handled, or nil.
+function M:oldest_commit()
+  local q = self.q
+  for i = self.head, self.tail do
+    local it = q[i]
+    if it.entry then return it.note.commit_time end
+  end
+end
+
+-- The job at the head: its events, notes, and the last queue item it covers.
+function M:next_job()
+  local q, j = self.q, self.head
+  local entry = q[j].entry
+  local want = entry.batch or 1
+  local events, notes, k = {}, {}, 0
+  while j <= self.tail do
+    local it = q[j]
+    if it.entry then
+      if it.entry ~= entry or k >= want then break end
+      k = k + 1
+      events[k], notes[k] = it.ev, it.note
+    end
+    j = j + 1
+  end
+  return { entry = entry, events = events, notes = notes, last = j - 1, attempt = 0 }
+end
+
+local function advance(self, it)
+  if it.lsn > self.flushed then self.flushed = it.lsn end
+  if it.time then self.commit_time = it.time end
+end
+
+-- A settled job: its items leave the queue, its marks move `flushed`.
+function M:done(job)
+  local q = self.q
+  if job.last then
+    for i = self.head, job.last do
+      local it = q[i]
+      if not it.entry then advance(self, it) end
+      q[i] = nil
+    end
+    self.head = job.last + 1
+    self.events = self.events - #job.events
+  end
+  self.job, self.wait_until = nil, nil
+  return true
+end
+
+--- Handles what may be handled now, up to `budget` events (or until a
+-- signal arrives).  A failed job stays at the head (`self.job`) until its
+-- retry is due.
+function M:handle(budget)
+  local n, q = 0, self.q
+  while n < budget do
+    local job = self.job
+    if job then
+      if now() < self.wait_until or not self:attempt(job) then return end
+    end
+    local it = q[self.head]
+    if not it then break end
+    if it.entry then
+      job = self:next_job()
+      self.job = job
+      n = n + #job.events
+      if not self:attempt(job) then return end
+    else
+      advance(self, it)
+      q[self.head] = nil
+      self.head = self.head + 1
+    end
+    if host.pending() then break end
+  end
+  if self.head > self.tail and not self.job then self.q, self.head, self.tail = {}, 1, 0 end
+end
+
+-- Runs a job once.  True when it is settled (handled, or buried in
+-- pglisten.dead); false when it waits for a retry (`wait_until`).
+function M:attempt(job)
+  local entry, events, notes = job.entry, job.events, job.notes
+  job.attempt = job.attempt + 1
+  local ok, err
+  if entry.batch then
+    ok, err = invoke(entry.handler, events, notes)
+  else
+    ok, err = invoke(entry.handler, events[1], notes[1])
+  end
+  if ok then
+    self.c.handled = self.c.handled + #events
+    self.rt.stats.handled = self.rt.stats.handled + #events
+    return self:done(job)
+  end
+  return self:failed(job, err, dispatch.traceback())
+end
+
+-- Settles a failure: a retry later, or (spent) the log, on_error, and
+-- pglisten.dead or the blocked queue.
+function M:failed(job, err, tb)
+  local entry, n = job.entry, #job.events
+  local attempts = entry.retry and entry.retry.attempts or 1
+  local wait = backoff.delay(job.attempt, backoff.of(entry))
+  local msg = errstring(err)
+  self.c.failed_handler = self.c.failed_handler + n
+  self.rt.stats.failed_handler = self.rt.stats.failed_handler + n
+  local fields = { channel = entry.name, error = msg, attempt = job.attempt, of = attempts,
+    lsn = job.notes[1].lsn, count = n > 1 and n or nil }
+  if job.attempt < attempts then
+    self.c.retries = self.c.retries + 1
+    self.rt.stats.retries = self.rt.stats.retries + 1
+    fields.retry_in = ("%.3f"):format(wait)
+    self.log.warn("replication handler failed; retrying", fields)
+  else
+    fields.traceback = tb
+    local dead = entry.on_failure == "dead"
+    local buried, berr
+    if dead then buried, berr = self:bury(job, msg) end
+    if buried then
+      self.log.error("replication handler failed for the last time; moved to pglisten.dead", fields)
+    else
+      fields.retry_in, fields.dead_letter_error = ("%.3f"):format(wait), berr
+      self.log.error("replication handler failed; the slot waits until it succeeds (nothing is skipped)", fields)
+    end
+    local info = { kind = "handler", channel = entry.name, attempts = job.attempt, traceback = tb,
+      replication = true, final = true, dead = buried or nil, blocked = not buried or nil,
+      batch = entry.batch and job.notes or nil }
+    for _, note in ipairs(job.notes) do self.rt.dispatch:on_error(err, note, info) end
+    if buried then
+      self.c.dead = self.c.dead + n
+      return self:done(job)
+    end
+  end
+  self.wait_until = now() + wait
+  return false
+end
+
+-- A value for JSON: unchanged TOASTed columns are left out.
+local function row_of(t)
+  if type(t) ~= "table" then return t end
+  local out = {}
+  for k, v in pairs(t) do
+    if v ~= unchanged then out[k] = v end
+  end
+  return out
+end
+
+local DEAD = [[
+INSERT INTO pglisten.dead (id, channel, payload, attempts, last_error)
+VALUES (nextval(pg_get_serial_sequence('pglisten.outbox', 'id')), $1, $2, $3, $4)]]
+
+--- Records a job's events in pglisten.dead, in one transaction.
+-- @return true, or nil, err
+function M:bury(job, msg)
+  local conn, err = self.sql()
+  if not conn then return nil, err end
+  local ok
+  ok, err = conn:exec("BEGIN")
+  if not ok then return nil, err end
+  for i, ev in ipairs(job.events) do
+    local note = job.notes[i]
+    local payload
+    payload, err = pg.json.safe.encode({ op = ev.op, schema = ev.schema, table = ev.table,
+      new = row_of(ev.new), old = row_of(ev.old), lsn = note.lsn, commit_lsn = note.commit_lsn,
+      xid = note.xid, commit_time = note.commit_time, snapshot = note.snapshot })
+    if payload then ok, err = conn:exec(DEAD, job.entry.name, payload, job.attempt, msg) end
+    if not payload or not ok then
+      conn:exec("ROLLBACK")
+      return nil, err
+    end
+  end
+  ok, err = conn:exec("COMMIT")
+  if not ok then return nil, err end
+  return true
+end
+
+--- Hands `events` of one channel (the initial snapshot's rows) to its
+-- handler now, in runs of `batch` (one at a time without it), with the
+-- same retry and failure rules; waits out the backoff in place.
+-- @return true, or nil, err (the runner stops, or the events cannot be handled)
+function M:deliver(entry, events, notes)
+  local step = entry.batch or 1
+  for i = 1, #events, step do
+    local job = { entry = entry, events = { table.unpack(events, i, math.min(#events, i + step - 1)) },
+      notes = { table.unpack(notes, i, math.min(#notes, i + step - 1)) }, attempt = 0 }
+    while not self:attempt(job) do
+      while now() < self.wait_until do
+        self.rt:signals()
+        if self.rt:stopping() then return nil, "stopping" end
+        pg.sleep(math.min(0.1, math.max(0, self.wait_until - now())))
+      end
+    end
+    self.rt:signals()
+    if self.rt:stopping() then return nil, "stopping" end
+  end
+  return true
+end
+
+return M

@@ -1,0 +1,432 @@
+--- The logical-replication source: channels with `source = "replication"`,
+-- fed from a slot streamed with pgoutput (pglisten.core's replication
+-- connection) instead of NOTIFY.
+--
+-- Its hooks, as the loop calls them:
+--   tick     -- while not streaming: one attempt to start (connect, the
+--               start-up checks, the publication and slot created when
+--               missing, the initial snapshot, START_REPLICATION from the
+--               position handled so far); a slot another runner streams
+--               (55006) is tried again every STANDBY_RETRY seconds.  While
+--               streaming: the Standby Status Update, every STATUS_INTERVAL
+--               seconds, at once when the server asks, and within
+--               STATUS_MIN seconds of a new flush position; the stats line.
+--   pollfd/events/pending/read -- reading the stream into the queue of
+--               pglisten.replication.apply and handling what may be handled
+--   reload   -- a channel for a new table is added to the publication
+--   close    -- the last status update, a clean end of the stream
+--
+-- The flush position reported is the end of the last transaction whose
+-- events are all handled, or, with nothing pending and no transaction in
+-- flight, the walEnd of the last keepalive (the apply worker's rule: an
+-- idle slot does not hold WAL while other databases write).  A restart
+-- resumes from the slot's confirmed position: at least once.
+--
+-- Start-up problems that waiting cannot fix (wal_level, the REPLICATION
+-- attribute, no free slot, a table without replica identity) stop the
+-- runner at its first start, exit status 1, with a message saying what to
+-- change (pglisten.replication.slot).
+-- @module pglisten.sources.replication
+
+local pg = require "pglisten"
+local backoff = require "pglisten.backoff"
+local conninfo_lib = require "pglisten.conninfo"
+local notify = require "pglisten.sources.notify"
+local slotmod = require "pglisten.replication.slot"
+local Apply = require "pglisten.replication.apply"
+
+local M = {}
+M.__index = M
+
+local now = pg.monotonic
+local core = pg.core
+local lsn_parse, lsn_format = core.lsn_parse, core.lsn_format
+
+M.STATUS_INTERVAL = 10  -- seconds between two status updates at most
+M.STATUS_MIN = 1        -- a new flush position is reported within this
+M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
+M.READ = 1000           -- messages taken per read
+M.HANDLE = 1000         -- events handled per turn of the loop
+
+--- The source's counters.
+function M.counters()
+  return { received = 0, handled = 0, failed_handler = 0, retries = 0, dead = 0, unrouted = 0 }
+end
+
+function M.new(rt)
+  local self = setmetatable({ rt = rt, log = rt.log, c = M.counters(), received = 0 }, M)
+  self.cfg = slotmod.config(rt.spec)
+  self.apply = Apply.new(rt, self.c, function() return self:sql() end)
+  self.next_connect, self.attempt, self.first, self.last_warn = now(), 0, true, -math.huge
+  local set = core.conninfo_keys(rt.db)
+  self.conninfo = (set and not set.application_name and not os.getenv("PGAPPNAME"))
+    and conninfo_lib.add(rt.db, { "application_name=lua-pglisten-replication" }) or rt.db
+  return self
+end
+
+---------------------------------------------------------------------------
+-- The loop's hooks
+---------------------------------------------------------------------------
+
+local function room(self) return self.apply:len() < self.rt.settings.read_ahead end
+
+function M:pollfd()
+  if self.streaming and room(self) then return self.repl:pollfd() end
+end
+function M:events() return self.repl and self.repl:events() or "r" end
+function M:pending()
+  return self.streaming and ((self.more and room(self)) or self.apply:ready()) or false
+end
+
+--- Reads what the stream has (without waiting) and handles what may be
+-- handled.  Returns the messages read, or nil when the stream is lost.
+function M:read()
+  if not self.streaming then return 0 end
+  local n = 0
+  if room(self) then
+    local msgs, err, state = self.repl:read(M.READ)
+    if not msgs then
+      self:lost(err, state)
+      return nil
+    end
+    n = #msgs
+    self.more = n == M.READ
+    if n > 0 then self:take(msgs) end
+  end
+  self.apply:handle(M.HANDLE)
+  if self.reply_now then self:status() end
+  return n
+end
+
+function M:timeout(t)
+  if not self.cfg then return nil end
+  local due = self.next_stats or math.huge
+  if not self.streaming then
+    if self.rt:stopping() then return nil end
+    due = math.min(due, self.next_connect)
+  else
+    due = math.min(due, self.last_status + M.STATUS_INTERVAL)
+    if self.reply_now then due = t end
+    if self.apply.flushed > self.sent then due = math.min(due, self.last_status + M.STATUS_MIN) end
+    if self.apply.job then due = math.min(due, self.apply.wait_until) end
+  end
+  return due - t
+end
+
+function M:tick(t)
+  if not self.cfg then return end
+  local iv = self.rt.settings.stats_interval
+  if iv > 0 then
+    self.next_stats = self.next_stats or (t + iv)
+    if t >= self.next_stats then
+      self.next_stats = t + iv
+      self:log_stats()
+    end
+  end
+  if not self.streaming then
+    if t >= self.next_connect and not self.rt:stopping() then self:try_start() end
+    return
+  end
+  local since = t - self.last_status
+  if self.reply_now or since >= M.STATUS_INTERVAL or (self.apply.flushed > self.sent and since >= M.STATUS_MIN) then
+    self:status()
+  end
+end
+
+---------------------------------------------------------------------------
+-- The stream
+---------------------------------------------------------------------------
+
+-- A change of a table some channel streams: an event and its note.
+function M:event(entry, op, schema, tbl, m)
+  local tx = self.tx or {}
+  self.c.received = self.c.received + 1
+  self.rt.stats.received = self.rt.stats.received + 1
+  self.apply:push({ entry = entry, ev = { op = op, schema = schema, table = tbl, new = m.new, old = m.old },
+    note = { channel = entry.name, lsn = m.lsn, lsn_int = m.lsn_int, commit_lsn = tx.commit_lsn, xid = tx.xid,
+      commit_time = tx.commit_time, received_at = pg.now() } })
+end
+
+--- Queues the decoded messages: events, commit marks, keepalive marks.
+function M:take(msgs)
+  local by = self.cfg.by_table
+  for _, m in ipairs(msgs) do
+    local k = m.kind
+    local we = m.wal_end_int
+    if we and we > self.received then self.received = we end
+    if m.op and k ~= "truncate" then
+      local entry = by[m.schema .. "." .. m.table]
+      if entry then
+        self:event(entry, m.op, m.schema, m.table, m)
+      else
+        self.c.unrouted = self.c.unrouted + 1
+      end
+    elseif k == "begin" then
+      self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time }
+    elseif k == "commit" then
+      self.apply:push({ lsn = m.end_lsn_int, time = m.commit_time })
+      self.tx = nil
+    elseif k == "truncate" then
+      for _, rel in ipairs(m.relations) do
+        local entry = by[rel.schema .. "." .. rel.table]
+        if entry then self:event(entry, "TRUNCATE", rel.schema, rel.table, m) end
+      end
+    elseif k == "keepalive" then
+      if m.reply_requested then self.reply_now = true end
+      -- outside a transaction, everything up to walEnd has been sent
+      if not self.tx and m.wal_end_int then self.apply:push({ lsn = m.wal_end_int }) end
+    end
+  end
+end
+
+--- A Standby Status Update: written up to what was received, flushed and
+-- applied up to what is handled.
+function M:status()
+  local f = self.apply.flushed
+  self.reply_now, self.last_status = false, now()
+  if f <= 0 then return end
+  local w = self.received > f and self.received or f
+  local ok, err, state = self.repl:confirm(w, f, f, false)
+  if not ok then return self:lost(err, state) end
+  self.sent = f
+end
+
+--- The stream is gone: what was read but not handled is dropped (the
+-- server sends it again), and streaming starts again soon.
+function M:lost(err, state)
+  if not self.repl then return end
+  self.log.warn("replication stream lost; reconnecting", { slot = self.cfg.slot, error = err, sqlstate = state,
+    handled_to = lsn_format(self.apply.flushed), queued = self.apply.events })
+  self:drop_repl()
+  self.apply:reset()
+  self.rt.stats.reconnects = self.rt.stats.reconnects + 1
+  self.next_connect, self.attempt = now(), 0
+end
+
+function M:drop_repl()
+  if self.repl then self.repl:close() end
+  self.repl, self.streaming, self.more, self.tx, self.reply_now = nil, false, false, nil, false
+end
+
+---------------------------------------------------------------------------
+-- Starting
+---------------------------------------------------------------------------
+
+--- The plain connection to the source database (checks, lag, pglisten.dead).
+function M:sql()
+  local c = self.sqlconn
+  if c and not c:isclosed() and c:status() == "ok" then return c end
+  if c then c:close() end
+  local err
+  c, err = pg.connect(self.rt.db, { timeout = self.rt.settings.connect_timeout, interruptible = true })
+  self.sqlconn = c
+  return c, err
+end
+
+--- One attempt to start streaming; on failure the next one is scheduled
+-- (or, at the first start, a fatal problem stops the runner).
+function M:try_start()
+  self.attempt = self.attempt + 1
+  local ok, err, fatal = self:open()
+  if ok then return end
+  if err == "standby" then
+    self.attempt, self.next_connect = 0, now() + M.STANDBY_RETRY
+    return
+  end
+  if self.sqlconn and self.sqlconn:status() ~= "ok" then self.sqlconn:close() end
+  if fatal and self.first then
+    self.log.error("replication source cannot start", { slot = self.cfg.slot, error = err })
+    self.rt.fatal = err
+    return
+  end
+  local s = self.rt.settings
+  local wait = backoff.delay(self.attempt, s.reconnect_min, s.reconnect_max, 0.5)
+  local t = now()
+  if t - self.last_warn >= 30 then
+    self.log.warn("replication: cannot stream yet; retrying", { slot = self.cfg.slot, error = err,
+      attempt = self.attempt, next_in = ("%.2f"):format(wait) })
+    self.last_warn = t
+  end
+  self.next_connect = t + wait
+end
+
+-- The checks, the publication and the slot; returns the slot's row (false: missing).
+function M:prepare(sql)
+  local cfg = self.cfg
+  local row, err = slotmod.slot(sql, cfg.slot)
+  if row == nil then return nil, err end
+  local ok, fatal
+  ok, err, fatal = slotmod.check(sql, cfg, not row)
+  if not ok then return nil, err, fatal end
+  if row then
+    ok, err, fatal = slotmod.usable(row, cfg.slot)
+    if not ok then return nil, err, fatal end
+  end
+  local how, added
+  ok, how, added = slotmod.ensure_publication(sql, cfg)
+  if not ok then return nil, how, added end
+  if how then
+    self.log.info(how == "created" and "created publication" or "added tables to publication",
+      { publication = cfg.publication, tables = table.concat(added or cfg.tables, ",") })
+  end
+  return row
+end
+
+-- One attempt: true (streaming), or nil, err[, fatal] ("standby": the slot is in use).
+function M:open()
+  local cfg = self.cfg
+  local sql, err = self:sql()
+  if not sql then return nil, err, notify.permanent(err) end
+  local row, fatal
+  row, err, fatal = self:prepare(sql)
+  if row == nil then return nil, err, fatal end
+  local repl = self.repl
+  if not repl then
+    repl, err = core.replication_connect(self.conninfo, self.rt.settings.connect_timeout)
+    if not repl then return nil, err, notify.permanent(err) end
+    self.repl = repl
+  end
+  local start
+  if row then
+    start = lsn_parse(row.confirmed_flush_lsn or "0/0") or 0
+  else
+    start, err, fatal = self:create_slot(repl)
+    if not start then
+      self:drop_repl()
+      return nil, err, fatal
+    end
+  end
+  if self.apply.flushed > start then start = self.apply.flushed end
+  local ok, state
+  ok, err, state = repl:start(cfg.slot, start, { publication = cfg.publication, proto_version = 1 })
+  if not ok then
+    if state == "55006" then return self:standby(err) end
+    self:drop_repl()
+    return nil, err
+  end
+  return self:started(start)
+end
+
+function M:standby(err)
+  if not self.standing_by then
+    self.standing_by = true
+    self.log.info("standing by: the replication slot is in use by another runner", { slot = self.cfg.slot,
+      error = err })
+  end
+  return nil, "standby"
+end
+
+function M:started(start)
+  self.streaming, self.more, self.first = true, true, false
+  self.apply.flushed, self.sent, self.last_status = start, start, now()
+  self.received = start
+  self.log.info(self.standing_by and "streaming: took over the replication slot" or "streaming", {
+    slot = self.cfg.slot, publication = self.cfg.publication, tables = table.concat(self.cfg.tables, ","),
+    from = lsn_format(start), pid = self.repl:pid() })
+  self.standing_by, self.attempt, self.last_warn = false, 0, -math.huge
+  return true
+end
+
+-- Creates the slot; with snapshot = true, hands the tables' rows over
+-- first.  Returns the LSN to stream from, or nil, err, fatal.
+function M:create_slot(repl)
+  local cfg = self.cfg
+  local rows, err, state = repl:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput %s")
+    :format(cfg.slot, cfg.snapshot and "EXPORT_SNAPSHOT" or "NOEXPORT_SNAPSHOT"))
+  if not rows then
+    if state == "53400" then return nil, slotmod.slots_exhausted(), true end
+    if state == "42710" then return nil, "replication slot " .. cfg.slot .. " was just created by another runner" end
+    return nil, ("cannot create replication slot %s: %s"):format(cfg.slot, err), state == "42501"
+  end
+  local row = rows[1]
+  self.log.info("created replication slot", { slot = cfg.slot, consistent_point = row.consistent_point })
+  if cfg.snapshot then
+    local ok, serr, sfatal = self:snapshot(row.snapshot_name)
+    if not ok then
+      local _, derr = repl:command("DROP_REPLICATION_SLOT " .. cfg.slot)
+      self.log.warn("initial snapshot failed; the slot is dropped and the snapshot starts again next time",
+        { slot = cfg.slot, error = serr, drop_error = derr })
+      return nil, "initial snapshot failed: " .. tostring(serr), sfatal
+    end
+  end
+  return lsn_parse(row.consistent_point)
+end
+
+-- The initial snapshot (pglisten.snapshot) in the slot's exported snapshot.
+function M:snapshot(name)
+  local ok, snap = pcall(require, "pglisten.snapshot")
+  if not ok then return nil, "snapshot = true needs pglisten.snapshot: " .. tostring(snap), true end
+  return snap.run(self.rt, { conninfo = self.rt.db, snapshot = name, tables = self.cfg.tables, page = 1000,
+    deliver = function(entry, events, notes) return self.apply:deliver(entry, events, notes) end })
+end
+
+---------------------------------------------------------------------------
+-- Reload, stats, close
+---------------------------------------------------------------------------
+
+function M:reload(_, new)
+  local cfg = slotmod.config(new)
+  local old = self.cfg
+  if not cfg then
+    if old then self.log.warn("no channel streams from the replication slot any more; it stays until "
+      .. "the next start", { slot = old.slot }) end
+    return
+  end
+  if old and (cfg.slot ~= old.slot or cfg.publication ~= old.publication) then
+    self.log.warn("replication slot or publication changed; it takes effect at the next start",
+      { slot = old.slot, publication = old.publication })
+    cfg.slot, cfg.publication = old.slot, old.publication
+  end
+  self.cfg = cfg
+  if not old then
+    self.next_connect = now()
+    return
+  end
+  if self.streaming then
+    local sql, err = self:sql()
+    local ok, how, added
+    if sql then ok, how, added = slotmod.ensure_publication(sql, cfg) end
+    if not sql or not ok then
+      self.log.error("reload: cannot add the new tables to the publication", { publication = cfg.publication,
+        error = err or how })
+    elseif how then
+      self.log.info("added tables to publication", { publication = cfg.publication,
+        tables = table.concat(added or cfg.tables, ",") })
+    end
+  end
+end
+
+--- The source's figures: counters, lag and the slot's confirmed position.
+function M:figures()
+  local c, a = self.c, self.apply
+  local f = { slot = self.cfg.slot, received = c.received, handled = c.handled, failed_handler = c.failed_handler,
+    retries = c.retries, dead = c.dead, unrouted = c.unrouted, queued = a.events,
+    blocked = a.job and a.job.attempt > 0 or nil, flushed = lsn_format(a.flushed), streaming = self.streaming or false }
+  local oldest = a:oldest_commit()
+  f.lag_seconds = oldest and ("%.3f"):format(math.max(0, pg.now() - (a.commit_time or oldest))) or "0"
+  local sql = self.sqlconn
+  if sql and not sql:isclosed() then
+    local bytes, confirmed = slotmod.lag(sql, self.cfg.slot)
+    if bytes then f.lag_bytes, f.confirmed_flush_lsn = ("%.0f"):format(bytes), confirmed end
+  end
+  return f
+end
+
+--- One "replication stats" line.
+function M:log_stats()
+  if not self.cfg then return end
+  self.log.info("replication stats", self:figures())
+end
+
+function M:close()
+  if self.streaming then
+    self:status()
+    if self.repl then self.repl:finish() end
+  end
+  if self.cfg then self:log_stats() end
+  self:drop_repl()
+  if self.sqlconn then self.sqlconn:close() end
+  self.sqlconn = nil
+end
+
+return M

@@ -1,0 +1,285 @@
+-- The logical-replication source (lua/pglisten/sources/replication.lua)
+-- through the real runner binary: events in commit order with the right
+-- op/new/old, a backlog made while no runner runs, big rows, unchanged
+-- TOAST values, TRUNCATE, ALTER TABLE mid-stream, an idle slot that follows
+-- other databases' WAL, --drop-slot.
+local H = require "spec.helpers"
+local pg = H.pg
+
+local C = {}
+local slotseq = 0
+
+--- A source and a target database, a slot name.
+function C.setup(prefix)
+  slotseq = slotseq + 1
+  local src = H.createdb(prefix .. "s")
+  local dst = H.createdb(prefix .. "t")
+  return src, dst, ("cdc_%d_%d"):format(os.time() % 100000, slotseq)
+end
+
+function C.sql(s, db) return H.psql(s, db) end
+
+--- The upsert a handler runs (README, "Change data capture"): unchanged
+-- TOASTed columns are left out, so the target keeps its value.
+C.HANDLER = [[
+local target = assert(pglisten.connect(TARGET))
+local function upsert(tbl, ev)
+  if ev.op == "TRUNCATE" then return assert(target:exec("TRUNCATE " .. tbl)) end
+  if ev.op == "DELETE" or (ev.old and ev.new and ev.old.id ~= ev.new.id) then
+    assert(target:exec("DELETE FROM " .. tbl .. " WHERE id = $1", ev.old.id))
+    if ev.op == "DELETE" then return end
+  end
+  local cols, ph, sets, vals = {}, {}, {}, {}
+  for k, v in pairs(ev.new) do
+    if v ~= pglisten.unchanged then
+      vals[#vals + 1] = v
+      cols[#cols + 1], ph[#ph + 1] = k, "$" .. #vals
+      if k ~= "id" then sets[#sets + 1] = k .. " = EXCLUDED." .. k end
+    end
+  end
+  assert(target:exec(("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (id) DO %s"):format(tbl,
+    table.concat(cols, ", "), table.concat(ph, ", "),
+    #sets > 0 and ("UPDATE SET " .. table.concat(sets, ", ")) or "NOTHING"), table.unpack(vals, 1, #vals)))
+end
+]]
+
+--- A handler script: TARGET, then `body`.
+function C.script(dst, body)
+  return H.script(("local TARGET = %q\n"):format("dbname=" .. dst) .. C.HANDLER .. body)
+end
+
+--- Starts the runner and waits until it streams (or stands by).
+function C.start(path, src, args, want)
+  local argv = { "--db", "dbname=" .. src }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local p = H.start(path, argv, nil, false)
+  local ok = H.eventually(function()
+    local e = p.stderr()
+    return e:find(want or "streaming", 1, true) or not p.running()
+  end, 20)
+  assert(ok and p.running(), "runner did not stream: " .. p.stderr())
+  return p
+end
+
+--- Stops the runner, drops the slot and the publication.
+function C.cleanup(procs, src, slot)
+  for _, p in ipairs(procs) do p.stop() end
+  H.eventually(function()
+    return C.sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
+  end, 10)
+  C.sql(("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
+  C.sql(("DROP PUBLICATION IF EXISTS %s"):format(slot), src)
+end
+
+--- A digest of a table's rows.
+function C.digest(db, tbl)
+  return C.sql(("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY id)), '') FROM %s t")
+    :format(tbl), db)
+end
+
+function C.same(src, dst, tbl, timeout)
+  local want
+  local ok = H.eventually(function()
+    want = C.digest(src, tbl)
+    return C.digest(dst, tbl) == want
+  end, timeout or 20, 0.2)
+  return ok, want, C.digest(dst, tbl)
+end
+
+function C.confirmed(slot)
+  return C.sql(("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
+end
+
+if not describe then return C end
+
+describe("replication source", function()
+  it("delivers inserts, updates and deletes in commit order with op, new, old; the target equals the source",
+    function()
+      local src, dst, slot = C.setup("order")
+      local ddl = "CREATE TABLE items (id int PRIMARY KEY, n int, s text, ok bool, j jsonb)"
+      C.sql(ddl, src); C.sql(ddl, dst)
+      local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.items"] = { source = "replication", handler = function(ev, note)
+      upsert("items", ev)
+      out(ev.op, ev.schema, ev.table, ev.new and ev.new.id or "-", ev.old and ev.old.id or "-",
+        ev.new and ev.new.n or "-", note.channel, note.xid, note.lsn, note.commit_lsn, type(note.commit_time))
+    end },
+  },
+}
+]]):format(slot))
+      local p = C.start(path, src)
+      finally(function() C.cleanup({ p }, src, slot) end)
+      -- 60 transactions; the same row changed by several of them
+      local stmts = {}
+      for i = 1, 60 do
+        local k = i % 7
+        if i % 3 == 0 then
+          stmts[#stmts + 1] = ("BEGIN; UPDATE items SET n = n + %d, s = 'u%d' WHERE id = %d; "
+            .. "INSERT INTO items VALUES (%d, %d, 'x', true, '{\"a\": %d}') ON CONFLICT (id) DO NOTHING; COMMIT;")
+            :format(i, i, k, 100 + i, i, i)
+        elseif i % 5 == 0 then
+          stmts[#stmts + 1] = ("DELETE FROM items WHERE id = %d;"):format(k)
+        else
+          stmts[#stmts + 1] = ("INSERT INTO items VALUES (%d, %d, 's%d', %s, NULL) "
+            .. "ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n;"):format(k, i, i, i % 2 == 0 and "true" or "false")
+        end
+      end
+      C.sql(table.concat(stmts, "\n"), src)
+      local ok, want, got = C.same(src, dst, "items")
+      assert.is_true(ok and true or false, ("target %s, source %s"):format(got, want))
+      -- commit order: xids rise with the commit LSNs, events of one transaction together
+      local lines = H.lines(p.stdout())
+      local last_commit, seen_x, prev_x = -1, {}, nil
+      for _, l in ipairs(lines) do
+        local f = {}
+        for w in l:gmatch("%S+") do f[#f + 1] = w end
+        assert.equal("public", f[2]); assert.equal("items", f[3]); assert.equal("public.items", f[7])
+        assert.equal("number", f[11])
+        local commit = pg.core.lsn_parse(f[10])
+        assert.is_true(commit >= last_commit, l)
+        if f[8] ~= prev_x then
+          assert.is_nil(seen_x[f[8]], "transaction " .. f[8] .. " interleaved")
+          seen_x[f[8]] = true
+        end
+        prev_x, last_commit = f[8], commit
+        if f[1] == "DELETE" then assert.equal("-", f[4]); assert.truthy(tonumber(f[5])) end
+        if f[1] == "INSERT" then assert.equal("-", f[5]) end
+      end
+      assert.is_true(#lines >= 60)
+    end)
+
+  it("handles 20,000 changes made while no runner ran, in batches", function()
+    local src, dst, slot = C.setup("backlog")
+    C.sql("CREATE TABLE big (id int PRIMARY KEY, v text)", src)
+    C.sql("CREATE TABLE seen (id int PRIMARY KEY, v text)", dst)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.big"] = { source = "replication", batch = 500, handler = function(events, notes)
+      assert(#events <= 500 and #events == #notes)
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = { ev.new.id, ev.new.v } end
+      assert(target:execmany("INSERT INTO seen VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", rows))
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    local procs = { p }
+    finally(function() C.cleanup(procs, src, slot) end)
+    p.kill("TERM")
+    assert.equal(0, p.wait(10))
+    C.sql("INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 10000) g", src)
+    C.sql("INSERT INTO big SELECT g, 'w' || g FROM generate_series(10001, 20000) g", src)
+    local t0 = H.now()
+    procs[2] = C.start(path, src)
+    local want = C.digest(src, "big")
+    local ok = H.eventually(function() return C.digest(dst, "seen") == want end, 60, 0.2)
+    assert.is_true(ok and true or false, C.digest(dst, "seen") .. " vs " .. want .. " " .. procs[2].stderr())
+    print(("\n  20,000 changes caught up in %.2f s"):format(H.now() - t0))
+  end)
+
+  it("hands a 1 MB row over whole, an unchanged TOASTed value as pglisten.unchanged, TRUNCATE, and a table "
+    .. "altered mid-stream with its new shape", function()
+    local src, dst, slot = C.setup("shape")
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, title text, body text)", src)
+    C.sql("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL", src)
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, title text, body text, extra int DEFAULT 5)", dst)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    docs = { source = "replication", table = "public.docs", handler = function(ev, note)
+      upsert("docs", ev)
+      local b = ev.new and ev.new.body
+      out(ev.op, ev.new and ev.new.id or "-", b == pglisten.unchanged and "UNCHANGED" or (b and #tostring(b) or "-"),
+        ev.new and ev.new.extra or "-", note.channel)
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO docs VALUES (1, 'one', repeat('é', 300000) || repeat('x', 500000))", src)
+    C.sql("UPDATE docs SET title = 'ONE' WHERE id = 1", src)
+    C.sql("ALTER TABLE docs ADD COLUMN extra int DEFAULT 5", src)
+    C.sql("INSERT INTO docs VALUES (2, 'two', 'short', 9)", src)
+    local ok = C.same(src, dst, "docs")
+    assert.is_true(ok and true or false, p.stderr())
+    assert.equal("1100000", C.sql("SELECT octet_length(body) FROM docs WHERE id = 1", dst))
+    assert.equal("ONE", C.sql("SELECT title FROM docs WHERE id = 1", dst))
+    C.sql("TRUNCATE docs", src)
+    assert.truthy(H.eventually(function() return p.stdout():find("TRUNCATE", 1, true) end, 20))
+    assert.equal("0", C.sql("SELECT count(*) FROM docs", dst))
+    local lines = H.lines(p.stdout())
+    assert.same({ "INSERT 1 1100000 - docs", "UPDATE 1 UNCHANGED - docs", "INSERT 2 5 9 docs",
+      "TRUNCATE - - - docs" }, lines)
+  end)
+
+  it("confirms an idle slot's position while another database writes", function()
+    local src, dst, slot = C.setup("idle")
+    C.sql("CREATE TABLE quiet (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE busy (id int PRIMARY KEY, v text)", dst)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = { ["public.quiet"] = { source = "replication", handler = function() end } },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    local before = pg.core.lsn_parse(C.confirmed(slot))
+    local t0 = H.now()
+    local ok = H.eventually(function()
+      C.sql("INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 200) g "
+        .. "ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v || 'y'", dst)
+      return pg.core.lsn_parse(C.confirmed(slot)) > before
+    end, 40, 0.5)
+    assert.truthy(ok, "confirmed_flush_lsn stayed at " .. C.confirmed(slot) .. "\n" .. p.stderr())
+    print(("\n  idle slot confirmed past other databases' WAL after %.1f s"):format(H.now() - t0))
+  end)
+
+  it("creates the slot and publication on first start, extends the publication on reload, and --drop-slot "
+    .. "removes both", function()
+    local src, dst, slot = C.setup("drop")
+    C.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)", dst)
+    local body = [[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.a"] = { source = "replication", handler = function(ev) upsert("a", ev) end },
+    %s
+  },
+}
+]]
+    local path = C.script(dst, body:format(slot, ""))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    assert.equal("public.a", C.sql(("SELECT string_agg(schemaname || '.' || tablename, ',') FROM "
+      .. "pg_publication_tables WHERE pubname = '%s'"):format(slot), src))
+    -- the reload adds table b to the publication
+    local f = assert(io.open(path, "w"))
+    f:write(("local TARGET = %q\nlocal pglisten = require 'pglisten'\n"):format("dbname=" .. dst) .. C.HANDLER
+      .. body:format(slot, '["public.b"] = { source = "replication", handler = function(ev) upsert("b", ev) end },'))
+    f:close()
+    p.kill("HUP")
+    assert.truthy(H.eventually(function() return p.stderr():find("added tables to publication", 1, true) end, 10),
+      p.stderr())
+    C.sql("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2)", src)
+    assert.is_true(C.same(src, dst, "b") and true or false, p.stderr())
+    assert.is_true(C.same(src, dst, "a") and true or false)
+    p.kill("TERM")
+    assert.equal(0, p.wait(10))
+    local rc, out, err = H.run_runner({ "--drop-slot", "--db", "dbname=" .. src, path })
+    assert.equal(0, rc, err)
+    assert.matches("dropped replication slot " .. slot, out)
+    assert.matches("dropped publication " .. slot, out)
+    assert.equal("0", C.sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot)))
+    assert.equal("0", C.sql(("SELECT count(*) FROM pg_publication WHERE pubname = '%s'"):format(slot), src))
+  end)
+end)
