@@ -70,6 +70,31 @@ describe("break: transaction()", function()
     assert.same({ 1, 3 }, ids(admin))
   end)
 
+  it("a nested transaction() whose fn swallows a failure is 25P02 and leaves the outer block usable", function()
+    local inner
+    assert(c:transaction(function(conn)
+      assert(conn:exec("INSERT INTO tx21 VALUES (1)"))
+      inner = { conn:transaction(function(i)
+        assert(i:exec("INSERT INTO tx21 VALUES (2)"))
+        assert.is_nil(i:exec("INSERT INTO tx21 VALUES (2)"))  -- swallowed
+        return true
+      end) }
+      return conn:exec("INSERT INTO tx21 VALUES (3)")
+    end))
+    assert.is_nil(inner[1]); assert.equal("25P02", inner[3]); assert.matches("nothing was committed", inner[2])
+    assert.same({ 1, 3 }, ids(admin))
+  end)
+
+  it("transaction() inside a BEGIN sent through exec commits nothing before that block's COMMIT", function()
+    assert(c:exec("BEGIN"))
+    assert(c:exec("INSERT INTO tx21 VALUES (1)"))
+    assert(c:transaction(function(conn) return conn:exec("INSERT INTO tx21 VALUES (2)") end))
+    assert.equal("intrans", c:txstatus())
+    assert.same({}, ids(admin))
+    assert(c:exec("ROLLBACK"))
+    assert.same({}, ids(admin))
+  end)
+
   it("a nested transaction() whose connection is lost fails the outer one too", function()
     local inner
     local ok, _, code = c:transaction(function(conn)
