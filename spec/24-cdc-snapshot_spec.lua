@@ -204,4 +204,128 @@ SELECT pg_sleep(0.005);]]):format(50000 + i, i, i, (i * 37) % 50000 + 1, (i * 10
     assert.same({}, m.missing) -- no update or delete of a row the target lacked
     drop_slot(slot)
   end)
+  it("SIGKILL during the snapshot: pending, the slot dropped and recreated, the target converges (parents first)", function()
+    local ddl = [[CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL);
+      CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users, amount numeric(12,2) NOT NULL);]]
+    local src, src_ci = H.createdb("snapkill")
+    local dst, dst_ci = H.createdb("snapkilldst")
+    H.psql(ddl .. [[
+      INSERT INTO users SELECT i, 'user ' || i FROM generate_series(1, 20000) i;
+      INSERT INTO orders SELECT i, (i % 20000) + 1, i * 0.25 FROM generate_series(1, 20000) i;
+      CREATE PUBLICATION kill_pub FOR TABLE users, orders]], src)
+    H.psql(ddl, dst)
+    -- the target's side, shared by the killed child and this spec
+    local apply_file = H.file("apply.lua", [[
+local UPSERT = {
+  users = "INSERT INTO users (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+  orders = "INSERT INTO orders (id, user_id, amount) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE "
+    .. "SET user_id = EXCLUDED.user_id, amount = EXCLUDED.amount",
+}
+local function tuple(ev)
+  local r = ev.new
+  if ev.table == "users" then return { r.id, r.name } end
+  return { r.id, r.user_id, r.amount }
+end
+return function(dst, events)
+  local i = 1
+  while i <= #events do
+    local ev = events[i]
+    if ev.op == "TRUNCATE" then
+      for _, rel in ipairs(ev.relations) do
+        assert(dst:exec("TRUNCATE " .. dst:escape_identifier(rel.table) .. " CASCADE"))
+      end
+      i = i + 1
+    elseif ev.op == "DELETE" then
+      assert(dst:exec(("DELETE FROM %s WHERE id = $1"):format(dst:escape_identifier(ev.table)), ev.old.id))
+      i = i + 1
+    else -- INSERT or UPDATE: consecutive ones of a table in one execmany
+      local list, t = {}, ev.table
+      while events[i] and events[i].table == t and (events[i].op == "INSERT" or events[i].op == "UPDATE") do
+        list[#list + 1] = tuple(events[i]); i = i + 1
+      end
+      assert(dst:execmany(UPSERT[t], list))
+    end
+  end
+  return true
+end
+]])
+    local child = H.file("snapchild.lua", ([[
+local pg = require "pglisten"
+local snapshot = require "pglisten.snapshot"
+local apply = dofile(%q)
+local src = assert(pg.connect(%q))
+local dst = assert(pg.connect(%q))
+assert(snapshot.begin(src, "kill_slot"))
+local r = assert(pg.core.replication_connect(%q, 20))
+local row = assert(r:command("CREATE_REPLICATION_SLOT kill_slot LOGICAL pgoutput EXPORT_SNAPSHOT"))[1]
+print("created " .. row.consistent_point); io.stdout:flush()
+assert(snapshot.run(nil, { conninfo = %q, snapshot = row.snapshot_name, tables = { "public.orders", "public.users" },
+  page = 500, deliver = function(_, events) pg.sleep(0.05); return apply(dst, events) end }))
+print("finished"); io.stdout:flush()
+]]):format(apply_file, src_ci, dst_ci, src_ci, src_ci))
+    local p = H.spawn({ "lua5.4", child }, {
+      LUA_PATH = H.root .. "/lua/?.lua;" .. H.root .. "/lua/?/init.lua;;",
+      LUA_CPATH = H.root .. "/" .. H.build .. "/?.so;;" })
+    finally(function() p.stop() end)
+    assert(H.eventually(function()
+      return not p.running() or tonumber(H.psql("SELECT count(*) FROM users", dst)) >= 3000
+    end, 60), p.stderr())
+    assert(p.running(), p.stderr() .. p.stdout())
+    p.kill("KILL"); p.wait(10)
+    assert.not_matches("finished", p.stdout())
+    local part = tonumber(H.psql("SELECT count(*) FROM users", dst))
+    assert.is_true(part >= 3000 and part < 20000, "half a snapshot: " .. part)
+    -- meanwhile the source changes, some of it in rows the half snapshot copied
+    H.psql([[DELETE FROM orders WHERE user_id <= 500; DELETE FROM users WHERE id <= 500;
+      UPDATE users SET name = 'renamed' WHERE id BETWEEN 501 AND 700]], src)
+
+    local conn = H.connect(src_ci)
+    assert.is_true(snapshot.pending(conn, "kill_slot"))
+    assert.is_false(snapshot.pending(conn, "no_such_slot"))
+    assert.equal("1", H.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kill_slot'", src))
+    H.eventually(function()
+      return H.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kill_slot' AND active", src) == "0"
+    end, 10)
+    H.psql("SELECT pg_drop_replication_slot('kill_slot')", src)
+    -- again, all of it
+    local dstc = H.connect(dst_ci)
+    local apply = dofile(apply_file)
+    assert(snapshot.begin(conn, "kill_slot"))
+    local r = assert(core.replication_connect(src_ci, 20))
+    local row = assert(r:command("CREATE_REPLICATION_SLOT kill_slot LOGICAL pgoutput EXPORT_SNAPSHOT"))[1]
+    local order = {}
+    assert(snapshot.run(nil, { conninfo = src_ci, snapshot = row.snapshot_name,
+      tables = { "public.orders", "public.users" },
+      deliver = function(tbl, events)
+        if order[#order] ~= tbl then order[#order + 1] = tbl end
+        return apply(dstc, events)
+      end }))
+    assert.same({ "public.users", "public.orders" }, order) -- parents first
+    assert.is_true(snapshot.pending(conn, "kill_slot"))
+    assert(snapshot.done(conn, "kill_slot"))
+    assert.is_false(snapshot.pending(conn, "kill_slot"))
+    H.psql([[INSERT INTO users VALUES (30000, 'late'); INSERT INTO orders VALUES (30000, 30000, 1.5);
+      DELETE FROM orders WHERE id = 1000; UPDATE users SET name = 'x' WHERE id = 900]], src)
+    assert(r:start("kill_slot", row.consistent_point, { publication = "kill_pub" }))
+    local seen = {}
+    local deadline = pg.monotonic() + 30
+    while #seen < 4 and pg.monotonic() < deadline do
+      local msgs = assert(r:read(1000))
+      for _, m in ipairs(msgs) do if m.op then seen[#seen + 1] = m end end
+      if #msgs == 0 then core.poll({ r:pollfd() }, 0.2) end
+    end
+    assert.equal(4, #seen)
+    apply(dstc, seen)
+    r:close()
+    local sum = "SELECT (SELECT count(*) || ' ' || md5(string_agg(u::text, ',' ORDER BY id)) FROM users u) || ' ' || "
+      .. "(SELECT count(*) || ' ' || md5(string_agg(o::text, ',' ORDER BY id)) FROM orders o)"
+    assert.equal(H.psql(sum, src), H.psql(sum, dst))
+    assert(snapshot.forget(conn, "kill_slot"))
+    assert.is_false(snapshot.pending(conn, "kill_slot"))
+    conn:close(); dstc:close()
+    H.eventually(function()
+      return H.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kill_slot' AND active", src) == "0"
+    end, 10)
+    H.psql("SELECT pg_drop_replication_slot('kill_slot')", src)
+  end)
 end)

@@ -51,8 +51,9 @@
 -- sends its domain type's OID (exec would see the base type).  Generated
 -- columns are left out, as pgoutput leaves them out; with `publication`
 -- set, only the publication's columns and rows (PostgreSQL 15 column lists
--- and row filters).  Tables are read in the order given: list a table
--- before the tables whose foreign keys point to it.
+-- and row filters).  Tables are read parents first: a table before the
+-- tables whose foreign keys point to it (otherwise in the order given), so
+-- that a target with the same foreign keys accepts every page.
 -- @module pglisten.snapshot
 
 local pg = require "pglisten"
@@ -178,6 +179,48 @@ local function page_sql(conn, rel, cols, keys, filter, page)
   return first, nxt, aliases
 end
 
+local FKEYS = [[
+SELECT conrelid::bigint AS child, confrelid::bigint AS parent
+  FROM pg_catalog.pg_constraint
+ WHERE contype = 'f' AND conrelid <> confrelid
+   AND conrelid = ANY ($1::oid[]) AND confrelid = ANY ($1::oid[])]]
+
+--- The tables, parents before the tables whose foreign keys point to them
+-- (otherwise in the order given; a cycle keeps the order given).
+local function fk_order(conn, names)
+  local oid, oids = {}, {}
+  for i, n in ipairs(names) do
+    oid[i] = q(conn, "SELECT $1::regclass::oid::bigint AS oid", n)[1].oid
+    oids[i] = tostring(oid[i])
+  end
+  local parents = {}
+  for _, r in ipairs(q(conn, FKEYS, "{" .. table.concat(oids, ",") .. "}")) do
+    parents[r.child] = parents[r.child] or {}
+    parents[r.child][r.parent] = true
+  end
+  local out, placed = {}, {}
+  while #out < #names do
+    local progress = false
+    for i, n in ipairs(names) do
+      if not placed[i] then
+        local ready = true
+        for j = 1, #names do
+          if not placed[j] and j ~= i and parents[oid[i]] and parents[oid[i]][oid[j]] then ready = false end
+        end
+        if ready then
+          placed[i], progress = true, true
+          out[#out + 1] = n
+          break
+        end
+      end
+    end
+    if not progress then -- a cycle: the rest as given
+      for i, n in ipairs(names) do if not placed[i] then placed[i] = true; out[#out + 1] = n end end
+    end
+  end
+  return out
+end
+
 ---------------------------------------------------------------------------
 -- Reading
 ---------------------------------------------------------------------------
@@ -238,7 +281,7 @@ end
 --   pages with nil, "interrupted"; `rt.log` gets one line per table
 -- @tparam table opts `conninfo` (the source; or `conn`, a pglisten
 --   connection of the caller's, left open), `snapshot` (the exported
---   snapshot's name), `tables` (names, parents before children), `page`
+--   snapshot's name), `tables` (names; read parents first, see above), `page`
 --   (rows per query, default 1000), `publication` (optional: its column
 --   lists and row filters apply), `truncate` (false: no TRUNCATE event
 --   before each table's rows), `note` (fields copied into every note),
@@ -266,7 +309,7 @@ function M.run(rt, opts)
   local ok, e = pcall(function()
     q(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     q(conn, ("SET TRANSACTION SNAPSHOT '%s'"):format(opts.snapshot)) -- validated above
-    for _, name in ipairs(opts.tables) do
+    for _, name in ipairs(fk_order(conn, opts.tables)) do
       local t0 = pg.monotonic()
       counts[name] = read_table(rt, conn, name, o)
       if rt and rt.log then
