@@ -79,7 +79,7 @@ function M:pollfd()
   if c and self.rt.dispatch:queued() < self.rt.settings.read_ahead then return c:pollfd() end
 end
 function M:events() return self.conn and self.conn:events() or "r" end
---- True when libpq may hold notes already (the last read was full).
+--- True when more notes may be there without waiting (the last read brought some).
 function M:pending()
   return self.more and self.conn ~= nil and self.rt.dispatch:queued() < self.rt.settings.read_ahead
 end
@@ -96,7 +96,9 @@ function M:read(max)
     return nil
   end
   local n = batch.n
-  self.more = n == max
+  -- read again before polling while reads bring notes: a busy socket costs
+  -- no poll per read, an idle one one read that finds nothing
+  self.more = n > 0
   if n > 0 then
     self.rt.dispatch:append(batch, n)
     self.last_io = now()
