@@ -272,6 +272,17 @@ describe("break: explicit transaction blocks through exec", function()
     assert.same({ 1 }, ids(admin))
   end)
 
+  it("a string that ends its block ('...; ROLLBACK'), killed in it: the next call heals", function()
+    assert(c:exec("BEGIN"))
+    assert(c:exec("INSERT INTO tx21 VALUES (1)"))
+    local killer = kill_later(c:pid(), 0.5)
+    local r, _, code = c:exec("SELECT pg_sleep(10); ROLLBACK")
+    killer.wait(10)
+    assert.is_nil(r); assert.equal("08006", code)
+    assert(c:exec("INSERT INTO tx21 VALUES (2)"))           -- outside a block, as the string meant
+    assert.same({ 2 }, ids(admin))
+  end)
+
   it("a quoted ';' or a BEGIN inside a literal does not fool the statement splitter", function()
     local killer = kill_later(c:pid(), 0.5)
     local r, _, code = c:exec("SELECT 'x; BEGIN' AS a, $$; begin$$ AS b, \"begin\" FROM (SELECT 1 AS \"begin\") s;"

@@ -311,7 +311,10 @@ local function after_call(conn, sql, err, code)
   if conn:status() ~= "ok" then
     -- any statement of `sql` may have been the one under the loss
     local lost, committed = txblock.effect(sql, s.intx)
-    if not (lost or committed) then return err, code end
+    if not (lost or committed) then
+      end_tx(s) -- a block the string ended (...; ROLLBACK) is over either way
+      return err, code
+    end
     s.dirty = nil
     err = err or "connection lost"
     if lost then s.intx, s.txlost = true, true else end_tx(s) end
