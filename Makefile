@@ -68,7 +68,7 @@ BUILD   ?= build
 SRC      = src/core.c src/conn.c src/result.c src/pipeline.c src/json.c src/repl.c src/replstream.c src/pgoutput.c src/pgoutput_rows.c
 HDR      = src/pgl.h src/repl.h src/pgoutput.h
 LUASRC   = $(wildcard lua/pglisten/*.lua) $(wildcard lua/pglisten/*.sql)
-LUASUBDIRS = sources services replication
+LUASUBDIRS = sources services replication commands
 
 MODULE        = $(BUILD)/pglisten/core.so
 RUNNER        = $(BUILD)/lua-pglisten

@@ -14,6 +14,8 @@ local USAGE = [[
 usage: lua-pglisten [options] SCRIPT
        lua-pglisten --sql | --install [--db CONNINFO]
        lua-pglisten --drop-slot [--db CONNINFO] SCRIPT
+       lua-pglisten outbox status|dead|replay|purge [options]  (outbox --help)
+       lua-pglisten backfill --table T --channel C [options] SCRIPT  (backfill --help)
 
 Runs the handler script SCRIPT: LISTENs on the channels it names and calls
 its handler for each notification, with the payload decoded from JSON.
@@ -130,6 +132,9 @@ function M.parse_args(argv)
   return opts
 end
 
+--- Modules of the subcommands, by the first argument.
+M.SUBCOMMANDS = { outbox = "pglisten.commands.outbox", backfill = "pglisten.commands.backfill" }
+
 local function printerr(...)
   io.stderr:write("lua-pglisten: ", ...)
   io.stderr:write("\n")
@@ -137,6 +142,9 @@ end
 
 --- Runs the program; returns the exit code.
 function M.main(argv)
+  -- subcommands: `lua-pglisten outbox ...`, `lua-pglisten backfill ...`
+  local sub = M.SUBCOMMANDS[argv[1]]
+  if sub then return require(sub).main(argv, 2) end
   local opts, err = M.parse_args(argv)
   if not opts then
     printerr(err)

@@ -345,6 +345,70 @@ $pglisten$;
 
 COMMENT ON FUNCTION pglisten.notify_trigger() IS
   'AFTER ... FOR EACH ROW, or FOR EACH STATEMENT with transition tables, or AFTER TRUNCATE: notify_trigger(channel, ''notify''|''durable''[, key column...]) sends {op, schema, table, new, old} per row';
+
+-- Dead letters back into the outbox (lua-pglisten outbox replay calls it):
+--   SELECT pglisten.replay();                          -- every dead letter
+--   SELECT pglisten.replay(channel => 'emails');       -- one channel's
+--   SELECT pglisten.replay(ids => ARRAY[41, 42]);      -- these ids
+-- Each goes back with attempts = 0, run_at = now(), its created_at and
+-- last_error kept, and under the id it had (OVERRIDING SYSTEM VALUE), so it
+-- keeps its place in id order, the order events are claimed in.  Should
+-- the outbox hold that id already (an identity reset), it gets a new id.
+-- The dead rows are deleted first (their row locks make a concurrent replay
+-- of the same ids wait, then find nothing); the events become claimable
+-- when the caller's transaction commits, and the wake-up goes out then.
+-- Returns how many were replayed.
+CREATE OR REPLACE FUNCTION pglisten.replay(ids bigint[] DEFAULT NULL, channel text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $pglisten$
+DECLARE
+  n bigint;
+  chans text[];
+BEGIN
+  -- one statement: every part sees the same snapshot, and the ids the
+  -- first INSERT could not keep go to the second, which gives new ones
+  WITH moved AS (
+    DELETE FROM pglisten.dead d
+     WHERE (replay.ids IS NULL OR d.id = ANY(replay.ids))
+       AND (replay.channel IS NULL OR d.channel = replay.channel)
+    RETURNING d.id, d.channel, d.payload, d.created_at, d.last_error
+  ), kept AS (
+    INSERT INTO pglisten.outbox (id, channel, payload, created_at, run_at, attempts, last_error)
+      OVERRIDING SYSTEM VALUE
+    SELECT m.id, m.channel, m.payload, m.created_at, now(), 0, m.last_error FROM moved m ORDER BY m.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING pglisten.outbox.id
+  ), renumbered AS (
+    INSERT INTO pglisten.outbox (channel, payload, created_at, run_at, attempts, last_error)
+    SELECT m.channel, m.payload, m.created_at, now(), 0, m.last_error
+      FROM moved m WHERE m.id NOT IN (SELECT k.id FROM kept k) ORDER BY m.id
+    RETURNING pglisten.outbox.id
+  )
+  SELECT count(*), array_agg(DISTINCT m.channel) INTO n, chans FROM moved m; -- (kept, renumbered: run to completion)
+  FOR i IN 1 .. coalesce(cardinality(chans), 0) LOOP
+    PERFORM pg_catalog.pg_notify('pglisten_outbox', chans[i]);
+  END LOOP;
+  RETURN n;
+END
+$pglisten$;
+
+COMMENT ON FUNCTION pglisten.replay(bigint[], text) IS
+  'Moves dead letters (these ids, this channel, or all) back into pglisten.outbox with attempts = 0 and wakes the runners; returns how many';
+
+-- Backfills (lua-pglisten backfill): the key of the last page handled, per
+-- table, channel and WHERE text, so that a killed backfill resumes there.
+CREATE TABLE IF NOT EXISTS pglisten.backfill (
+  table_name  text NOT NULL,
+  channel     text NOT NULL,
+  where_sql   text NOT NULL DEFAULT '',
+  last_key    jsonb,                 -- the primary key of the last row handled, NULL: none yet
+  rows_done   bigint NOT NULL DEFAULT 0,
+  started_at  timestamptz NOT NULL DEFAULT now(),
+  updated_at  timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  PRIMARY KEY (table_name, channel, where_sql)
+);
 ]]
 
 return M
