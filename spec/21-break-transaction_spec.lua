@@ -283,6 +283,21 @@ describe("break: explicit transaction blocks through exec", function()
     assert.same({ 2 }, ids(admin))
   end)
 
+  it("a BEGIN ATOMIC function body's ';' and END end no block: killed after it, the block stays lost", function()
+    assert(c:exec("BEGIN"))
+    assert(c:exec("INSERT INTO tx21 VALUES (1)"))
+    local killer = kill_later(c:pid(), 0.5)
+    local r, _, code = c:exec("CREATE FUNCTION pg_temp.f21() RETURNS int LANGUAGE sql BEGIN ATOMIC"
+      .. " SELECT CASE WHEN true THEN 1 END; SELECT 2; END; SELECT pg_sleep(10)")
+    killer.wait(10)
+    assert.is_nil(r); assert.equal("08006", code)
+    local err
+    r, err, code = c:exec("INSERT INTO tx21 VALUES (2)")
+    assert.is_nil(r, err); assert.equal("08003", code)
+    assert(c:exec("ROLLBACK"))
+    assert.same({}, ids(admin))
+  end)
+
   it("a quoted ';' or a BEGIN inside a literal does not fool the statement splitter", function()
     local killer = kill_later(c:pid(), 0.5)
     local r, _, code = c:exec("SELECT 'x; BEGIN' AS a, $$; begin$$ AS b, \"begin\" FROM (SELECT 1 AS \"begin\") s;"
@@ -503,6 +518,11 @@ describe("break: what a string does to a transaction block (pglisten.txblock)", 
     { "SELECT $1::int", true, true, false },
     { "  /* x */ begin;", false, true, false },
     { "START TRANSACTION ISOLATION LEVEL SERIALIZABLE", false, true, false },
+    { "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; END", true, true,
+      false },
+    { "create procedure p() begin atomic insert into t values (1); end; commit", true, false, true },
+    { "SELECT CASE WHEN true THEN 1 END; END", true, false, true },
+    { "CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; COMMIT); SELECT 1", true, true, false },
   }
   for _, t in ipairs(cases) do
     it(("%q, %s before"):format(t[1], t[2] and "inside" or "outside"), function()

@@ -5,8 +5,9 @@
 -- statements, so every statement counts, not only the first: in
 -- `SET x = 1; BEGIN; INSERT ...` a block was open when the INSERT ran.
 -- The splitter knows quotes ('', "", E'' with backslashes, $tag$...$tag$)
--- and comments (--, nested /* */), so a `;` or a BEGIN inside them is no
--- statement.  Text it cannot read (an unterminated quote) ends the last
+-- and comments (--, nested /* */), and splits as psql does inside
+-- parentheses and CREATE ... BEGIN ATOMIC bodies, so a `;`, BEGIN or END
+-- inside them is no statement.  Text it cannot read (an unterminated quote) ends the last
 -- statement, as the server would refuse it anyway.
 -- @module pglisten.txblock
 
@@ -53,15 +54,29 @@ local function skip(sql, i)
   return i + 1
 end
 
---- The statements of `sql`, split at the `;` outside quotes and comments
--- (empty ones left out).
+-- psql's rule for SQL-standard function bodies (CREATE FUNCTION ...
+-- BEGIN ATOMIC ... END): inside a CREATE statement BEGIN and CASE open a
+-- level and END closes one, and a `;` inside a level, or inside
+-- parentheses (a rule's actions), ends no statement.
+local OPENS = { begin = 1, case = 1, ["end"] = -1 }
+
+--- The statements of `sql`, split at the `;` outside quotes, comments,
+-- parentheses and BEGIN ATOMIC bodies (empty ones left out).
 function M.statements(sql)
-  local list, start, i = {}, 1, 1
+  local list, start, i, create, depth, parens = {}, 1, 1, nil, 0, 0
   while i <= #sql do
-    if sql:sub(i, i) == ";" then
+    local ch = sql:sub(i, i)
+    if ch == ";" and depth == 0 and parens == 0 then
       list[#list + 1] = sql:sub(start, i - 1)
-      start, i = i + 1, i + 1
+      start, i, create = i + 1, i + 1, nil
+    elseif ch:match("[%a_]") and not sql:sub(i - 1, i - 1):match("[%w_$]") then
+      local word = sql:match("^[%w_$]+", i)
+      local lw = word:lower()
+      if create == nil then create = lw == "create" end
+      if create and OPENS[lw] then depth = math.max(0, depth + OPENS[lw]) end
+      i = i + #word
     else
+      if ch == "(" then parens = parens + 1 elseif ch == ")" then parens = math.max(0, parens - 1) end
       i = skip(sql, i)
     end
   end
