@@ -387,3 +387,63 @@ describe("example 03-routing", function()
     c:close()
   end)
 end)
+
+---------------------------------------------------------------------------
+-- Example 4: change data capture (source = "replication")
+---------------------------------------------------------------------------
+
+describe("example 04-cdc", function()
+  local CDC_DUMP = [[SELECT (SELECT count(*) || ' ' || md5(coalesce(string_agg(u::text, E'\n' ORDER BY id), '')) FROM users u)
+    || ' / ' || (SELECT count(*) || ' ' || md5(coalesce(string_agg(o::text, E'\n' ORDER BY id), '')) FROM orders o)]]
+
+  it("copies the existing rows, then follows inserts, updates, deletes, TRUNCATE and unchanged TOAST, "
+    .. "across a SIGKILL", function()
+    local sname, sci = H.createdb("ex04src")
+    local tname, tci = H.createdb("ex04tgt")
+    load_sql(sname, "04-cdc/source.sql")
+    load_sql(tname, "04-cdc/target.sql")
+    H.psql([[INSERT INTO users SELECT i, 'u' || i || '@example.com', 'User ' || i, 'bio ' || i, now()
+               FROM generate_series(1, 3000) i;
+             INSERT INTO orders SELECT i, (i % 3000) + 1, i * 0.5, 'new', now() FROM generate_series(1, 6000) i]], sname)
+    local slot = "ex04_" .. os.time() % 100000
+    local env = { TARGET_URL = tci, CDC_SLOT = slot }
+    local p = H.start(EX .. "/04-cdc/handler.lua", { "--db", sci }, env, false)
+    finally(function() p.stop() end)
+    assert(wait_log(p, "streaming", 60), p.stderr())
+    assert.equal(H.psql(CDC_DUMP, sname), H.psql(CDC_DUMP, tname))
+
+    H.psql([[BEGIN;
+      INSERT INTO users SELECT 5000, 'new@example.com', 'New', string_agg(md5(i::text), ''), now()
+        FROM generate_series(1, 6000) i;                          -- 192 kB, TOASTed out of line
+      INSERT INTO orders VALUES (9000, 5000, 12.34, 'new', now());
+      COMMIT;
+      UPDATE users SET name = 'Renamed' WHERE id = 5000;          -- bio unchanged, TOASTed
+      UPDATE orders SET status = 'paid' WHERE user_id BETWEEN 1 AND 100;
+      DELETE FROM users WHERE id BETWEEN 2900 AND 3000;           -- and their orders (cascade)
+      UPDATE users SET id = 7000 WHERE id = 10 AND NOT EXISTS (SELECT 1 FROM orders WHERE user_id = 10)]], sname)
+    assert(H.eventually(function() return H.psql(CDC_DUMP, sname) == H.psql(CDC_DUMP, tname) end, 30),
+      p.stderr())
+    local bio = "SELECT octet_length(bio) || ' ' || md5(bio) || ' ' || name FROM users WHERE id = 5000"
+    assert.equal(H.psql(bio, sname), H.psql(bio, tname))
+    assert.matches("^192000 %x+ Renamed$", H.psql(bio, tname))
+
+    -- killed; the changes made while it is down are all applied when it starts again
+    p.kill("KILL"); p.wait(10)
+    H.psql([[INSERT INTO users SELECT i, 'd' || i, 'Down ' || i, NULL, now() FROM generate_series(10001, 12000) i;
+      INSERT INTO orders SELECT i, i - 10000, 1, 'new', now() FROM generate_series(10001, 12000) i;
+      DELETE FROM orders WHERE id <= 100]], sname)
+    local p2 = H.start(EX .. "/04-cdc/handler.lua", { "--db", sci }, env, false)
+    finally(function() p2.stop() end)
+    assert(wait_log(p2, "streaming", 60), p2.stderr())
+    assert.no_matches("initial snapshot", p2.stderr()) -- the slot exists: no second snapshot
+    assert(H.eventually(function() return H.psql(CDC_DUMP, sname) == H.psql(CDC_DUMP, tname) end, 30),
+      p2.stderr())
+    H.psql("TRUNCATE users, orders", sname)
+    assert(H.eventually(function() return H.psql("SELECT count(*) FROM users", tname) == "0" end, 30), p2.stderr())
+    assert.equal("0", H.psql("SELECT count(*) FROM orders", tname))
+    term(p2)
+    assert.no_matches(" ERROR ", p2.stderr())
+    local out, ok = H.run_runner({ "--db", sci, "--drop-slot", EX .. "/04-cdc/handler.lua" }, env)
+    assert(ok, tostring(out))
+  end)
+end)
