@@ -46,12 +46,22 @@ static volatile sig_atomic_t sig_usr1;
 static volatile sig_atomic_t stops;     /* SIGTERM/SIGINT seen; never reset */
 static int sigpipe_fds[2] = {-1, -1};
 
+/* The line a second stop signal writes on stderr before _exit (the runner
+ * keeps it current: how many received notes it drops).  The handler reads
+ * it only while last_words_len is non-zero; host.last_words zeroes the
+ * length before it copies. */
+static char last_words[1024];
+static volatile sig_atomic_t last_words_len;
+
 /* Only flags and a write(2): both async-signal-safe. */
 static void on_signal(int sig) {
   int saved = errno;
   if (sig == SIGTERM || sig == SIGINT) {
-    if (++stops >= 2)
+    if (++stops >= 2) {
+      size_t n = (size_t)last_words_len;
+      if (n > 0 && write(2, last_words, n) < 0) { /* nothing more can be done */ }
       _exit(1); /* a second stop signal: the user means it; exit at once */
+    }
     sig_term = 1;
   } else if (sig == SIGHUP) {
     sig_hup = 1;
@@ -135,8 +145,24 @@ static int host_stopping(lua_State *L) {
   return 1;
 }
 
+/* host.last_words(line) -> the line (at most 1023 bytes) that a second stop
+ * signal writes on stderr before exiting; nil forgets it. */
+static int host_last_words(lua_State *L) {
+  size_t n = 0;
+  const char *s = luaL_optlstring(L, 1, NULL, &n);
+  last_words_len = 0;
+  if (s) {
+    if (n >= sizeof last_words)
+      n = sizeof last_words - 1;
+    memcpy(last_words, s, n);
+    last_words_len = (sig_atomic_t)n;
+  }
+  return 0;
+}
+
 static int open_host(lua_State *L) {
   static const luaL_Reg funcs[] = {
+    {"last_words", host_last_words},
     {"signals", host_signals},
     {"pending", host_pending},
     {"stopping", host_stopping},

@@ -31,6 +31,13 @@ its handler for each notification, with the payload decoded from JSON.
       --stats-interval SECS  log statistics every SECS (default 60; 0: off)
       --single-active      one active runner per script and database (leader
                            elected with an advisory lock; others stand by)
+      --metrics [ADDR:]PORT  serve GET /metrics (Prometheus text format) on
+                           ADDR (default 127.0.0.1)
+      --metrics-file PATH  write the same text to PATH every stats interval
+                           (written to PATH.tmp, then renamed)
+      --tap CHANNEL[,..]   print each decoded event of CHANNEL as one JSON
+                           line on stdout instead of calling its handler
+                           (repeatable; durable events stay in the outbox)
       --sql                print the SQL that installs schema pglisten, exit
       --install            apply that SQL to --db, exit
       --drop-slot          drop SCRIPT's replication slot (and the publication
@@ -53,6 +60,9 @@ local OPTIONS = {
   { long = "heartbeat", arg = true, number = true },
   { long = "stats-interval", arg = true, number = true },
   { long = "single-active" },
+  { long = "metrics", arg = true },
+  { long = "metrics-file", arg = true },
+  { long = "tap", arg = true, list = true },
   { long = "sql" },
   { long = "install" },
   { long = "drop-slot" },
@@ -110,6 +120,11 @@ function M.parse_args(argv)
         local err
         val, err = number_value(o, val)
         if val == nil then return nil, err end
+        if o.list then -- repeated, or comma-separated: a list
+          local l = opts[o.long] or {}
+          for v in val:gmatch("[^,]+") do l[#l + 1] = v end
+          val = l
+        end
         opts[o.long] = val
       else
         if val ~= nil then return nil, "option --" .. o.long .. " takes no value" end
@@ -140,6 +155,13 @@ local function printerr(...)
   io.stderr:write("\n")
 end
 
+--- libpq's version as people write it: 15.18 (9.6.24 before 10).
+function M.libpq_version()
+  local v = pg.libpq_version()
+  if v >= 100000 then return ("%d.%d"):format(v // 10000, v % 10000) end
+  return ("%d.%d.%d"):format(v // 10000, v // 100 % 100, v % 100)
+end
+
 --- Runs the program; returns the exit code.
 function M.main(argv)
   -- subcommands: `lua-pglisten outbox ...`, `lua-pglisten backfill ...`
@@ -153,14 +175,16 @@ function M.main(argv)
   end
   if opts.help then io.stdout:write(USAGE); return 0 end
   if opts.version then
-    io.stdout:write(("lua-pglisten %s (%s, libpq %d)\n"):format(host.version, _VERSION, pg.libpq_version()))
+    io.stdout:write(("lua-pglisten %s (%s, libpq %s)\n"):format(host.version, _VERSION, M.libpq_version()))
     return 0
   end
   if opts.sql or opts.install then return M.schema_command(opts) end
 
   local log = logmod.new({ level = opts["log-level"], format = opts["log-format"] })
   local spec
+  pg.checking = opts.check or false -- connections made now are lazy and never opened
   spec, err = scriptmod.load(opts.script)
+  pg.checking = false
   if not spec then
     -- a conninfo given where SCRIPT goes (--db forgotten) is shown without its secrets
     local secrets = conninfo.secrets(opts.script)
@@ -189,7 +213,16 @@ function M.main(argv)
     return 0
   end
   if opts["drop-slot"] then return M.drop_slot(opts, spec) end
+  if opts.tap then
+    spec, err = require("pglisten.tap").apply(spec, opts.tap, opts.db)
+    if not spec then printerr(err); return 2 end
+  end
   local runner = require("pglisten.runner").make_runner(opts, spec, log)
+  if runner.metrics and runner.metrics.err then
+    log.error("cannot serve metrics", { address = runner.metrics.address, error = runner.metrics.err })
+    runner:close()
+    return 1
+  end
   return runner:run()
 end
 

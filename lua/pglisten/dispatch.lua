@@ -299,6 +299,9 @@ function M:attempt(lane, job)
   self.current_at = nil
   if ok then
     self.stats.handled = self.stats.handled + (job.notes and #job.notes or 1)
+    if job.attempt > 1 then
+      self.log.info("handler succeeded after retrying", { channel = entry.name, attempts = job.attempt })
+    end
     return self:settled(job, true)
   end
   local attempts = entry.retry and entry.retry.attempts or 1

@@ -18,6 +18,22 @@ M.core = core
 --- The value SQL NULL and JSON null come back as (lua-cjson's `cjson.null`).
 M.null = cjson.null
 
+-- It prints as "pglisten.null".  It stays lua-cjson's light userdata, so that
+-- cjson.decode's nulls and scripts comparing with cjson.null agree with it;
+-- a light userdata has no metatable of its own, only the one all light
+-- userdata share: this __tostring gives the others their usual
+-- "userdata: 0x..." text, and nothing else (no __index, no __eq) is set.
+if not debug.getmetatable(cjson.null) then
+  local null = cjson.null
+  debug.setmetatable(null, {
+    __name = "pglisten.null",
+    __tostring = function(v)
+      if v == null then return "pglisten.null" end
+      return ("userdata: %p"):format(v)
+    end,
+  })
+end
+
 --- What an unchanged TOASTed column holds in a replication UPDATE event's
 -- `new` (the server did not send it): a unique value printing as
 -- "pglisten.unchanged".  Leave the column out of the upsert, or use
@@ -182,7 +198,8 @@ function M.connect(conninfo, opts)
   if type(timeout) ~= "number" or timeout <= 0 then
     error("bad argument #2 to 'connect' (opts.timeout must be a positive number)", 2)
   end
-  if opts.lazy then return require("pglisten.lazy").new(M, conninfo, opts, redact) end
+  -- under --check (M.checking) every connection is lazy and never opened
+  if opts.lazy or M.checking then return require("pglisten.lazy").new(M, conninfo, opts, redact) end
   local conn, err = core.connect(M.with_keepalives(conninfo or ""), timeout)
   if not conn then return nil, redact(err, conninfo) end
   if opts.query_timeout then conn:settimeout(opts.query_timeout) end

@@ -68,6 +68,9 @@ end
 local function session(s, timeout)
   local c = s.conn
   if c then return c end
+  if s.facade.checking then -- lua-pglisten --check: no side effects
+    return nil, "not connected: lua-pglisten --check opens no connection", "08001"
+  end
   local opts = s.opts
   if timeout then
     opts = {}

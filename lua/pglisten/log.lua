@@ -59,8 +59,8 @@ function M.new(opts)
   }
   assert(self.level, "unknown log level")
 
-  function self.log(level, msg, fields)
-    if M.LEVELS[level] > self.level then return end
+  --- The line `log` would write, without its newline.
+  function self.render(level, msg, fields)
     local line
     if self.format == "json" then
       local obj = { ts = timestamp(), level = level, msg = msg }
@@ -79,6 +79,12 @@ function M.new(opts)
       end
       line = table.concat(parts, " ")
     end
+    return line
+  end
+
+  function self.log(level, msg, fields)
+    if M.LEVELS[level] > self.level then return end
+    local line = self.render(level, msg, fields)
     self.out:write(line, "\n")
     self.out:flush()
   end

@@ -206,6 +206,15 @@ function Runner:reload()
   self:wake()
 end
 
+--- The line a second stop signal writes as it exits (the host cannot call
+-- Lua then): how many received notes it drops.
+function Runner:last_words()
+  local n = self.dispatch:queued()
+  if n == self.last_words_n or not self.log.render then return end
+  self.last_words_n = n
+  host.last_words(self.log.render("warn", "second stop signal: exiting at once", { dropped = n }) .. "\n")
+end
+
 function Runner:shutdown()
   local left = self.dispatch:queued()
   if left > 0 then
@@ -235,6 +244,7 @@ function Runner:run()
     self:signals()
     if self.stop_at then
       if d:queued() == 0 or self:past_grace() then break end
+      self:last_words()
       if d:ready() then
         d:run()
       else

@@ -441,14 +441,29 @@ function M.validate(t, path)
   return spec
 end
 
+--- Puts the directory of the script at `path` first on package.path
+-- (`?.lua` and `?/init.lua`), once, so that `require "mylib"` finds the
+-- module beside the script whatever the working directory (systemd's is /).
+function M.add_script_dir(path)
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir == "" then dir = "/" end
+  if dir:sub(-1) ~= "/" then dir = dir .. "/" end
+  local entry = dir .. "?.lua;" .. dir .. "?/init.lua"
+  if package.path:sub(1, #entry) ~= entry then package.path = entry .. ";" .. package.path end
+end
+
 --- Loads and runs a script file, and validates what it returns.
 -- @return spec, or nil and a message naming the file (and line)
 function M.load(path)
   local chunk, err = loadfile(path, "t")
   if not chunk then return nil, err end
+  M.add_script_dir(path)
   local ok, res = xpcall(chunk, function(e)
     local msg = type(e) == "string" and e or ("(error object is a %s value)"):format(type(e))
-    return debug.traceback(msg, 2)
+    -- the script's frames only: the traceback stops where the runner called it
+    local tb = debug.traceback(msg, 2)
+    local cut = tb:find("\n%s*%[C%]: in function 'xpcall'")
+    return cut and tb:sub(1, cut - 1) or tb
   end)
   if not ok then return nil, res end
   local vok, spec = pcall(M.validate, res, path)

@@ -66,6 +66,14 @@ function M.wants(spec)
   return list
 end
 
+--- The durable channels of a spec, comma-separated (nil: none), for the
+-- "listening" line: they are served from the outbox, not LISTENed.
+function M.durable_names(spec)
+  local t = {}
+  for _, n in ipairs(spec.names) do if spec.channels[n].durable then t[#t + 1] = n end end
+  return #t > 0 and table.concat(t, ",") or nil
+end
+
 --- A source for runtime `rt` (spec, log, stats, settings, dispatch, leader).
 function M.new(rt)
   local self = setmetatable({ rt = rt, log = rt.log, stats = rt.stats, buf = {}, first = true }, M)
@@ -220,6 +228,7 @@ function M:connected(conn)
   self.lost_at, self.attempt, self.last_warn = nil, 0, -math.huge
   self.log.info(first and "listening" or "reconnected", {
     db = pg.safe_conninfo(self.rt.db), pid = conn:pid(), channels = table.concat(M.wants(self.rt.spec), ","),
+    durable = M.durable_names(self.rt.spec),
     attempts = info.attempts, disconnected_for = info.disconnected_for and ("%.3f"):format(info.disconnected_for),
   })
   self.rt:connected(info)
