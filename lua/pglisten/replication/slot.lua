@@ -281,6 +281,8 @@ function M.drop(conn, cfg)
   else
     done[#done + 1] = "no replication slot " .. cfg.slot
   end
+  local sok, snap = pcall(require, "pglisten.snapshot")
+  if sok then snap.forget(conn, cfg.slot) end -- its snapshot record, if any
   local pub
   pub, err = M.publication(conn, cfg.publication)
   if pub == nil then return nil, err end

@@ -71,11 +71,15 @@ end
 local function room(self) return self.apply:len() < self.rt.settings.read_ahead end
 
 function M:pollfd()
-  if self.streaming and room(self) then return self.repl:pollfd() end
+  if self.streaming and room(self) then
+    local fd = self.repl:pollfd()
+    if fd >= 0 then return fd end
+    self.broken = true -- libpq closed the socket: the next read says why
+  end
 end
 function M:events() return self.repl and self.repl:events() or "r" end
 function M:pending()
-  return self.streaming and ((self.more and room(self)) or self.apply:ready()) or false
+  return self.streaming and ((self.more and room(self)) or self.broken or self.apply:ready()) or false
 end
 
 --- Reads what the stream has (without waiting) and handles what may be
@@ -92,6 +96,10 @@ function M:read()
     n = #msgs
     self.more = n == M.READ
     if n > 0 then self:take(msgs) end
+    if self.broken and n == 0 then
+      self:lost("replication connection lost")
+      return nil
+    end
   end
   self.apply:handle(M.HANDLE)
   if self.reply_now then self:status() end
@@ -205,7 +213,7 @@ end
 
 function M:drop_repl()
   if self.repl then self.repl:close() end
-  self.repl, self.streaming, self.more, self.tx, self.reply_now = nil, false, false, nil, false
+  self.repl, self.streaming, self.more, self.tx, self.reply_now, self.broken = nil, false, false, nil, false, false
 end
 
 ---------------------------------------------------------------------------
@@ -286,11 +294,16 @@ function M:open()
     if not repl then return nil, err, notify.permanent(err) end
     self.repl = repl
   end
+  if row and cfg.snapshot then
+    row, err = self:unfinished_snapshot(sql, row)
+    if row == nil then return nil, err end
+    if row == "standby" then return self:standby(err) end
+  end
   local start
   if row then
     start = lsn_parse(row.confirmed_flush_lsn or "0/0") or 0
   else
-    start, err, fatal = self:create_slot(repl)
+    start, err, fatal = self:create_slot(repl, sql)
     if not start then
       self:drop_repl()
       return nil, err, fatal
@@ -327,10 +340,41 @@ function M:started(start)
   return true
 end
 
+-- A slot whose initial snapshot was begun and never finished (a runner
+-- killed during it) is dropped: the snapshot starts again.  Returns the
+-- row, false (dropped), "standby" (in use), or nil, err.
+function M:unfinished_snapshot(sql, row)
+  local ok, snap = pcall(require, "pglisten.snapshot")
+  if not ok then return row end
+  local pending, err = snap.pending(sql, self.cfg.slot)
+  if pending == nil then return nil, err end
+  if not pending then return row end
+  if row.active then return "standby", "the slot is in use" end
+  self.log.warn("the initial snapshot of this slot never finished; the slot is dropped and the snapshot "
+    .. "starts again", { slot = self.cfg.slot })
+  local _, derr, state = sql:exec("SELECT pg_drop_replication_slot($1)", self.cfg.slot)
+  if derr then
+    if state == "55006" then return "standby", derr end
+    return nil, derr
+  end
+  return false
+end
+
 -- Creates the slot; with snapshot = true, hands the tables' rows over
--- first.  Returns the LSN to stream from, or nil, err, fatal.
-function M:create_slot(repl)
+-- first (recorded in pglisten.slots, pglisten.snapshot: all or nothing).
+-- Returns the LSN to stream from, or nil, err, fatal.
+function M:create_slot(repl, sql)
   local cfg = self.cfg
+  local snap
+  if cfg.snapshot then
+    local ok, mod = pcall(require, "pglisten.snapshot")
+    if not ok then return nil, "snapshot = true needs pglisten.snapshot: " .. tostring(mod), true end
+    snap = mod
+    local bok, berr, bstate = snap.begin(sql, cfg.slot)
+    if not bok then
+      return nil, "cannot record the snapshot in pglisten.slots: " .. tostring(berr), bstate == "42501"
+    end
+  end
   local rows, err, state = repl:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput %s")
     :format(cfg.slot, cfg.snapshot and "EXPORT_SNAPSHOT" or "NOEXPORT_SNAPSHOT"))
   if not rows then
@@ -340,8 +384,9 @@ function M:create_slot(repl)
   end
   local row = rows[1]
   self.log.info("created replication slot", { slot = cfg.slot, consistent_point = row.consistent_point })
-  if cfg.snapshot then
-    local ok, serr, sfatal = self:snapshot(row.snapshot_name)
+  if snap then
+    local ok, serr, sfatal = self:snapshot(snap, row.snapshot_name)
+    if ok then ok, serr = snap.done(sql, cfg.slot) end
     if not ok then
       local _, derr = repl:command("DROP_REPLICATION_SLOT " .. cfg.slot)
       self.log.warn("initial snapshot failed; the slot is dropped and the snapshot starts again next time",
@@ -352,12 +397,29 @@ function M:create_slot(repl)
   return lsn_parse(row.consistent_point)
 end
 
--- The initial snapshot (pglisten.snapshot) in the slot's exported snapshot.
-function M:snapshot(name)
-  local ok, snap = pcall(require, "pglisten.snapshot")
-  if not ok then return nil, "snapshot = true needs pglisten.snapshot: " .. tostring(snap), true end
-  return snap.run(self.rt, { conninfo = self.rt.db, snapshot = name, tables = self.cfg.tables, page = 1000,
-    deliver = function(entry, events, notes) return self.apply:deliver(entry, events, notes) end })
+-- The initial snapshot (pglisten.snapshot) in the slot's exported snapshot:
+-- each page of a table's rows goes to its channel's handler as INSERT
+-- events, note.snapshot = true.
+function M:snapshot(snap, name)
+  local by = self.cfg.by_table
+  local function deliver(tbl, rows, notes)
+    local entry = by[tbl]
+    local events = {}
+    for i, r in ipairs(rows) do
+      events[i] = { op = r.op, schema = r.schema, table = r.table, new = r.new, old = r.old }
+      local note = notes[i]
+      note.channel, note.received_at = entry.name, pg.now()
+    end
+    self.c.received = self.c.received + #events
+    return self.apply:deliver(entry, events, notes)
+  end
+  local t0 = now()
+  local ok, err = snap.run(self.rt, { conninfo = self.rt.db, snapshot = name, tables = self.cfg.tables,
+    page = 1000, publication = self.cfg.publication, deliver = deliver })
+  if ok then
+    self.log.info("initial snapshot done", { slot = self.cfg.slot, seconds = ("%.3f"):format(now() - t0) })
+  end
+  return ok, err
 end
 
 ---------------------------------------------------------------------------
