@@ -136,6 +136,51 @@ return {
       "TRUNCATE - - - docs" }, lines)
   end)
 
+  it("with snapshot = true hands the existing rows over first (note.snapshot), then the stream; a runner "
+    .. "killed during the snapshot does it again", function()
+    local src, dst, slot = C.setup("snap")
+    C.sql("CREATE TABLE people (id int PRIMARY KEY, name text)", src)
+    C.sql("CREATE TABLE people (id int PRIMARY KEY, name text)", dst)
+    C.sql("INSERT INTO people SELECT g, 'p' || g FROM generate_series(1, 3000) g", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q, snapshot = true },
+  channels = {
+    ["public.people"] = { source = "replication", batch = 500, handler = function(events, notes)
+      local n = 0
+      for _, ev in ipairs(events) do
+        upsert("people", ev)
+        if ev.op ~= "TRUNCATE" then n = n + 1 end -- a snapshot begins with one (pglisten.snapshot)
+      end
+      out(n, notes[1].snapshot and "snapshot" or "stream", notes[1].channel)
+      if notes[1].snapshot and os.getenv("SLOW") then pglisten.sleep(0.3) end
+    end },
+  },
+}
+]]):format(slot))
+    -- killed after the first page of the snapshot
+    local first = H.start(path, { "--db", "dbname=" .. src }, { SLOW = "1" }, false)
+    local procs = { first }
+    finally(function() C.cleanup(procs, src, slot) end)
+    assert.truthy(H.eventually(function() return first.stdout():find("snapshot", 1, true) end, 20), first.stderr())
+    first.kill("KILL")
+    first.wait(5)
+    assert.is_nil(first.stderr():find("streaming", 1, true))
+    local p = C.start(path, src)
+    procs[2] = p
+    assert.matches("the initial snapshot of this slot never finished", p.stderr(), 1, true)
+    C.sql("INSERT INTO people VALUES (3001, 'new'); UPDATE people SET name = 'changed' WHERE id = 7", src)
+    assert.is_true(C.same(src, dst, "people") and true or false, p.stderr())
+    local snap, stream = 0, 0
+    for _, l in ipairs(H.lines(p.stdout())) do
+      local n, kind, ch = l:match("^(%d+) (%a+) (%S+)$")
+      assert.equal("public.people", ch)
+      if kind == "snapshot" then snap = snap + tonumber(n) else stream = stream + tonumber(n) end
+    end
+    assert.equal(3000, snap)
+    assert.equal(2, stream)
+  end)
+
   it("confirms an idle slot's position while another database writes", function()
     local src, dst, slot = C.setup("idle")
     C.sql("CREATE TABLE quiet (id int PRIMARY KEY)", src)
@@ -174,6 +219,9 @@ return {
 }
 ]]
     local path = C.script(dst, body:format(slot, ""))
+    local crc, cout = H.run_runner({ "--check", path })
+    assert.equal(0, crc)
+    assert.equal("public.a\treplication table=public.a\n", cout)
     local p = C.start(path, src)
     finally(function() C.cleanup({ p }, src, slot) end)
     assert.equal("public.a", C.sql(("SELECT string_agg(schemaname || '.' || tablename, ',') FROM "

@@ -204,10 +204,13 @@ function M.main(argv)
     for _, name in ipairs(spec.names) do
       local e = spec.channels[name]
       local extra = {}
-      if e.decode ~= "json" then extra[#extra + 1] = "decode=" .. e.decode end
+      if e.decode ~= "json" and e.source ~= "replication" then extra[#extra + 1] = "decode=" .. e.decode end
       if e.batch then extra[#extra + 1] = "batch=" .. e.batch end
       if e.retry then extra[#extra + 1] = ("retry=%dx%gs"):format(e.retry.attempts, e.retry.backoff) end
       if e.durable then extra[#extra + 1] = "durable" end
+      if e.source == "replication" then
+        extra[#extra + 1] = "replication table=" .. e.table .. (e.on_failure == "dead" and " on_failure=dead" or "")
+      end
       io.stdout:write(name, #extra > 0 and ("\t" .. table.concat(extra, " ")) or "", "\n")
     end
     return 0

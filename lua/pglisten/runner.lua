@@ -129,7 +129,10 @@ function Runner:signals()
     self.log.info("stopping: signal received", { queued = self.dispatch:queued() })
   end
   if sig.HUP and not self.stop_at then self:reload() end
-  if sig.USR1 then self.stats_service:log() end
+  if sig.USR1 then
+    self.stats_service:log()
+    self.replication:log_stats()
+  end
 end
 
 -- Seconds until the earliest timer of any part (nil: none).
