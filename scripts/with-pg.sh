@@ -8,7 +8,8 @@
 # $PGL_TEST_PIDS are killed too.  Exits with COMMAND's status.
 #
 # Exported for COMMAND: PGHOST PGPORT PGUSER PGDATABASE (libpq), PGL_TEST_DIR,
-# PGL_TEST_CTL (a command: `$PGL_TEST_CTL stop|start|restart`), and for a
+# PGL_TEST_CTL (a command: `$PGL_TEST_CTL stop|crash|start|restart`; crash is
+# `pg_ctl -m immediate stop`), and for a
 # second server on 127.0.0.1 (unless PGL_TEST_SERVERS=1) PGL_TEST_PORT2 and
 # PGL_TEST_CTL2.
 set -u
@@ -72,7 +73,7 @@ listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
 fsync = off
-synchronous_commit = off
+synchronous_commit = ${sync_commit:-off}
 full_page_writes = off
 max_connections = 200
 log_min_messages = warning
@@ -87,14 +88,15 @@ CONF
   [ -n "$started" ] || { echo "with-pg: could not start PostgreSQL" >&2; cat "$dir/$name.log" >&2 2>/dev/null; return 1; }
   cat >"$dir/$name.ctl" <<CTL
 #!/bin/sh
-# \$0 stop|start|restart -- a throwaway server of this test run
+# \$0 stop|crash|start|restart -- a throwaway server of this test run
 # (never with make check's sanitizer runtimes, which specs' children inherit)
 unset LD_PRELOAD
 case "\$1" in
   stop) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop ;;
+  crash) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -m immediate -w -t 30 stop ;;
   start) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -w -t 30 start ;;
   restart) exec ${as_pg[*]} "$PGBIN/pg_ctl" -D "$data" -l "$dir/$name.log" -m fast -w -t 30 restart ;;
-  *) echo "usage: \$0 stop|start|restart" >&2; exit 2 ;;
+  *) echo "usage: \$0 stop|crash|start|restart" >&2; exit 2 ;;
 esac
 CTL
   chmod 755 "$dir/$name.ctl"
@@ -103,9 +105,14 @@ CTL
 start_cluster data || exit 1
 export PGL_TEST_CTL=$dir/data.ctl
 main_port=$port
-# a second server, for a target database that goes down on its own (PGL_TEST_SERVERS=1: none)
+# a second server, for a target database that goes down on its own (PGL_TEST_SERVERS=1: none).
+# It commits with synchronous_commit = on: a target commit that a crash could
+# take back must not count as applied (pglisten.apply, spec 30).  fsync stays
+# off on purpose: the specs crash the postmaster (-m immediate, SIGKILL), not
+# the machine, and what a commit wrote to the OS page cache survives a
+# postmaster crash; only an OS crash or power loss would need fsync.
 if [ "${PGL_TEST_SERVERS:-2}" -ge 2 ]; then
-  start_cluster data2 || exit 1
+  sync_commit=on start_cluster data2 || exit 1
   export PGL_TEST_CTL2=$dir/data2.ctl PGL_TEST_PORT2=$port
 fi
 port=$main_port

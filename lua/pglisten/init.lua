@@ -39,6 +39,8 @@ end
 -- "pglisten.unchanged".  Leave the column out of the upsert, or use
 -- REPLICA IDENTITY FULL.
 M.unchanged = core.unchanged
+--- Exactly-once application into a PostgreSQL target (pglisten.apply).
+function M.apply(...) return require("pglisten.apply").apply(...) end
 
 --- Longest payload NOTIFY accepts is 7999 bytes (the server's limit is 8000
 -- including the terminating zero).

@@ -146,13 +146,25 @@ end
 ---------------------------------------------------------------------------
 
 -- A change of a table some channel streams: an event and its note.
-function M:event(entry, op, schema, tbl, m)
+function M:event(entry, op, schema, tbl, m, seq)
   local tx = self.tx or {}
   self.c.received = self.c.received + 1
   self.rt.stats.received = self.rt.stats.received + 1
   self.apply:push({ entry = entry, ev = { op = op, schema = schema, table = tbl, new = m.new, old = m.old },
     note = { channel = entry.name, lsn = m.lsn, lsn_int = m.lsn_int, commit_lsn = tx.commit_lsn, xid = tx.xid,
-      commit_time = tx.commit_time, received_at = pg.now() } })
+      commit_time = tx.commit_time, received_at = pg.now(), seq = seq, slot = self.cfg.slot,
+      system_id = self.system_id, database = self.database } })
+end
+
+-- The index of the next change in the transaction (every change the
+-- publication sends counts, routed or not, so that a transaction sent again
+-- numbers its changes alike): with commit_lsn, a change's exact position
+-- (pglisten.apply).
+function M:next_seq()
+  local tx = self.tx
+  if not tx then return 0 end
+  tx.seq = (tx.seq or 0) + 1
+  return tx.seq
 end
 
 --- Queues the decoded messages: events, commit marks, keepalive marks.
@@ -163,9 +175,10 @@ function M:take(msgs)
     local we = m.wal_end_int
     if we and we > self.received then self.received = we end
     if m.op and k ~= "truncate" then
+      local seq = self:next_seq()
       local entry = by[m.schema .. "." .. m.table]
       if entry then
-        self:event(entry, m.op, m.schema, m.table, m)
+        self:event(entry, m.op, m.schema, m.table, m, seq)
       else
         self.c.unrouted = self.c.unrouted + 1
       end
@@ -176,8 +189,9 @@ function M:take(msgs)
       self.tx = nil
     elseif k == "truncate" then
       for _, rel in ipairs(m.relations) do
+        local seq = self:next_seq()
         local entry = by[rel.schema .. "." .. rel.table]
-        if entry then self:event(entry, "TRUNCATE", rel.schema, rel.table, m) end
+        if entry then self:event(entry, "TRUNCATE", rel.schema, rel.table, m, seq) end
       end
     elseif k == "keepalive" then
       if m.reply_requested then self.reply_now = true end
@@ -293,6 +307,13 @@ function M:open()
     repl, err = core.replication_connect(self.conninfo, self.rt.settings.connect_timeout)
     if not repl then return nil, err, notify.permanent(err) end
     self.repl = repl
+    -- the stream's identity in every note (pglisten.apply keys its position on it)
+    local ident, ierr = repl:command("IDENTIFY_SYSTEM")
+    if not ident then
+      self:drop_repl()
+      return nil, ierr
+    end
+    self.system_id, self.database = ident[1].systemid, ident[1].dbname
   end
   if row and cfg.snapshot then
     row, err = self:unfinished_snapshot(sql, row)
@@ -385,7 +406,7 @@ function M:create_slot(repl, sql)
   local row = rows[1]
   self.log.info("created replication slot", { slot = cfg.slot, consistent_point = row.consistent_point })
   if snap then
-    local ok, serr, sfatal = self:snapshot(snap, row.snapshot_name)
+    local ok, serr, sfatal = self:snapshot(snap, row.snapshot_name, row.consistent_point)
     if ok then ok, serr = snap.done(sql, cfg.slot) end
     if not ok then
       local _, derr = repl:command("DROP_REPLICATION_SLOT " .. cfg.slot)
@@ -400,8 +421,9 @@ end
 -- The initial snapshot (pglisten.snapshot) in the slot's exported snapshot:
 -- each page of a table's rows goes to its channel's handler as INSERT
 -- events, note.snapshot = true.
-function M:snapshot(snap, name)
+function M:snapshot(snap, name, point)
   local by = self.cfg.by_table
+  local seq = 0 -- a row's position: (the consistent point, snapshot, seq), before every streamed change
   local function deliver(tbl, rows, notes)
     local entry = by[tbl]
     local events = {}
@@ -409,6 +431,9 @@ function M:snapshot(snap, name)
       events[i] = { op = r.op, schema = r.schema, table = r.table, new = r.new, old = r.old }
       local note = notes[i]
       note.channel, note.received_at = entry.name, pg.now()
+      seq = seq + 1
+      note.seq, note.commit_lsn, note.lsn = seq, point, note.lsn or point
+      note.slot, note.system_id, note.database = self.cfg.slot, self.system_id, self.database
     end
     self.c.received = self.c.received + #events
     return self.apply:deliver(entry, events, notes)
