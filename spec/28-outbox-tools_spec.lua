@@ -57,7 +57,8 @@ describe("lua-pglisten outbox status", function()
     outbox.publish(c, "sms", "{}")
     -- one mail event not due for an hour, all of them created 90 s ago
     c:exec("UPDATE pglisten.outbox SET created_at = now() - interval '90 seconds'")
-    c:exec("UPDATE pglisten.outbox SET run_at = now() + interval '1 hour' WHERE id = (SELECT max(id) FROM pglisten.outbox WHERE channel = 'mail')")
+    c:exec("UPDATE pglisten.outbox SET run_at = now() + interval '1 hour' "
+      .. "WHERE id = (SELECT max(id) FROM pglisten.outbox WHERE channel = 'mail')")
     local rc, out, err = tool(ci, "status", "--format", "json")
     assert.equal(0, rc, err)
     local rows = json.decode(out)
@@ -84,16 +85,16 @@ describe("lua-pglisten outbox status", function()
   end)
 
   it("exits 1 without secrets when the database cannot be reached, 2 on a usage error", function()
-    local rc, out, err = H.run_runner({ "outbox", "status", "--db",
+    local rc, _, err = H.run_runner({ "outbox", "status", "--db",
       "host=127.0.0.1 port=1 user=x password=Very$ecret connect_timeout=2" })
-    assert.equal(1, rc, out .. err)
+    assert.equal(1, rc, err)
     assert.falsy(err:find("Very$ecret", 1, true), err)
     assert.truthy(err:find("cannot connect", 1, true), err)
     for _, argv in ipairs({ { "outbox" }, { "outbox", "nope" }, { "outbox", "status", "--format", "xml" },
       { "outbox", "status", "extra" }, { "outbox", "replay" }, { "outbox", "replay", "--id", "x" },
       { "outbox", "replay", "--id", "1", "--all" }, { "outbox", "purge", "--older-than", "7d" },
       { "outbox", "purge", "--dead" }, { "outbox", "dead", "--limit", "0" }, { "outbox", "status", "--bogus" } }) do
-      rc, out, err = H.run_runner(argv)
+      rc, _, err = H.run_runner(argv)
       assert.equal(2, rc, table.concat(argv, " ") .. ": " .. err)
       assert.truthy(err:find("lua-pglisten: outbox", 1, true), err)
     end
@@ -244,5 +245,93 @@ describe("lua-pglisten outbox purge", function()
     local rc, _, err = H.run_runner({ "outbox", "purge", "--dead", "--older-than", "7" })
     assert.equal(2, rc)
     assert.truthy(err:find('invalid duration "7"', 1, true), err)
+  end)
+end)
+
+describe("ordered durable channels", function()
+  -- A script whose durable channel `q` records each handled id in got
+  -- (seq: the order handled); an id in fail(id, n) fails n more times.
+  local function ordered_script(ci, ordered, extra)
+    return H.script(([[
+local db = pglisten.connect(%q)
+return { poll_interval = 60, channels = { q = { durable = true, ordered = %s, max_attempts = %s,
+  retry = { backoff = 0.2, max_backoff = 0.2 },
+  handler = function(_, note)
+    local r = db:exec("UPDATE fail SET n = n - 1 WHERE id = $1 AND n > 0 RETURNING n", note.id)
+    if r.n > 0 then error("failing on purpose") end
+    %s
+    db:exec("INSERT INTO got (id, pid) VALUES ($1, $2)", note.id, pglisten.core and 0 or 0)
+  end } } }
+]]):format(ci, tostring(ordered), extra and extra.max or 10, extra and extra.body or ""))
+  end
+
+  local function setup()
+    local c, ci = fresh()
+    c:exec("CREATE TABLE got (seq serial, id bigint, pid int); CREATE TABLE fail (id bigint, n int)")
+    return c, ci
+  end
+
+  local function handled(c)
+    local rows = assert(c:exec("SELECT id FROM got ORDER BY seq"))
+    local t = {}
+    for i = 1, rows.n do t[i] = rows[i].id end
+    return t
+  end
+
+  it("is accepted by --check on a durable channel", function()
+    local _, ci = setup()
+    local rc, out, err = H.run_runner({ "--check", ordered_script(ci, true) })
+    assert.equal(0, rc, err)
+    assert.truthy(out:find("^q\t"), out)
+  end)
+
+  it("without it, later events overtake a failing one", function()
+    local c, ci = setup()
+    local p = H.start(ordered_script(ci, false), { "--db", ci })
+    finally(function() p.stop() end)
+    c:exec("INSERT INTO fail SELECT 1, 2")
+    c:exec("SELECT pglisten.publish('q', '{}') FROM generate_series(1, 4)")
+    assert.truthy(H.eventually(function() return #handled(c) == 4 end, 20), p.stderr())
+    assert.same({ 2, 3, 4, 1 }, handled(c))
+  end)
+
+  it("with it, a failing event blocks its channel and later events wait for it", function()
+    local c, ci = setup()
+    local p = H.start(ordered_script(ci, true), { "--db", ci })
+    finally(function() p.stop() end)
+    c:exec("INSERT INTO fail SELECT 1, 2")
+    c:exec("SELECT pglisten.publish('q', '{}') FROM generate_series(1, 4)")
+    assert.truthy(H.eventually(function() return #handled(c) == 4 end, 20), p.stderr())
+    assert.same({ 1, 2, 3, 4 }, handled(c))
+    assert.equal(0, one(c, "SELECT count(*) AS n FROM fail WHERE n > 0").n)
+  end)
+
+  it("lets later events go once the failing one is dead, without waiting for the poll", function()
+    local c, ci = setup()
+    local p = H.start(ordered_script(ci, true, { max = 2 }), { "--db", ci })
+    finally(function() p.stop() end)
+    c:exec("INSERT INTO fail SELECT 2, 100")
+    c:exec("SELECT pglisten.publish('q', '{}') FROM generate_series(1, 4)")
+    assert.truthy(H.eventually(function() return #handled(c) == 3 end, 15), p.stderr())
+    assert.same({ 1, 3, 4 }, handled(c))
+    assert.equal(2, one(c, "SELECT id FROM pglisten.dead").id)
+  end)
+
+  it("keeps the order across competing runners", function()
+    local c, ci = setup()
+    local script = ordered_script(ci, true, { body = "pglisten.sleep(0.02)" })
+    local p1 = H.start(script, { "--db", ci })
+    local p2 = H.start(script, { "--db", ci })
+    finally(function() p1.stop(); p2.stop() end)
+    c:exec("INSERT INTO fail SELECT 5, 1")
+    local pub = connect(ci)
+    for _ = 1, 12 do
+      pub:exec("SELECT pglisten.publish('q', '{}') FROM generate_series(1, 5)")
+      H.sleep(0.03)
+    end
+    assert.truthy(H.eventually(function() return #handled(c) == 60 end, 30), p1.stderr() .. p2.stderr())
+    local want = {}
+    for i = 1, 60 do want[i] = i end
+    assert.same(want, handled(c))
   end)
 end)

@@ -124,13 +124,30 @@ end
 -- Claiming and finishing
 ---------------------------------------------------------------------------
 
+-- $3: the ordered channels among $1; $4: those whose lock this claim holds.
+-- An ordered channel's event is taken only when no earlier event of its
+-- channel waits for a retry (run_at in the future): a failing event blocks
+-- its channel.
 local CLAIM = [[
 SELECT id, channel, payload, attempts, created_at, last_error
-  FROM pglisten.outbox
+  FROM pglisten.outbox o
  WHERE channel = ANY($1::text[]) AND run_at <= now()
+   AND (NOT (channel = ANY($3::text[]))
+        OR (channel = ANY($4::text[])
+            AND NOT EXISTS (SELECT 1 FROM pglisten.outbox b
+                             WHERE b.channel = o.channel AND b.run_at > now() AND b.id < o.id)))
  ORDER BY id
  LIMIT $2
    FOR UPDATE SKIP LOCKED]]
+
+-- One claimer at a time per ordered channel: a transaction-level advisory
+-- lock (keys 0x70676c6f 'pglo', hashtext(channel)) held until finish
+-- commits, so that no runner takes event 2 while another holds event 1.
+-- Not waited for: a channel another claim holds is left to it.
+local LOCK_ORDERED = [[
+SELECT coalesce(array_agg(c), '{}') AS locked
+  FROM unnest($1::text[]) AS c
+ WHERE pg_catalog.pg_try_advisory_xact_lock(1885826159, hashtext(c))]]
 
 -- Rolls back what this module began; the caller gets the first error.
 local function abort(conn, err, code)
@@ -147,11 +164,15 @@ end
 -- @param conn a pglisten connection, outside any transaction
 -- @tparam {string,...} channels durable channel names
 -- @tparam[opt=100] integer limit at most this many events
+-- @tparam[opt] {string,...} ordered those of `channels` that are ordered:
+--   claimed by one connection at a time, and only up to their first event
+--   that waits for a retry
 -- @return array of `{id, channel, payload, attempts, created_at, last_error}`
 --   (last_error nil for a first attempt), or nil, err, sqlstate
-function M.claim(conn, channels, limit)
+function M.claim(conn, channels, limit, ordered)
   check_conn(conn, "claim")
   local list = text_array(channels, 2, "claim")
+  local olist = text_array(ordered or {}, 4, "claim")
   if limit == nil then limit = 100 end
   if mtype(limit) ~= "integer" or limit < 1 then
     argerror(3, "claim", "positive integer expected, got " .. tostring(limit))
@@ -168,8 +189,15 @@ function M.claim(conn, channels, limit)
   local ok, err, code = conn:exec(
     "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0")
   if not ok then return abort(conn, err, code) end
+  local locked = "{}"
+  if ordered and #ordered > 0 then
+    local r
+    r, err, code = conn:exec(LOCK_ORDERED, olist)
+    if not r then return abort(conn, err, code) end
+    locked = r[1].locked
+  end
   local rows
-  rows, err, code = conn:exec(CLAIM, list, limit)
+  rows, err, code = conn:exec(CLAIM, list, limit, olist, locked)
   if not rows then return abort(conn, err, code) end
   if rows.n == 0 then
     ok, err, code = conn:exec("COMMIT")

@@ -355,9 +355,6 @@ local function channel_entry(name, v, path)
   if e.source == "replication" then
     replication_entry(e, v, name, label)
   end
-  if e.ordered then
-    fail("%s: ordered = true %s (a durable event that fails is overtaken by later ones)", label, NOT_YET)
-  end
   for _, k in ipairs({ "table", "on_failure" }) do
     if e[k] ~= nil and e.source ~= "replication" then
       fail('%s: %s applies to source = "replication" channels only', label, k)

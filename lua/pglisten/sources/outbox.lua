@@ -42,6 +42,15 @@ local function outbox_names(list)
   return "{" .. table.concat(lit, ",") .. "}"
 end
 
+--- The ordered ones (`ordered = true`) among durable channel names `names`.
+function M.ordered(spec, names)
+  local list = {}
+  for _, n in ipairs(names) do
+    if spec.channels[n].ordered then list[#list + 1] = n end
+  end
+  return list
+end
+
 --- Durable channel names of a spec, sorted.
 function M.wants(spec)
   local list = {}
@@ -175,20 +184,27 @@ function M:handle(entry, events, failed, done)
 end
 
 -- Splits a claim into runs (a batch channel's consecutive events) and handles them.
+-- After a failure on an ordered channel, its later events of the claim are
+-- left alone (neither done nor failed: they stay as they were, behind the
+-- failed one; the failure's retry timer claims again, and takes them once
+-- the failed one is handled or dead).
 function M:handle_claim(events, failed, done)
-  local channels, i = self.rt.spec.channels, 1
+  local channels, i, blocked = self.rt.spec.channels, 1, {}
   while i <= #events do
     local ev = events[i]
     local entry = channels[ev.channel]
     local run = { ev }
     i = i + 1
+    if blocked[ev.channel] then entry = nil end
     if entry and entry.batch then
       while i <= #events and events[i].channel == ev.channel and #run < entry.batch do
         run[#run + 1] = events[i]
         i = i + 1
       end
     end
+    local nfailed = #failed
     if entry then self:handle(entry, run, failed, done) end
+    if entry and entry.ordered and #failed > nfailed then blocked[ev.channel] = true end
   end
 end
 
@@ -229,7 +245,7 @@ function M:serve(reason)
   end
   local total = 0
   while not self.rt:stopping() do
-    local events, cerr = outbox.claim(conn, self.names, M.CLAIM)
+    local events, cerr = outbox.claim(conn, self.names, M.CLAIM, M.ordered(self.rt.spec, self.names))
     if not events then
       self.log.warn("outbox: claim failed", { error = cerr, reason = reason })
       return total
