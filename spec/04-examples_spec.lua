@@ -1,6 +1,7 @@
 -- The examples, end to end with the real runner: example 1 (a table kept in
 -- sync, with its resync on every (re)connect), example 2 (fan-out to several
--- client databases) and example 3 (several channels routed in one script).
+-- client databases), example 3 (several channels routed in one script) and
+-- example 4 (change data capture from the WAL, source = "replication").
 local H = require "helpers"
 local pg = H.pg
 
