@@ -19,6 +19,7 @@
 #   bench/capture-forms.sh  the trigger forms capture.sh cannot name (FOR EACH
 #               STATEMENT with transition tables), and single-row transactions
 #               under this schema and under BENCH_BASE_REV's
+#   bench/capture-icount.sh  the same, counted in instructions (callgrind)
 # and writes the tables, the machine, the commands and the targets to
 # bench/RESULTS.md.  bench/profile.sh is the callgrind profile of the hot path.
 #
@@ -34,6 +35,7 @@
 #   BENCH_BASE_REV (0c97c05)  the tree whose schema the single-row rows compare with
 #                             (0c97c05: the schema before set-based capture)
 #   BENCH_BUILD (build)       the build directory of the runner
+#   BENCH_ICOUNT (1)          0: without bench/capture-icount.sh (callgrind, minutes)
 #   BENCH_NO_DEPS=1           do not apt-get/npm install anything
 #   BENCH_SHARED              the peer bench (default ../shared/bench)
 #   BENCH_RESULTS             where to write (default bench/RESULTS.md)
@@ -151,17 +153,26 @@ run_capture() {
   PGL_SQL=$tmp/schema.sql PGL_SQL_BASE=$( [ -s "$tmp/base.sql" ] && echo "$tmp/base.sql") BENCH_SHARED=$tmp/bench \
     BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_SINGLE_N=$SINGLE_N "$here/capture-forms.sh" \
     2>"$tmp/forms.err" | tee "$tmp/forms.out" >&2
+  : >"$tmp/icount.out"
+  if [ "${BENCH_ICOUNT:-1}" = 1 ] && command -v valgrind >/dev/null; then
+    say "bench: capture-icount.sh (instructions, callgrind; a few minutes)"
+    PGL_SQL=$tmp/schema.sql PGL_SQL_BASE=$( [ -s "$tmp/base.sql" ] && echo "$tmp/base.sql") BENCH_SHARED=$tmp/bench \
+      "$here/capture-icount.sh" 2>"$tmp/icount.err" | tee "$tmp/icount.out" >&2
+  fi
 }
 
 # The goals of set-based capture, from the two scripts' tables.
 capture_targets() {
-  awk -F'|' -v cap="$tmp/capture.out" -v forms="$tmp/forms.out" '
+  awk -F'|' -v cap="$tmp/capture.out" -v forms="$tmp/forms.out" -v ic="$tmp/icount.out" '
     function t(s) { gsub(/^ +| +$/, "", s); return s }
     function row(what, got, ok) { printf "| %s | %s | %s |\n", what, got, ok ? "met" : "**not met**" }
     FILENAME == cap && /^\| / && $3 ~ /[0-9]/ && !rb { c[t($2)] = t($4) + 0; cr[t($2)] = t($3) + 0 }
     FILENAME == cap && /^## Reading/ { rb = 1 }
     FILENAME == forms && /^### Single/ { single = 1 }
     FILENAME == forms && /^\| / && $3 ~ /[0-9]/ { if (single) s[t($2)] = t($3) + 0; else f[t($2)] = t($4) + 0 }
+    FILENAME == ic && /per single-row/ { isingle = 1 }
+    FILENAME == ic && /^\| / && $4 ~ /[0-9]/ {
+      k = t($2) " " t($3); if (isingle) is[k] = t($5) + 0; else { ib[k] = t($6) + 0; ic_[k] = t($5) + 0 } }
     END {
       print "| goal | measured | |"
       print "|---|---|---|"
@@ -173,12 +184,20 @@ capture_targets() {
         sprintf("%.2f vs %.2f", f["notify_statement"], f["hand-trigger"]), f["notify_statement"] >= f["hand-trigger"])
       if ("durable_statement" in f) row("forms: durable_statement ratio >= 0.5",
         sprintf("%.2f", f["durable_statement"]), f["durable_statement"] >= 0.5)
+      if ("notify_row this" in ib) {
+        row("instructions: notify_row ratio >= hand-trigger ratio",
+          sprintf("%.2f vs %.2f (%d vs %d instr/row)", ib["notify_row this"], ib["hand-trigger this"], ic_["notify_row this"], ic_["hand-trigger this"]),
+          ib["notify_row this"] >= ib["hand-trigger this"])
+        row("instructions: durable_statement ratio >= 0.5", sprintf("%.2f", ib["durable_statement this"]), ib["durable_statement this"] >= 0.5)
+        for (k in is) if (k ~ / this$/) { b = k; sub(/ this$/, " base", b); if (b in is)
+          row("instructions: single-row " k " schema not more than base", sprintf("%d vs %d instr/tx", is[k], is[b]), is[k] <= is[b]) }
+      }
       for (m in s) if (m ~ /base schema/) {
         n = m; sub(/ \(base schema\)/, "", n)
         row("single-row transactions: " n " not slower than under the base schema",
           sprintf("%d vs %d rows/s (%.2f x)", s[n], s[m], s[m] > 0 ? s[n] / s[m] : 0), s[n] >= s[m])
       }
-    }' "$tmp/capture.out" "$tmp/forms.out"
+    }' "$tmp/capture.out" "$tmp/forms.out" "$tmp/icount.out"
 }
 
 # The capture section of RESULTS.md (between markers, so that
@@ -209,6 +228,14 @@ capture_section() {
   echo "the ratios are to \`none\` of the same table."
   echo
   cat "$tmp/forms.out"
+  if [ -s "$tmp/icount.out" ]; then
+    echo
+    echo "bench/capture-icount.sh: the same inserts counted in instructions by callgrind, in a"
+    echo "single-user backend, so that forms compare on a machine too noisy for wall-clock ratios"
+    echo "(\"vs none\": base / (base + capture), the ratio if time were instructions)."
+    echo
+    cat "$tmp/icount.out"
+  fi
   echo
   echo "### Goals"
   echo
@@ -404,7 +431,7 @@ if [ "$ONLY" = all ] || [ "$ONLY" = sync ]; then
   say "bench: sync producer alone, and the batch consumers' capacity"
   sync_extra >"$tmp/sync_extra.out" 2>"$tmp/sync_extra.err"; cat "$tmp/sync_extra.out" >&2
 fi
-for f in run sync capture forms; do
+for f in run sync capture forms icount; do
   [ -s "$tmp/$f.err" ] && { say "bench: $f.sh stderr:"; tail -n 20 "$tmp/$f.err" >&2; }
 done
 if [ "$ONLY" = capture ]; then
