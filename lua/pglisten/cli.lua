@@ -162,6 +162,23 @@ function M.libpq_version()
   return ("%d.%d.%d"):format(v // 10000, v // 100 % 100, v % 100)
 end
 
+-- --check: one line per channel, its name and what is not the default.
+local function print_check(spec)
+  for _, name in ipairs(spec.names) do
+    local e = spec.channels[name]
+    local extra = {}
+    if e.decode ~= "json" and e.source ~= "replication" then extra[#extra + 1] = "decode=" .. e.decode end
+    if e.batch then extra[#extra + 1] = "batch=" .. e.batch end
+    if e.retry then extra[#extra + 1] = ("retry=%dx%gs"):format(e.retry.attempts, e.retry.backoff) end
+    if e.durable then extra[#extra + 1] = "durable" end
+    if e.source == "replication" then
+      extra[#extra + 1] = "replication table=" .. e.table .. (e.on_failure == "dead" and " on_failure=dead" or "")
+    end
+    io.stdout:write(name, #extra > 0 and ("\t" .. table.concat(extra, " ")) or "", "\n")
+  end
+  return 0
+end
+
 --- Runs the program; returns the exit code.
 function M.main(argv)
   -- subcommands: `lua-pglisten outbox ...`, `lua-pglisten backfill ...`
@@ -200,21 +217,7 @@ function M.main(argv)
     end
     return 2
   end
-  if opts.check then
-    for _, name in ipairs(spec.names) do
-      local e = spec.channels[name]
-      local extra = {}
-      if e.decode ~= "json" and e.source ~= "replication" then extra[#extra + 1] = "decode=" .. e.decode end
-      if e.batch then extra[#extra + 1] = "batch=" .. e.batch end
-      if e.retry then extra[#extra + 1] = ("retry=%dx%gs"):format(e.retry.attempts, e.retry.backoff) end
-      if e.durable then extra[#extra + 1] = "durable" end
-      if e.source == "replication" then
-        extra[#extra + 1] = "replication table=" .. e.table .. (e.on_failure == "dead" and " on_failure=dead" or "")
-      end
-      io.stdout:write(name, #extra > 0 and ("\t" .. table.concat(extra, " ")) or "", "\n")
-    end
-    return 0
-  end
+  if opts.check then return print_check(spec) end
   if opts["drop-slot"] then return M.drop_slot(opts, spec) end
   if opts.tap then
     spec, err = require("pglisten.tap").apply(spec, opts.tap, opts.db)
