@@ -215,7 +215,6 @@ describe("script.validate", function()
       { { replication = { slot = 5 } }, "replication.slot must be a string, got number" },
       { { replication = { snapshot = "yes" } }, "replication.snapshot must be a boolean, got string" },
       { { replication = "crm" }, "replication must be a table" },
-      { { metrics = "127.0.0.1:9187" }, "metrics: serving metrics is not in this version of lua-pglisten" },
       { { metrics = 9187 }, "metrics must be a string \"ADDR:PORT\", got 9187" },
       { { metrics = "host:99999" }, "metrics must be a string \"ADDR:PORT\", got \"host:99999\"" },
       { { channels = { a = { handler = h, source = "replication" } } },

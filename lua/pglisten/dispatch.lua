@@ -19,6 +19,7 @@ local pg = require "pglisten"
 local host = require "pglisten.host"
 local backoff = require "pglisten.backoff"
 local ordering = require "pglisten.ordering"
+local stats = require "pglisten.services.stats"
 
 local ok_dec, decoders = pcall(require, "pglisten.decoders")
 if not ok_dec then decoders = nil end
@@ -144,6 +145,8 @@ end
 
 function M:decode_failed(entry, note, err)
   self.stats.failed_decode = self.stats.failed_decode + 1
+  local c = stats.channel(self.stats, entry.name)
+  c.failed_decode = c.failed_decode + 1
   self.log.error("payload rejected", {
     channel = note.channel, error = err, pid = note.pid, payload = excerpt(note.payload),
   })
@@ -152,6 +155,8 @@ end
 
 function M:handler_failed(entry, note, err, tb, attempts, notes)
   self.stats.failed_handler = self.stats.failed_handler + (notes and #notes or 1)
+  local c = stats.channel(self.stats, entry.name)
+  c.failed_handler = c.failed_handler + (notes and #notes or 1)
   self.log.error("handler failed", {
     channel = entry.name, error = errstring(err), traceback = tb, attempts = attempts,
     payload = note and excerpt(note.payload), count = notes and #notes or nil,
@@ -189,6 +194,7 @@ function M:run_lane(lane)
   local last = h + M.FAST_RUN - 1
   if last > tail then last = tail end
   local fast, handled, slow = self.fast, 0, false
+  local by, channel_stats = self.stats.channels, stats.channel
   while h <= last do
     local note = q[h]
     local entry = fast[note.channel]
@@ -213,6 +219,8 @@ function M:run_lane(lane)
       local ok, herr = invoke(entry.handler, v, note)
       if ok then
         handled = handled + 1
+        local c = by[note.channel] or channel_stats(self.stats, note.channel)
+        c.handled = c.handled + 1
       else
         q.head = h
         self:handler_failed(entry, note, herr, last_traceback, 1)
@@ -299,6 +307,8 @@ function M:attempt(lane, job)
   self.current_at = nil
   if ok then
     self.stats.handled = self.stats.handled + (job.notes and #job.notes or 1)
+    local c = stats.channel(self.stats, entry.name)
+    c.handled = c.handled + (job.notes and #job.notes or 1)
     if job.attempt > 1 then
       self.log.info("handler succeeded after retrying", { channel = entry.name, attempts = job.attempt })
     end
@@ -307,6 +317,8 @@ function M:attempt(lane, job)
   local attempts = entry.retry and entry.retry.attempts or 1
   if job.attempt < attempts and not self.rt:past_grace() then
     self.stats.retries = self.stats.retries + 1
+    local c = stats.channel(self.stats, entry.name)
+    c.retries = c.retries + 1
     local wait = backoff.delay(job.attempt, backoff.of(entry))
     self.log.warn("handler failed; retrying", {
       channel = entry.name, error = errstring(err), attempt = job.attempt, of = attempts,

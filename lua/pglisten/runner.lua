@@ -33,6 +33,8 @@ local outbox_source = require "pglisten.sources.outbox"
 local replication = require "pglisten.sources.replication"
 local leader = require "pglisten.services.leader"
 local stats = require "pglisten.services.stats"
+local metrics = require "pglisten.services.metrics"
+local sdnotify = require "pglisten.services.sdnotify"
 
 local M = {}
 
@@ -99,6 +101,9 @@ function Runner.new(opts, spec, log)
   -- hook order: the leader sets info.leader before the others see it
   self.parts = { self.leader, self.notify, self.outbox, self.replication, self.stats_service }
   if not self.leader then table.remove(self.parts, 1) end
+  -- optional services (nil when not configured)
+  self.metrics, self.sdnotify = metrics.new(self), sdnotify.new(self)
+  for _, p in ipairs({ self.metrics, self.sdnotify }) do self.parts[#self.parts + 1] = p end
   self.next_tick = 0
   return self
 end
@@ -127,8 +132,13 @@ function Runner:signals()
   if sig.TERM and not self.stop_at then
     self.stop_at = now()
     self.log.info("stopping: signal received", { queued = self.dispatch:queued() })
+    if self.sdnotify then self.sdnotify:stopping() end
   end
-  if sig.HUP and not self.stop_at then self:reload() end
+  if sig.HUP and not self.stop_at then
+    if self.sdnotify then self.sdnotify:reloading() end
+    self:reload()
+    if self.sdnotify then self.sdnotify:ready() end
+  end
   if sig.USR1 then
     self.stats_service:log()
     self.replication:log_stats()
@@ -168,6 +178,13 @@ function Runner:wait()
     local fd = s.pollfd and s:pollfd()
     if fd then
       fds[#fds + 1] = { fd, s:events() }
+      srcs[#srcs + 1] = s
+    end
+  end
+  -- services' sockets (metrics): objects with pollfd, events and read
+  for _, p in ipairs(self.parts) do
+    for _, s in ipairs(p.pollables and p:pollables() or {}) do
+      fds[#fds + 1] = { s:pollfd(), s:events() }
       srcs[#srcs + 1] = s
     end
   end

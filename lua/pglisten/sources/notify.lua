@@ -21,6 +21,7 @@ local outbox = require "pglisten.outbox"
 local backoff = require "pglisten.backoff"
 local dispatch = require "pglisten.dispatch"
 local conninfo_lib = require "pglisten.conninfo"
+local stats = require "pglisten.services.stats"
 
 local M = {}
 M.__index = M
@@ -108,6 +109,7 @@ function M:read(max)
   -- no poll per read, an idle one one read that finds nothing
   self.more = n > 0
   if n > 0 then
+    stats.received(self.stats, batch, n)
     self.rt.dispatch:append(batch, n)
     self.last_io = now()
     self.stats.received = self.stats.received + n
@@ -130,6 +132,7 @@ function M:drain_all()
   while true do
     local batch = conn:drain(self.rt.settings.drain_max, self.buf)
     if not batch or batch.n == 0 then return end
+    stats.received(self.stats, batch, batch.n)
     self.rt.dispatch:append(batch, batch.n)
     self.stats.received = self.stats.received + batch.n
   end
@@ -224,6 +227,7 @@ function M:connected(conn)
   if not first then
     info.disconnected_for = now() - (self.lost_at or now())
     self.stats.reconnects = self.stats.reconnects + 1
+    self.reconnects = (self.reconnects or 0) + 1 -- this source's own (metrics)
   end
   self.lost_at, self.attempt, self.last_warn = nil, 0, -math.huge
   self.log.info(first and "listening" or "reconnected", {

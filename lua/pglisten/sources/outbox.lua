@@ -24,6 +24,7 @@ local pg = require "pglisten"
 local outbox = require "pglisten.outbox"
 local backoff = require "pglisten.backoff"
 local dispatch = require "pglisten.dispatch"
+local stats = require "pglisten.services.stats"
 
 local M = {}
 M.__index = M
@@ -137,8 +138,13 @@ function M:decode(entry, events, failed)
       created_at = ev.created_at, received_at = pg.now(), durable = true,
     }
     local v, err = decode(ev.payload)
+    local c = stats.channel(self.stats, entry.name)
+    -- a claimed event is received; claimed again after a failure, a retry
+    c.received, self.stats.received = c.received + 1, self.stats.received + 1
+    if ev.attempts > 0 then c.retries, self.stats.retries = c.retries + 1, self.stats.retries + 1 end
     if v == nil then
       self.stats.failed_decode = self.stats.failed_decode + 1
+      c.failed_decode = c.failed_decode + 1
       self.log.error("durable event rejected", { channel = ev.channel, id = ev.id, error = err,
         payload = dispatch.excerpt(ev.payload) })
       failed[#failed + 1] = self:failure(entry, ev, err)
@@ -165,11 +171,15 @@ function M:handle(entry, events, failed, done)
     if ok then
       done[#done + 1] = note.id
       self.stats.handled = self.stats.handled + 1
+      local c = stats.channel(self.stats, entry.name)
+      c.handled = c.handled + 1
     else
       local attempts = note.attempts + 1
       local maxa = entry.max_attempts or outbox.MAX_ATTEMPTS
       local msg = errstring(err)
       self.stats.failed_handler = self.stats.failed_handler + 1
+      local c = stats.channel(self.stats, entry.name)
+      c.failed_handler = c.failed_handler + 1
       failed[#failed + 1] = self:failure(entry, note, msg)
       if i == 1 then
         self.log.error(attempts >= maxa and "durable event failed for the last time; moved to pglisten.dead"
