@@ -83,6 +83,24 @@ return { replication = { slot = %q }, channels = { [%q] = { source = "replicatio
     rc, err = run("public.missing")
     assert.equal(1, rc, err)
     assert.matches("table public.missing does not exist", err, 1, true)
+    local path = C.script(dst, ([[
+return { replication = { slot = %q, create = false },
+  channels = { ["public.items"] = { source = "replication", handler = function() end } } }
+]]):format(slot))
+    local p = H.start(path, { "--db", "dbname=" .. src }, nil, false)
+    rc = p.wait(20)
+    p.stop()
+    assert.equal(1, rc, p.stderr())
+    assert.matches(("publication %s does not exist (replication.create = false): CREATE PUBLICATION %s FOR TABLE "
+      .. "public.items, or remove create = false"):format(slot, slot), p.stderr(), 1, true)
+    C.sql(("CREATE PUBLICATION %s FOR TABLE items"):format(slot), src)
+    p = H.start(path, { "--db", "dbname=" .. src }, nil, false)
+    rc = p.wait(20)
+    p.stop()
+    assert.equal(1, rc, p.stderr())
+    assert.matches(("replication slot %s does not exist (replication.create = false)"):format(slot), p.stderr(), 1,
+      true)
+    C.sql(("DROP PUBLICATION %s"):format(slot), src)
     C.sql("DROP ROLE IF EXISTS cdc_norepl; CREATE ROLE cdc_norepl LOGIN")
     C.sql("GRANT ALL ON SCHEMA public TO cdc_norepl; GRANT ALL ON ALL TABLES IN SCHEMA public TO cdc_norepl", src)
     finally(function()
@@ -223,8 +241,6 @@ return {
   it('on_failure = "dead" records the event in pglisten.dead on the source and moves on', function()
     local src, dst, slot = C.setup("dead")
     C.sql(ITEMS, src); C.sql(ITEMS, dst)
-    local rc, _, ierr = H.run_runner({ "--install", "--db", "dbname=" .. src })
-    assert.equal(0, rc, ierr)
     local path = C.script(dst, ([[
 return {
   replication = { slot = %q },
@@ -234,6 +250,15 @@ return {
   },
 }
 ]]):format(slot))
+    -- without the outbox schema on the source: exit 1, saying so
+    local early = H.start(path, { "--db", "dbname=" .. src }, nil, false)
+    local erc = early.wait(20)
+    early.stop()
+    assert.equal(1, erc, early.stderr())
+    assert.matches([[on_failure = \"dead\" (channel public.items) records failed events in pglisten.dead on the ]]
+      .. "source database, and it has no schema pglisten: run lua-pglisten --install", early.stderr(), 1, true)
+    local rc, _, ierr = H.run_runner({ "--install", "--db", "dbname=" .. src })
+    assert.equal(0, rc, ierr)
     local p = C.start(path, src)
     finally(function() C.cleanup({ p }, src, slot) end)
     for i = 1, 5 do C.sql(("INSERT INTO items VALUES (%d, %d, 'x')"):format(i, i), src) end

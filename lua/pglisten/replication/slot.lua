@@ -118,6 +118,23 @@ function M.check(conn, cfg, slot_missing)
     local ok, terr, fatal = check_table(conn, t)
     if not ok then return nil, terr, fatal end
   end
+  return M.check_dead(conn, cfg)
+end
+
+--- A channel with on_failure = "dead" needs pglisten.dead on the source.
+function M.check_dead(conn, cfg)
+  local dead = {}
+  for _, t in ipairs(cfg.tables) do
+    if cfg.by_table[t].on_failure == "dead" then dead[#dead + 1] = cfg.by_table[t].name end
+  end
+  if #dead == 0 then return true end
+  local r, err = query(conn, "SELECT to_regclass('pglisten.dead') IS NOT NULL AS has")
+  if not r then return nil, err end
+  if not r[1].has then
+    return nil, ('on_failure = "dead" (channel %s) records failed events in pglisten.dead on the source '
+      .. "database, and it has no schema pglisten: run lua-pglisten --install --db CONNINFO (the source) first")
+      :format(table.concat(dead, ", ")), true
+  end
   return true
 end
 

@@ -386,6 +386,11 @@ end
 -- Returns the LSN to stream from, or nil, err, fatal.
 function M:create_slot(repl, sql)
   local cfg = self.cfg
+  if cfg.create == false then
+    return nil, ("replication slot %s does not exist (replication.create = false): create it "
+      .. "(SELECT pg_create_logical_replication_slot('%s', 'pgoutput')), or remove create = false")
+      :format(cfg.slot, cfg.slot), true
+  end
   local snap
   if cfg.snapshot then
     local ok, mod = pcall(require, "pglisten.snapshot")
