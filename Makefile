@@ -4,6 +4,7 @@
 #   make test       install missing Debian packages, build, run every spec against
 #                   a throwaway PostgreSQL, stop it; non-zero on any failure
 #   make demo       the same set-up, then example 1 end to end under the runner
+#                   (EXAMPLE=04: example 4, change data capture from the WAL)
 #   make check      the specs with the C code built under ASan + UBSan
 #   make bench      ../shared/bench with lua-pglisten beside the peers
 #   make lint       luacheck over every Lua file of the tree (.luacheckrc)
@@ -120,7 +121,7 @@ test: deps
 
 demo: deps
 	@$(MAKE) --no-print-directory all
-	@scripts/with-pg.sh examples/demo.sh
+	@scripts/with-pg.sh examples/demo.sh $(EXAMPLE)
 
 # The C code under AddressSanitizer and UndefinedBehaviorSanitizer.  The Lua
 # interpreter is not instrumented, so the sanitizer runtime is preloaded.

@@ -394,7 +394,8 @@ end)
 ---------------------------------------------------------------------------
 
 describe("example 04-cdc", function()
-  local CDC_DUMP = [[SELECT (SELECT count(*) || ' ' || md5(coalesce(string_agg(u::text, E'\n' ORDER BY id), '')) FROM users u)
+  local CDC_DUMP = [[SELECT (SELECT count(*) || ' ' || md5(coalesce(string_agg(u::text, E'\n' ORDER BY id), ''))
+      FROM users u)
     || ' / ' || (SELECT count(*) || ' ' || md5(coalesce(string_agg(o::text, E'\n' ORDER BY id), '')) FROM orders o)]]
 
   it("copies the existing rows, then follows inserts, updates, deletes, TRUNCATE and unchanged TOAST, "
@@ -405,7 +406,8 @@ describe("example 04-cdc", function()
     load_sql(tname, "04-cdc/target.sql")
     H.psql([[INSERT INTO users SELECT i, 'u' || i || '@example.com', 'User ' || i, 'bio ' || i, now()
                FROM generate_series(1, 3000) i;
-             INSERT INTO orders SELECT i, (i % 3000) + 1, i * 0.5, 'new', now() FROM generate_series(1, 6000) i]], sname)
+             INSERT INTO orders SELECT i, (i % 3000) + 1, i * 0.5, 'new', now()
+               FROM generate_series(1, 6000) i]], sname)
     local slot = "ex04_" .. os.time() % 100000
     local env = { TARGET_URL = tci, CDC_SLOT = slot }
     local p = H.start(EX .. "/04-cdc/handler.lua", { "--db", sci }, env, false)
@@ -444,7 +446,8 @@ describe("example 04-cdc", function()
     assert.equal("0", H.psql("SELECT count(*) FROM orders", tname))
     term(p2)
     assert.no_matches(" ERROR ", p2.stderr())
-    local out, ok = H.run_runner({ "--db", sci, "--drop-slot", EX .. "/04-cdc/handler.lua" }, env)
-    assert(ok, tostring(out))
+    local rc, _, err = H.run_runner({ "--db", sci, "--drop-slot", EX .. "/04-cdc/handler.lua" }, env)
+    assert.equal(0, rc, err)
+    assert.equal("0", H.psql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot), sname))
   end)
 end)

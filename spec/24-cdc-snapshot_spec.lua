@@ -206,7 +206,8 @@ SELECT pg_sleep(0.005);]]):format(50000 + i, i, i, (i * 37) % 50000 + 1, (i * 10
     assert.same({}, m.missing) -- no update or delete of a row the target lacked
     drop_slot(slot)
   end)
-  it("SIGKILL during the snapshot: pending, the slot dropped and recreated, the target converges (parents first)", function()
+  it("SIGKILL during the snapshot: pending, the slot dropped and recreated, the target converges "
+    .. "(parents first)", function()
     local ddl = [[CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL);
       CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users, amount numeric(12,2) NOT NULL);]]
     local src, src_ci = H.createdb("snapkill")
@@ -378,7 +379,8 @@ local function items_dbs(prefix, rows)
   local dst, dst_ci = H.createdb(prefix .. "dst")
   H.psql(([[CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL);
     INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, %d) i]]):format(rows), src)
-  H.psql("CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL); CREATE TABLE applied (id int PRIMARY KEY, n int, snap bool)", dst)
+  H.psql([[CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL);
+    CREATE TABLE applied (id int PRIMARY KEY, n int, snap bool)]], dst)
   return src, src_ci, dst, dst_ci
 end
 
@@ -387,9 +389,11 @@ local DIGEST = "SELECT count(*) || ' ' || md5(coalesce(string_agg(id || ':' || v
 local function stop_runner(p, src, slot)
   p.kill("TERM"); p.wait(10); p.stop()
   H.eventually(function()
-    return H.psql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot), src) == "0"
+    return H.psql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active")
+      :format(slot), src) == "0"
   end, 10)
-  H.psql(("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot), src)
+  H.psql(("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '%s'")
+    :format(slot), src)
 end
 
 describe("cdc snapshot, in the runner", function()
@@ -405,7 +409,9 @@ DELETE FROM items WHERE id = %d; COMMIT; SELECT pg_sleep(0.005);]]):format(50000
     local writer = H.spawn({ "psql", "-qtAX", "-v", "ON_ERROR_STOP=1", "-d", src, "-f",
       H.file("rwriter.sql", table.concat(w, "\n") .. "\n") })
     finally(function() writer.stop() end)
-    assert(H.eventually(function() return tonumber(H.psql("SELECT count(*) FROM items WHERE id > 50000", src)) >= 10 end, 20))
+    assert(H.eventually(function()
+      return tonumber(H.psql("SELECT count(*) FROM items WHERE id > 50000", src)) >= 10
+    end, 20))
     local p = H.start(items_script(slot, dst_ci_of(dst), 0.02), { "--db", src_ci }, {}, false)
     finally(function() stop_runner(p, src, slot) end)
     assert(H.eventually(function() return p.stderr():find("initial snapshot done", 1, true) end, 90), p.stderr())

@@ -300,8 +300,9 @@ function M.run(rt, opts)
   end
   local o = setmetatable({ page = math.tointeger(opts.page) or M.PAGE }, { __index = opts })
   if o.page < 1 then error("snapshot.run: opts.page must be a positive integer", 2) end
-  local conn, err = opts.conn, nil
+  local conn = opts.conn
   if not conn then
+    local err
     conn, err = pg.connect(opts.conninfo, { heal = false, interruptible = rt ~= nil, timeout = opts.timeout })
     if not conn then return nil, "snapshot: cannot connect to the source: " .. tostring(err), "08001" end
   end
@@ -339,7 +340,8 @@ CREATE TABLE IF NOT EXISTS pglisten.slots (
   started_at    timestamptz NOT NULL DEFAULT now(),
   done_at       timestamptz
 );
-COMMENT ON TABLE pglisten.slots IS 'lua-pglisten: replication slots whose initial snapshot was begun; snapshot_done false = never finished, redo it']]
+COMMENT ON TABLE pglisten.slots IS 'lua-pglisten: replication slots whose initial snapshot was begun; '
+  'snapshot_done false = never finished: the runner drops the slot and takes the snapshot again']]
 
 local function in_tx(conn, fn)
   return conn:transaction(function(c)
