@@ -414,6 +414,9 @@ describe("example 04-cdc", function()
     finally(function() p.stop() end)
     assert(wait_log(p, "streaming", 60), p.stderr())
     assert.equal(H.psql(CDC_DUMP, sname), H.psql(CDC_DUMP, tname))
+    -- the source position lives in the target (pglisten.apply): each change applied once
+    assert.equal("1", H.psql(("SELECT count(*) FROM pglisten.applied WHERE slot = '%s' AND snapshot")
+      :format(slot), tname))
 
     H.psql([[BEGIN;
       INSERT INTO users SELECT 5000, 'new@example.com', 'New', string_agg(md5(i::text), ''), now()

@@ -11,8 +11,10 @@
 -- up to 500 events of one table, in commit order, applied in one target
 -- transaction with one execmany per run of upserts or deletes.  Delivery is
 -- at least once (after a crash the events since the slot's confirmed
--- position come again), so every write is idempotent: an upsert keyed by
--- id, a delete that may find nothing.
+-- position come again): pglisten.apply keeps the source position in the
+-- target's transaction and skips what is applied already, so each change
+-- is applied once; the writes are idempotent as well (an upsert keyed by
+-- id, a delete that may find nothing).
 --
 -- An UPDATE that left a TOASTed column (here users.bio, when large) alone
 -- carries pglisten.unchanged for it: the upsert then keeps the target's
@@ -98,34 +100,44 @@ local function check(n, err, code)
   return n
 end
 
---- A handler for table `name`: its batch in one target transaction.
+-- The batch as runs of one statement, in order: { sql, tuples } (a
+-- TRUNCATE has no tuples).
+local function runs_of(t, events)
+  local runs = {}
+  local function add(sql, tuple)
+    local last = runs[#runs]
+    if last and last.sql == sql then
+      last.list[#last.list + 1] = tuple
+    else
+      runs[#runs + 1] = { sql = sql, list = { tuple } }
+    end
+  end
+  for _, ev in ipairs(events) do
+    local op = ev.op
+    if op == "TRUNCATE" then
+      runs[#runs + 1] = { sql = t.truncate }
+    elseif op == "DELETE" then
+      add(t.delete, { ev.old.id })
+    else
+      -- an UPDATE that changed the key: the old key goes first
+      if ev.old and ev.old.id ~= nil and ev.old.id ~= ev.new.id then add(t.delete, { ev.old.id }) end
+      add(t.upsert, upsert_tuple(t, ev))
+    end
+  end
+  return runs
+end
+
+--- A handler for table `name`: its batch in one target transaction,
+-- through pglisten.apply, which records the source position in the same
+-- transaction and skips what was applied already.  Upserts alone would not
+-- do after a crash: the changes sent again can be older than the target
+-- (an order inserted again for a user a later change deleted: the foreign
+-- key refuses it, every time).
 local function handler(name)
   local t = TABLES[name]
-  return function(events)
-    -- runs of one kind, in order: {sql, tuples}
-    local runs = {}
-    local function add(sql, tuple)
-      local last = runs[#runs]
-      if last and last.sql == sql then
-        last.list[#last.list + 1] = tuple
-      else
-        runs[#runs + 1] = { sql = sql, list = { tuple } }
-      end
-    end
-    for _, ev in ipairs(events) do
-      local op = ev.op
-      if op == "TRUNCATE" then
-        runs[#runs + 1] = { sql = t.truncate }
-      elseif op == "DELETE" then
-        add(t.delete, { ev.old.id })
-      else
-        -- an UPDATE that changed the key: the old key goes first
-        if ev.old and ev.old.id ~= nil and ev.old.id ~= ev.new.id then add(t.delete, { ev.old.id }) end
-        add(t.upsert, upsert_tuple(t, ev))
-      end
-    end
-    check(target:transaction(function(conn)
-      for _, r in ipairs(runs) do
+  return function(events, notes)
+    check(pg.apply(target, events, notes, function(conn, evs)
+      for _, r in ipairs(runs_of(t, evs)) do
         if r.list then check(conn:execmany(r.sql, r.list)) else check(conn:exec(r.sql)) end
       end
       return true
