@@ -4,7 +4,7 @@
 # is missing.  Set PGL_NO_DEPS=1 to skip (for machines set up another way).
 set -eu
 [ "${PGL_NO_DEPS:-}" = 1 ] && exit 0
-PKGS="lua5.4 lua-socket liblua5.4-dev libpq-dev lua-cjson lua-busted lua-check luarocks postgresql pkg-config gcc make"
+PKGS="lua5.4 lua-socket liblua5.4-dev libpq-dev lua-cjson lua-busted lua-check luarocks postgresql pkg-config gcc make lua-sql-sqlite3 sqlite3"
 command -v dpkg-query >/dev/null 2>&1 || {
   echo "deps: not a Debian system; install: $PKGS (or set PGL_NO_DEPS=1)" >&2
   exit 0

@@ -454,3 +454,112 @@ describe("example 04-cdc", function()
     assert.equal("0", H.psql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot), sname))
   end)
 end)
+
+---------------------------------------------------------------------------
+-- Examples 5 (a durable queue) and 6 (an SQLite target)
+---------------------------------------------------------------------------
+
+local function install_schema(ci)
+  local rc, _, err = H.run_runner({ "--install", "--db", ci })
+  assert.equal(0, rc, err)
+end
+
+local function outbox_tool(ci, ...)
+  local argv = { "outbox", ... }
+  argv[#argv + 1], argv[#argv + 2] = "--db", ci
+  local rc, out, err = H.run_runner(argv)
+  assert.equal(0, rc, err)
+  return out
+end
+
+describe("example 5: a durable queue", function()
+  it("retries, buries dead letters that outbox status and dead show, and sends them after a replay", function()
+    local name, ci = H.createdb("ex05")
+    install_schema(ci)
+    load_sql(name, "05-durable-queue/schema.sql")
+    load_sql(name, "05-durable-queue/schema.sql") -- idempotent
+    local env = { MAIL_URL = ci, MAX_ATTEMPTS = "3", BACKOFF = "0.2" }
+    local p = H.start(EX .. "/05-durable-queue/handler.lua", { "--db", ci }, env)
+    finally(function() p.stop() end)
+    H.psql("INSERT INTO emails (to_addr, subject) VALUES ('a@example.com', 'hello')", name)
+    assert(H.eventually(function() return H.psql("SELECT count(*) FROM sent_mail", name) == "1" end, 10),
+      p.stderr())
+
+    -- the server down for a moment: retried, then sent
+    H.psql("UPDATE mail_server SET up = false; INSERT INTO emails (to_addr, subject) VALUES ('b@example.com', 'two')",
+      name)
+    assert(wait_log(p, "will retry", 10), p.stderr())
+    H.psql("UPDATE mail_server SET up = true", name)
+    assert(H.eventually(function() return H.psql("SELECT count(*) FROM sent_mail", name) == "2" end, 10),
+      p.stderr())
+    assert.matches("sent e%-mail 2 after 1 failed attempt", p.stderr())
+
+    -- down for longer than 3 attempts: dead letters
+    H.psql("UPDATE mail_server SET up = false; INSERT INTO emails (to_addr, subject) "
+      .. "VALUES ('c@example.com', 'three'), ('d@example.com', 'four')", name)
+    local status = outbox_tool(ci, "status", "--format", "json")
+    local rows = pg.json.decode(status)
+    assert.equal("emails", rows[1].channel)
+    assert.truthy(rows[1].waiting >= 1, status)
+    assert(H.eventually(function() return H.psql("SELECT count(*) FROM pglisten.dead", name) == "2" end, 15),
+      p.stderr())
+    assert(wait_log(p, "moved to pglisten.dead", 5), p.stderr())
+    rows = pg.json.decode(outbox_tool(ci, "status", "--format", "json"))
+    assert.same({ "emails", 0, 0, 2 }, { rows[1].channel, rows[1].waiting, rows[1].due, rows[1].dead })
+    local dead = outbox_tool(ci, "dead")
+    assert.equal(2, count_in(dead, "emails%s+3 .- mail server unavailable: 421 try again later"), dead)
+
+    -- back up; a replay sends both at once
+    H.psql("UPDATE mail_server SET up = true", name)
+    assert.equal("replayed 2 dead letters\n", outbox_tool(ci, "replay", "--all"))
+    assert(H.eventually(function() return H.psql("SELECT count(*) FROM sent_mail", name) == "4" end, 10),
+      p.stderr())
+    assert.equal("3,4", H.psql("SELECT string_agg(email_id::text, ',' ORDER BY email_id) FROM sent_mail "
+      .. "WHERE subject IN ('three', 'four')", name))
+    rows = pg.json.decode(outbox_tool(ci, "status", "--format", "json"))
+    assert.same({ 0, 0 }, { rows[1] and rows[1].waiting or 0, rows[1] and rows[1].dead or 0 })
+    term(p)
+  end)
+end)
+
+describe("example 6: an SQLite target", function()
+  local ORDERS_PG = "SELECT id || '|' || customer || '|' || (total * 100)::bigint || '|' || status || '|' "
+    .. "|| (to_json(updated_at) #>> '{}') FROM orders ORDER BY id"
+  local function sqlite_dump(path)
+    local out, ok = H.sh("sqlite3 " .. H.q(path) .. " " .. H.q(
+      "SELECT id || '|' || customer || '|' || total_cents || '|' || status || '|' || updated_at "
+      .. "FROM orders ORDER BY id"))
+    assert(ok, out)
+    return (out:gsub("%s+$", ""))
+  end
+
+  it("copies the existing orders with backfill and the live changes beside it", function()
+    local name, ci = H.createdb("ex06")
+    install_schema(ci)
+    load_sql(name, "06-sqlite-target/source.sql")
+    H.psql([[INSERT INTO orders (customer, total, status)
+      SELECT 'customer ' || i || CASE WHEN i % 7 = 0 THEN ' O''Brien' ELSE '' END, i * 1.01, 'new'
+        FROM generate_series(1, 800) i;
+      DELETE FROM pglisten.outbox]], name) -- existing orders: the backfill's part
+    local path = H.dir .. "/ex06-" .. name .. ".db"
+    local env = { SQLITE_PATH = path }
+    local p = H.start(EX .. "/06-sqlite-target/handler.lua", { "--db", ci }, env)
+    finally(function() p.stop() end)
+    local bf = H.spawn({ H.runner, "backfill", "--db", ci, "--table", "public.orders", "--channel", "orders",
+      "--batch", "100", EX .. "/06-sqlite-target/handler.lua" }, env)
+    -- live changes meanwhile: new orders, updates, deletes of rows the backfill has passed
+    for i = 1, 20 do
+      H.psql(("INSERT INTO orders (customer, total) VALUES ('live %d', %d.99); "
+        .. "UPDATE orders SET status = 'paid', updated_at = now() WHERE id = %d"):format(i, i, i * 37), name)
+    end
+    assert.equal(0, bf.wait(60), bf.stderr())
+    H.psql("DELETE FROM orders WHERE id IN (3, 5); UPDATE orders SET total = 12345678.91 WHERE id = 1", name)
+    local want = H.psql(ORDERS_PG, name)
+    assert(H.eventually(function() return sqlite_dump(path) == want end, 30),
+      "sqlite differs:\n" .. p.stderr() .. bf.stderr())
+    assert.equal(818, #H.lines(want))
+    assert.matches("1|customer 1|1234567891|new|", sqlite_dump(path), 1, true)
+    term(p)
+    assert.no_matches(" ERROR ", p.stderr())
+  end)
+end)
