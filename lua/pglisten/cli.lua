@@ -81,8 +81,12 @@ local function number_value(o, val)
   if not o.number then return val end
   local n = tonumber(val)
   if not n or n < 0 or n ~= n then return nil, "option --" .. o.long .. " needs a number >= 0, got " .. val end
-  -- a reconnect delay of 0 would reconnect in a busy loop
-  if o.positive and n <= 0 then return nil, "option --" .. o.long .. " needs a number > 0, got " .. val end
+  -- a reconnect delay of 0 (or 1e-300: a thousand doublings to reach a
+  -- millisecond) would reconnect in a busy loop; the script's reconnect keys
+  -- start at 0.001 too, and an infinite one would never reconnect
+  if o.positive and (n < 0.001 or n == math.huge) then
+    return nil, "option --" .. o.long .. " needs a number > 0 (from 0.001 to a finite number of seconds), got " .. val
+  end
   return n
 end
 
