@@ -88,6 +88,7 @@ finish() { # waits for the consumer; prints "<consumer rate> <complete yes/no>"
   for i in $(seq 3000); do kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
   kill "$cpid" 2>/dev/null; wait "$cpid" 2>/dev/null; cpid=
   local line; line=$(grep RESULT "$work/out" | tail -n 1)
+  echo "$MODE $line" >>"$work/lines"
   local rate; rate=$(echo "$line" | sed -n 's/.* rate=\([0-9.]*\).*/\1/p')
   local complete=no
   echo "$line" | grep -q "count=$N sum=$((N * (N + 1) / 2)) " && complete=yes
@@ -96,6 +97,7 @@ finish() { # waits for the consumer; prints "<consumer rate> <complete yes/no>"
 declare -A W E C OK
 run() { # mode: prints nothing; fills W (writer), E (end to end), C (consumer's own)
   local m=$1 t0 t1 w res
+  MODE=$m
   truncate >/dev/null; rm -f "$work/go"
   case $m in
     none)
@@ -136,6 +138,12 @@ for m in "${MODES[@]}"; do
   awk -v m="$m" -v w="${W[$m]:-0}" -v b="${W[none]:-1}" -v e="${E[$m]:--}" -v c="${C[$m]:--}" -v ok="${OK[$m]}" \
     'BEGIN { if (m == "none") { e = "-"; c = "-" }; printf "| %s | %d | %.2f | %s | %s | %s |\n", m, w, w / b, e, c, ok }'
 done
+echo
+echo "The consumers' RESULT lines (secs: first event to last batch done; mean_batch: events per handler call):"
+echo
+echo '```'
+cat "$work/lines" 2>/dev/null
+echo '```'
 echo
 echo "| target (issue 12) | measured | |"
 echo "|---|---|---|"
