@@ -56,6 +56,7 @@ PREFIX     ?= /usr/local
 LUADIR     ?= $(PREFIX)/share/lua/$(LUA_VERSION)
 LIBDIR     ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 BINDIR     ?= $(PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
 ROCKS_TREE := $(shell printf '%s' '$(PREFIX)' | sed -n 's|/lib/luarocks/rocks[^/]*/.*$$||p')
 ifneq ($(ROCKS_TREE),)
 RUNTIME_LUADIR ?= $(ROCKS_TREE)/share/lua/$(LUA_VERSION)
@@ -149,6 +150,8 @@ install: all
 	  install -m 644 lua/pglisten/$$d/*.lua $(DESTDIR)$(LUADIR)/pglisten/$$d/ || exit 1; done
 	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/pglisten/core.so
 	install -m 755 $(RUNNER_INST) $(DESTDIR)$(BINDIR)/lua-pglisten
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 644 doc/lua-pglisten.1 $(DESTDIR)$(MANDIR)/man1/lua-pglisten.1
 
 clean:
 	rm -rf build build-asan

@@ -17,6 +17,7 @@ description = {
 dependencies = {
   "lua >= 5.4, < 5.5",
   "lua-cjson >= 2.1.0",
+  "luasocket >= 3.0", -- --metrics (loaded only when metrics are served)
 }
 external_dependencies = {
   -- libpq-fe.h lives in /usr/include/postgresql on Debian, where LuaRocks
@@ -38,6 +39,11 @@ build = {
     BINDIR = "$(BINDIR)",
   },
   install_target = "install",
+  -- The man page: `make install` puts it in $(PREFIX)/share/man/man1, which
+  -- under LuaRocks is the rock's own directory; read it with
+  --   man -l "$(luarocks show --rock-dir lua-pglisten)/share/man/man1/lua-pglisten.1"
+  -- or add that share/man to MANPATH.  doc/ is copied beside it too.
+  copy_directories = { "doc" },
   install_variables = {
     PREFIX = "$(PREFIX)",
     LUADIR = "$(LUADIR)",

@@ -165,7 +165,9 @@ end } } }
     H.sleep(0.2)
     local info = {}
     for _, l in ipairs(lines(p.stderr())) do
-      if l:find("INFO", 1, true) and l:find("c27retry", 1, true) and not l:find("listening", 1, true) then info[#info + 1] = l end
+      if l:find("INFO", 1, true) and l:find("c27retry", 1, true) and not l:find("listening", 1, true) then
+        info[#info + 1] = l
+      end
     end
     assert.equal(1, #info, p.stderr())
     assert.truthy(info[1]:find("attempts=3", 1, true), info[1])

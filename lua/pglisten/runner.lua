@@ -103,7 +103,8 @@ function Runner.new(opts, spec, log)
   if not self.leader then table.remove(self.parts, 1) end
   -- optional services (nil when not configured)
   self.metrics, self.sdnotify = metrics.new(self), sdnotify.new(self)
-  for _, p in ipairs({ self.metrics, self.sdnotify }) do self.parts[#self.parts + 1] = p end
+  if self.metrics then self.parts[#self.parts + 1] = self.metrics end
+  if self.sdnotify then self.parts[#self.parts + 1] = self.sdnotify end
   self.next_tick = 0
   return self
 end

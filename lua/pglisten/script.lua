@@ -25,8 +25,6 @@ local function fail(fmt, ...)
   error(fmt:format(...), 0)
 end
 
-local NOT_YET = "is not in this version of lua-pglisten"
-
 ----------------------------------------------------------------------------
 -- Where: file and line
 ----------------------------------------------------------------------------

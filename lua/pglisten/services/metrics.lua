@@ -25,7 +25,6 @@
 -- @module pglisten.services.metrics
 
 local pg = require "pglisten"
-local socket = require "socket"
 
 local M = {}
 M.__index = M
@@ -147,7 +146,8 @@ function M:source_families(w)
     w.family("replication_lag_seconds", "gauge", "Seconds since the oldest transaction not yet handled committed.")
     w.sample({ "slot", repl.slot }, tonumber(repl.lag_seconds) or 0)
     if repl.lag_bytes then
-      w.family("replication_lag_bytes", "gauge", "Bytes of WAL between the server's position and the slot's confirmed one.")
+      w.family("replication_lag_bytes", "gauge",
+        "Bytes of WAL between the server's position and the slot's confirmed one.")
       w.sample({ "slot", repl.slot }, tonumber(repl.lag_bytes) or 0)
     end
   end
@@ -307,6 +307,8 @@ function M:listen(addr)
   local host, port = M.parse_address(addr)
   if not host then self.err = port; return end
   self.address = addr
+  local ok, socket = pcall(require, "socket") -- only when metrics are served
+  if not ok then self.err = "luasocket is not installed (Debian: lua-socket)"; return end
   local server, err = socket.bind(host, port, 32)
   if not server then self.err = err; return end
   server:settimeout(0)
