@@ -139,6 +139,11 @@ run_sync() {
 # What capture costs the writers: capture.sh with this checkout's schema,
 # then bench/capture-forms.sh for the forms capture.sh cannot name and for
 # single-row transactions (also under the schema of BASE_REV, when it has one).
+# capture.sh's extra readers of the slot: the replication core alone, the
+# runner (source = "replication") per event and batched (consumers/repl_*.lua)
+repl_readers=("lua-repl-core=env BENCH_BUILD=$build ${LUA:-lua5.4} $here/consumers/repl_drain.lua"
+              "lua-pglisten-repl=$runner --log-level warn $here/consumers/repl_count.lua"
+              "lua-pglisten-repl-batch=env BENCH_REPL_BATCH=1000 $runner --log-level warn $here/consumers/repl_count.lua")
 run_capture() {
   "$runner" --sql >"$tmp/schema.sql" || { say "bench: $runner --sql failed"; return 1; }
   rm -f "$tmp/base.sql"
@@ -147,7 +152,7 @@ run_capture() {
   fi
   [ -s "$tmp/base.sql" ] || say "bench: no schema at $BASE_REV: single-row rows without the base schema"
   say "bench: capture.sh (N=$CAP_N, $RUNS runs)"
-  PGL_SQL=$tmp/schema.sql BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/capture.sh" \
+  PGL_SQL=$tmp/schema.sql BENCH_N=$CAP_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/capture.sh" "${repl_readers[@]}" \
     2>"$tmp/capture.err" | tee "$tmp/capture.out" >&2
   say "bench: capture-forms.sh (N=$CAP_N, $SINGLE_N single-row transactions, $RUNS runs)"
   PGL_SQL=$tmp/schema.sql PGL_SQL_BASE=$( [ -s "$tmp/base.sql" ] && echo "$tmp/base.sql") BENCH_SHARED=$tmp/bench \
