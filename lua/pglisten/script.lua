@@ -3,9 +3,8 @@
 -- Every key a script may use is in one of the tables below (SCRIPT, CHANNEL,
 -- RETRY, RECONNECT, REPLICATION) with its check: a key in none of them is
 -- refused with a "did you mean" suggestion, so a misspelt `durable` cannot
--- pass unnoticed.  Keys of features a coming version adds (a
--- channel's `ordered`) are known and type-checked; a value that needs the
--- feature is refused until it exists.  `replication` and a channel's
+-- pass unnoticed.  A channel's `ordered` keeps a durable channel's events
+-- in order (pglisten.outbox claim, pglisten.sources.outbox).  `replication` and a channel's
 -- `source`, `table` and `on_failure` configure the logical-replication
 -- source (pglisten.sources.replication).  `decode` names an entry of pglisten.decoders.  Errors name the
 -- file, and the line where one is known.
