@@ -220,7 +220,7 @@ describe("script.validate", function()
       { { channels = { a = { handler = h, source = "replication" } } },
         'source = "replication" needs table = "schema.table" (or a channel named "schema.table"), got "a"' },
       { { channels = { a = { handler = h, source = "kafka" } } }, 'source must be "notify" or "replication"' },
-      { { channels = { a = { handler = h, ordered = true } } }, "ordered = true is not in this version" },
+      { { channels = { a = { handler = h, ordered = true } } }, "ordered applies to durable channels only" },
       { { channels = { a = { handler = h, ordered = 1 } } }, "ordered must be a boolean, got number" },
       { { channels = { a = { handler = h, table = "public.orders" } } }, "table applies to source = \"replication\"" },
       { { channels = { a = { handler = h, table = 7 } } }, "table must be a string" },
@@ -237,6 +237,7 @@ describe("script.validate", function()
     local spec = ok({ channels = { a = { handler = h, source = "notify", ordered = false } } })
     assert.equal("notify", spec.channels.a.source)
     assert.is_false(spec.channels.a.ordered)
+    assert.is_true(ok({ channels = { a = { handler = h, durable = true, ordered = true } } }).channels.a.ordered)
   end)
 end)
 

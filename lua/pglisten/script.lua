@@ -357,6 +357,10 @@ local function channel_entry(name, v, path)
       fail('%s: %s applies to source = "replication" channels only', label, k)
     end
   end
+  if e.ordered and not e.durable then
+    fail("%s: ordered applies to durable channels only (a plain channel's notes are in order already: "
+      .. "see the script's ordering)", label)
+  end
   if e.max_attempts and not e.durable then
     fail("%s: max_attempts applies to durable channels only (a plain channel retries with retry = "
       .. "{ attempts = N })", label)
