@@ -63,3 +63,116 @@ describe("break: reload", function()
     assert.matches("single_active changed; it takes effect at the next start", p.stderr())
   end)
 end)
+
+describe("break: reload mid-stream", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("adds 100 channels (unicode, 63 bytes, mixed case) in one reload and serves each", function()
+    local _, ci = H.createdb("br100")
+    local path = script("return { channels = { a = function(r) out('a', r.i) end } }")
+    p = start(path, { "--db", ci })
+    local names = { "MixedCase", ("é"):rep(31) .. "x", ("z"):rep(63), "with space", 'q"uote' }
+    for i = #names + 1, 100 do names[i] = "ch" .. i end
+    local parts = {}
+    for _, n in ipairs(names) do parts[#parts + 1] = ("[%q] = function(r) out(%q, r.i) end"):format(n, n) end
+    H.file("unused", "") -- keep H's counter moving
+    rewrite(path, "return { channels = { a = function(r) out('a', r.i) end, " .. table.concat(parts, ", ") .. " } }")
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reloaded", 1, true) end, 5), p.stderr())
+    local c = H.connect(ci)
+    for _, n in ipairs(names) do assert(c:notify(n, { i = 1 })) end
+    assert(H.eventually(function() return #lines(p.stdout()) >= 100 end, 10), p.stdout() .. p.stderr())
+    local got = {}
+    for _, l in ipairs(lines(p.stdout())) do got[l] = true end
+    for _, n in ipairs(names) do assert.is_true(got[n .. " 1"], n) end
+  end)
+
+  it("keeps the old script and its waiting retry after a reload with a typo", function()
+    local _, ci = H.createdb("brtypo")
+    local path = script([[
+local n = 0
+return { channels = { a = { retry = { attempts = 5, backoff = 0.5 }, handler = function(r)
+  n = n + 1
+  if n < 3 then error("down") end
+  out("a", r.i)
+end }, b = function(r) out("b", r.i) end } }]])
+    p = start(path, { "--db", ci })
+    local c = H.connect(ci)
+    assert(c:notify("a", { i = 1 }))
+    assert(H.eventually(function() return p.stderr():find("retrying", 1, true) end, 5), p.stderr())
+    rewrite(path, "return { channels = { a = { retyr = 3, handler = function() end } } }")
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reload failed", 1, true) end, 5), p.stderr())
+    assert(c:notify("b", { i = 2 }))
+    assert(H.eventually(function() return p.stdout():find("b 2", 1, true) end, 10), p.stdout() .. p.stderr())
+    assert.same({ "a 1", "b 2" }, lines(p.stdout()))
+  end)
+
+  it("survives handlers that yield, raise odd values, and an on_error and on_connect that raise", function()
+    local _, ci = H.createdb("brodd")
+    p = start(script([[
+local cyc = {}; cyc.self = cyc
+return {
+  on_connect = function() error(function() end) end,
+  on_error = function() error(setmetatable({}, { __tostring = function() error("no") end })) end,
+  channels = {
+    y = function() coroutine.yield(1) end,
+    t = function() error(cyc) end,
+    n = function() error(nil) end,
+    ok = function(r) out("ok", r.i) end,
+  } }]]), { "--db", ci })
+    local c = H.connect(ci)
+    for _, ch in ipairs({ "y", "t", "n", "ok" }) do assert(c:notify(ch, { i = 1 })) end
+    assert(H.eventually(function() return p.stdout():find("ok 1", 1, true) end, 5), p.stderr())
+    assert.is_true(p.running())
+    local e = p.stderr()
+    assert.matches("on_connect failed", e)
+    assert.matches("yield", e)
+    assert.equal(3, count(e, "handler failed"), e)
+    assert.equal(3, count(e, "on_error failed"), e)
+  end)
+end)
+
+describe("break: ordering = 'channel'", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("keeps 10,000 notes of other channels flowing while one target is down 20 s; order kept, nothing lost", function()
+    local _, ci = H.createdb("brch")
+    local flag = H.dir .. "/brch-up"
+    p = start(script(([[
+local seen = { a = 0, b = 0 }
+return { ordering = "channel", channels = {
+  down = { retry = { attempts = 100, backoff = 0.5, max_backoff = 1 }, handler = function(r)
+    local f = io.open(%q); if not f then error("target down") end; f:close()
+    out("down", r.i)
+  end },
+  a = function(r) seen.a = seen.a + 1; assert(r.i == seen.a, "a out of order"); if r.i %% 5000 == 0 then out("a", r.i) end end,
+  b = function(r) seen.b = seen.b + 1; assert(r.i == seen.b, "b out of order"); if r.i %% 5000 == 0 then out("b", r.i) end end,
+} }]]):format(flag)), { "--db", ci })
+    local c = H.connect(ci)
+    local t0 = H.now()
+    for i = 1, 50 do assert(c:notify("down", { i = i })) end
+    assert(c:exec("SELECT count(pg_notify(CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, json_build_object('i', (g + 1) / 2)::text)) FROM generate_series(1, 10000) g"))
+    assert(H.eventually(function()
+      local o = p.stdout()
+      return o:find("a 5000", 1, true) and o:find("b 5000", 1, true)
+    end, 15), p.stdout() .. p.stderr():sub(-2000))
+    assert.is_true(H.now() - t0 < 15, "the other channels waited for the down one")
+    assert.is_nil(p.stdout():find("down", 1, true))
+    local rss = tonumber(H.read("/proc/" .. p.pid .. "/status"):match("VmRSS:%s*(%d+)"))
+    H.sleep(math.max(0, 20 - (H.now() - t0)))
+    H.file("flag", "")
+    local f = assert(io.open(flag, "w")); f:close()
+    assert(H.eventually(function() return p.stdout():find("down 50", 1, true) end, 10), p.stderr():sub(-2000))
+    local downs = {}
+    for _, l in ipairs(lines(p.stdout())) do
+      local i = l:match("^down (%d+)$")
+      if i then downs[#downs + 1] = tonumber(i) end
+    end
+    for i = 1, 50 do assert.equal(i, downs[i]) end
+    assert.is_nil(p.stderr():find("out of order", 1, true))
+    assert.is_true(rss < 64 * 1024, ("RSS %d kB"):format(rss))
+  end)
+end)
