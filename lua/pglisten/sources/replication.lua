@@ -205,12 +205,31 @@ end
 -- applied up to what is handled.
 function M:status()
   local f = self.apply.flushed
+  local asked = self.reply_now
   self.reply_now, self.last_status = false, now()
   if f <= 0 then return end
   local w = self.received > f and self.received or f
   local ok, err, state = self.repl:confirm(w, f, f, false)
   if not ok then return self:lost(err, state) end
   self.sent = f
+  if asked and self.apply.events > 0 then self:release() end
+end
+
+--- The server asked for our position (replyRequested) while events are
+-- still pending.  It asks when it shuts down (a fast shutdown waits until
+-- the client confirms everything it sent) or when it heard nothing for
+-- wal_sender_timeout / 2.  Pending events may never finish in time (a
+-- target on the same server, whose connection the shutdown killed first),
+-- so what is handled is confirmed (above) and the stream is closed: the
+-- walsender exits, the shutdown goes on, and streaming starts again soon
+-- from the confirmed position (the pending events come again).
+function M:release()
+  self.log.info("the server asked for the position while events were pending (a shutdown?): confirmed what "
+    .. "is handled and closed the stream; streaming again soon", { slot = self.cfg.slot,
+    handled_to = lsn_format(self.apply.flushed), queued = self.apply.events })
+  self:drop_repl()
+  self.apply:reset()
+  self.next_connect, self.attempt = now(), 0
 end
 
 --- The stream is gone: what was read but not handled is dropped (the
