@@ -176,3 +176,54 @@ return { ordering = "channel", channels = {
     assert.is_true(rss < 64 * 1024, ("RSS %d kB"):format(rss))
   end)
 end)
+
+describe("break: the listening backend terminated", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("while a handler runs: the notes the server had sent before are all handled", function()
+    local _, ci = H.createdb("brterm")
+    p = start(script([[
+return { channels = { a = function(r)
+  if r.i == 1 then pglisten.sleep(2) end
+  out("a", r.i)
+end } }]]), { "--db", ci, "--reconnect-min", "0.1" })
+    local c = H.connect(ci)
+    assert(c:notify("a", { i = 1 }))
+    H.sleep(0.3)
+    for i = 2, 200 do assert(c:notify("a", { i = i })) end
+    H.sleep(0.3)
+    local pid = assert(H.runner_backend(ci:match("dbname=(%S+)")))
+    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+    assert(H.eventually(function() return p.stderr():find("reconnected", 1, true) end, 10), p.stderr())
+    assert(H.eventually(function() return #lines(p.stdout()) >= 200 end, 5), p.stderr())
+    local got = lines(p.stdout())
+    for i = 1, 200 do assert.equal("a " .. i, got[i]) end
+  end)
+end)
+
+describe("break: durable channels across a server restart", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("serves the outbox again after the server restarts mid-stream", function()
+    local _, ci = H.createdb("brrst")
+    assert.equal(0, (H.run_runner({ "--install", "--db", ci })))
+    p = start(script([[
+return { poll_interval = 0.5, channels = { jobs = { durable = true, handler = function(r)
+  if r.i == 1 then pglisten.sleep(1) end
+  out("jobs", r.i)
+end } } }]]), { "--db", ci, "--reconnect-min", "0.1", "--reconnect-max", "0.5" })
+    local c = H.connect(ci)
+    for i = 1, 3 do assert(c:exec("SELECT pglisten.publish('jobs', $1::text)", ('{"i":%d}'):format(i))) end
+    H.sleep(0.5)
+    H.server("restart")
+    c = H.connect(ci)
+    for i = 4, 6 do assert(c:exec("SELECT pglisten.publish('jobs', $1::text)", ('{"i":%d}'):format(i))) end
+    assert(H.eventually(function() return p.stdout():find("jobs 6", 1, true) end, 20),
+      p.stdout() .. p.stderr():sub(-3000))
+    local seen = {}
+    for _, l in ipairs(lines(p.stdout())) do seen[l] = true end
+    for i = 1, 6 do assert.is_true(seen["jobs " .. i], "jobs " .. i) end
+  end)
+end)
