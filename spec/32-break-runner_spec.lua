@@ -227,3 +227,36 @@ end } } }]]), { "--db", ci, "--reconnect-min", "0.1", "--reconnect-max", "0.5" }
     for i = 1, 6 do assert.is_true(seen["jobs " .. i], "jobs " .. i) end
   end)
 end)
+
+describe("break: memory while a channel waits", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("stays bounded by the read-ahead across heartbeats (a ping must not pull the server's queue into libpq)", function()
+    local _, ci = H.createdb("brmem")
+    p = start(script([[
+return { ordering = "channel", channels = {
+  stuck = { retry = { attempts = 1000, backoff = 5, max_backoff = 5 }, handler = function() error("target down") end },
+} }]]), { "--db", ci, "--heartbeat", "0.2" })
+    local c = H.connect(ci)
+    local pad = ("x"):rep(2000)
+    -- 100,000 notes of 2 kB (200 MB) queue behind the first one's retry
+    for _ = 1, 10 do
+      assert(c:exec("SELECT count(pg_notify('stuck', json_build_object('i', g, 'pad', $1::text)::text)) FROM generate_series(1, 10000) g", pad))
+    end
+    H.sleep(3)
+    local function cpu()
+      local f = H.read("/proc/" .. p.pid .. "/stat"):match("%) (.*)")
+      local fields = {}
+      for x in f:gmatch("%S+") do fields[#fields + 1] = x end
+      return (tonumber(fields[12]) + tonumber(fields[13])) / 100
+    end
+    local c0 = cpu()
+    H.sleep(3)
+    -- while full it neither reads nor pings, and does not spin either
+    assert.is_true(cpu() - c0 < 0.5, ("%.2f s of CPU in 3 s"):format(cpu() - c0))
+    local rss = tonumber(H.read("/proc/" .. p.pid .. "/status"):match("VmRSS:%s*(%d+)"))
+    -- 10,000 read-ahead notes of 2 kB are about 25 MB with their tables
+    assert.is_true(rss < 80 * 1024, ("RSS %d MB"):format(rss // 1024))
+  end)
+end)

@@ -149,10 +149,19 @@ function M:lost(err)
   self.lost_at, self.next_connect, self.attempt = now(), now(), 0
 end
 
+-- True while the lanes hold the read-ahead limit: nothing is read, and the
+-- heartbeat waits too, since a ping reads every note the server has sent
+-- before its answer into libpq's own queue (200 MB in 6 s of a stall at
+-- five pings a second), which is what the limit is there to prevent.  A
+-- connection lost meanwhile is found when reading resumes.
+function M:full()
+  return self.rt.dispatch:queued() >= self.rt.settings.read_ahead
+end
+
 function M:timeout(t)
   if not self.conn then return self.next_connect - t end
   local hb = self.rt.settings.heartbeat
-  if hb > 0 then return self.last_io + hb - t end
+  if hb > 0 and not self:full() then return self.last_io + hb - t end
 end
 
 function M:tick(t)
@@ -161,7 +170,7 @@ function M:tick(t)
     return
   end
   local s = self.rt.settings
-  if s.heartbeat > 0 and t - self.last_io >= s.heartbeat then
+  if s.heartbeat > 0 and t - self.last_io >= s.heartbeat and not self:full() then
     local ok, err = self.conn:ping(s.heartbeat_timeout)
     if ok then
       self.last_io, self.more = now(), true -- the ping may have brought notes
