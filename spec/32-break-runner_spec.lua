@@ -260,3 +260,29 @@ return { ordering = "channel", channels = {
     assert.is_true(rss < 80 * 1024, ("RSS %d MB"):format(rss // 1024))
   end)
 end)
+
+describe("break: a reload that removes a channel", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("still hands the notes it had received for it to the old handler", function()
+    local _, ci = H.createdb("brrm")
+    local path = script([[
+return { channels = { a = function(r)
+  if r.i == 1 then pglisten.sleep(1) end
+  out("a", r.i)
+end, b = function(r) out("b", r.i) end } }]])
+    p = start(path, { "--db", ci })
+    local c = H.connect(ci)
+    for i = 1, 5 do assert(c:notify("a", { i = i })) end
+    H.sleep(0.4)
+    rewrite(path, "return { channels = { b = function(r) out('b', r.i) end } }")
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reloaded", 1, true) end, 5), p.stderr())
+    assert(c:notify("a", { i = 6 }))
+    assert(c:notify("b", { i = 7 }))
+    assert(H.eventually(function() return p.stdout():find("b 7", 1, true) end, 5), p.stderr())
+    -- the five received before the reload, as the old script said; 6 came after
+    assert.same({ "a 1", "a 2", "a 3", "a 4", "a 5", "b 7" }, lines(p.stdout()))
+  end)
+end)

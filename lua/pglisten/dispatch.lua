@@ -113,7 +113,19 @@ end
 
 --- Takes the channel entries of a (re)loaded spec.
 function M:configure(spec)
-  if self.spec then self.reloaded_at = pg.now() end
+  if self.spec then
+    self.reloaded_at = pg.now()
+    -- a removed channel's notes received before the reload still go to its
+    -- old handler (they would otherwise be dropped as unrouted)
+    local removed = {}
+    for name, r in pairs(self.removed or {}) do
+      if not spec.channels[name] then removed[name] = r end
+    end
+    for name, e in pairs(self.channels) do
+      if not spec.channels[name] then removed[name] = { entry = e, at = self.reloaded_at } end
+    end
+    self.removed = removed
+  end
   self.spec, self.channels = spec, spec.channels
   local fast = {}
   for name, e in pairs(spec.channels) do
@@ -254,6 +266,8 @@ function M:slow(lane)
   local q = lane.q
   local note = q:pop()
   local entry = self.channels[note.channel]
+  local gone = not entry and self.removed and self.removed[note.channel]
+  if gone and not gone.entry.durable and note.received_at < gone.at then entry = gone.entry end
   if not entry then
     local route = self.routes[note.channel]
     if route then return route(note, q) end
