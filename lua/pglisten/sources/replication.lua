@@ -59,8 +59,13 @@ function M.new(rt)
   self.apply = Apply.new(rt, self.c, function() return self:sql() end)
   self.next_connect, self.attempt, self.first, self.last_warn = now(), 0, true, -math.huge
   local set = core.conninfo_keys(rt.db)
+  -- values in UTF-8 whatever the database's encoding (pgoutput and the
+  -- snapshot send text in the client encoding; a LATIN1 database's bytes
+  -- would fail every UTF-8 target), unless the user chose an encoding
+  self.db = (set and not set.client_encoding and not os.getenv("PGCLIENTENCODING"))
+    and conninfo_lib.add(rt.db, { "client_encoding=UTF8" }) or rt.db
   self.conninfo = (set and not set.application_name and not os.getenv("PGAPPNAME"))
-    and conninfo_lib.add(rt.db, { "application_name=lua-pglisten-replication" }) or rt.db
+    and conninfo_lib.add(self.db, { "application_name=lua-pglisten-replication" }) or self.db
   return self
 end
 
@@ -167,6 +172,22 @@ function M:next_seq()
   return tx.seq
 end
 
+-- A change of a table the publication sends but no channel serves: it is
+-- counted and skipped, and said once per table and run -- a served table
+-- renamed mid-stream (the publication follows the table, not its name),
+-- or one left in the publication by a reload or by hand.
+function M:unrouted(schema, tbl)
+  self.c.unrouted = self.c.unrouted + 1
+  local name = schema .. "." .. tbl
+  local seen = self.unrouted_seen or {}
+  self.unrouted_seen = seen
+  if seen[name] then return end
+  seen[name] = true
+  self.log.warn("replication: changes of a table the publication sends but no channel serves are skipped "
+    .. "(renamed? give it a channel, or remove it from the publication)", { slot = self.cfg.slot, table = name,
+    publication = self.cfg.publication })
+end
+
 --- Queues the decoded messages: events, commit marks, keepalive marks.
 function M:take(msgs)
   local by = self.cfg.by_table
@@ -180,7 +201,7 @@ function M:take(msgs)
       if entry then
         self:event(entry, m.op, m.schema, m.table, m, seq)
       else
-        self.c.unrouted = self.c.unrouted + 1
+        self:unrouted(m.schema, m.table)
       end
     elseif k == "begin" then
       self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time }
@@ -191,7 +212,11 @@ function M:take(msgs)
       for _, rel in ipairs(m.relations) do
         local seq = self:next_seq()
         local entry = by[rel.schema .. "." .. rel.table]
-        if entry then self:event(entry, "TRUNCATE", rel.schema, rel.table, m, seq) end
+        if entry then
+          self:event(entry, "TRUNCATE", rel.schema, rel.table, m, seq)
+        else
+          self:unrouted(rel.schema, rel.table)
+        end
       end
     elseif k == "keepalive" then
       if m.reply_requested then self.reply_now = true end
@@ -259,7 +284,7 @@ function M:sql()
   if c and not c:isclosed() and c:status() == "ok" then return c end
   if c then c:close() end
   local err
-  c, err = pg.connect(self.rt.db, { timeout = self.rt.settings.connect_timeout, interruptible = true })
+  c, err = pg.connect(self.db, { timeout = self.rt.settings.connect_timeout, interruptible = true })
   self.sqlconn = c
   return c, err
 end
@@ -463,7 +488,7 @@ function M:snapshot(snap, name, point)
     return self.apply:deliver(entry, events, notes)
   end
   local t0 = now()
-  local ok, err = snap.run(self.rt, { conninfo = self.rt.db, snapshot = name, tables = self.cfg.tables,
+  local ok, err = snap.run(self.rt, { conninfo = self.db, snapshot = name, tables = self.cfg.tables,
     page = 1000, publication = self.cfg.publication, deliver = deliver })
   if ok then
     self.log.info("initial snapshot done", { slot = self.cfg.slot, seconds = ("%.3f"):format(now() - t0) })

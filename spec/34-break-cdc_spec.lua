@@ -1,0 +1,57 @@
+-- Breaking the replication source's promises (issue 12): a LATIN1 source
+-- database, a table renamed mid-stream.
+local H = require "spec.helpers"
+local C = require "spec.cdc_helpers"
+
+describe("replication source, broken on purpose", function()
+  it("hands a LATIN1 database's text over in UTF-8, streamed and from the snapshot alike", function()
+    local src = ("lat_%d"):format(os.time() % 100000)
+    H.psql(("CREATE DATABASE %s ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"):format(src))
+    local dst = H.createdb("latt")
+    local slot = ("cdc_lat_%d"):format(os.time() % 100000)
+    C.sql("CREATE TABLE w (id int PRIMARY KEY, s text)", src)
+    C.sql("CREATE TABLE w (id int PRIMARY KEY, s text)", dst)
+    C.sql("INSERT INTO w VALUES (1, convert_from('\\xe9'::bytea, 'LATIN1'))", src) -- before: the snapshot
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q, snapshot = true },
+  channels = {
+    ["public.w"] = { source = "replication", handler = function(ev, note)
+      if ev.op ~= "TRUNCATE" then out(ev.new.id, (ev.new.s:gsub(".", function(c) return ("%%02x"):format(c:byte()) end)), tostring(note.snapshot)) end
+      upsert("w", ev)
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO w VALUES (2, convert_from('\\xe9'::bytea, 'LATIN1'))", src)
+    local ok = H.eventually(function() return #H.lines(p.stdout()) >= 2 end, 15)
+    assert.is_true(ok, p.stdout() .. p.stderr())
+    local lines = H.lines(p.stdout())
+    assert.equal("1 c3a9 true", lines[1])
+    assert.equal("2 c3a9 nil", lines[2])
+    assert.equal("2", C.sql("SELECT count(*) FROM w WHERE s = 'é'", dst))
+  end)
+
+  it("says so when a served table is renamed mid-stream instead of dropping its changes in silence", function()
+    local src, dst, slot = C.setup("ren")
+    C.sql("CREATE TABLE r (id int PRIMARY KEY)", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.r"] = { source = "replication", handler = function(ev) out(ev.op, ev.table, ev.new.id) end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO r VALUES (1)", src)
+    assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
+    C.sql("ALTER TABLE r RENAME TO r2; INSERT INTO r2 VALUES (2)", src)
+    local ok = H.eventually(function() return p.stderr():find("no channel serves", 1, true) end, 15)
+    assert.is_truthy(ok, p.stderr())
+    assert.truthy(p.stderr():find("public.r2", 1, true))
+  end)
+end)
