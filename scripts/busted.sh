@@ -21,7 +21,7 @@ if [ "${PGL_SANITIZE:-}" = 1 ]; then
   PATH=$wrap:$PATH
 fi
 busted --lua=lua5.4 -o utfTerminal "$@" 2>&1 | tee "$out"
-rc=$(awk '/successes? \/ .*failures? \/ .*errors? \//{print}' "$out" | tail -n1)
+rc=$(awk '/success(es)? \/ .*failures? \/ .*errors? \//{print}' "$out" | tail -n1)
 ok=$(echo "$rc" | sed -n 's/^\([0-9]*\) success.*/\1/p')
 fail=$(echo "$rc" | sed -n 's/.* \([0-9]*\) failures\{0,1\} \/ \([0-9]*\) errors\{0,1\}.*/\1 \2/p')
 if [ -z "$ok" ] || [ -z "$fail" ]; then
