@@ -403,7 +403,7 @@ describe("the installed runner", function()
   it("finds its modules with no LUA_PATH after luarocks make into a tree", function()
     local tree, copy = H.dir .. "/tree", H.dir .. "/rocksrc"
     -- from a copy of the sources, as a user's checkout would be
-    local out, ok = H.sh(("mkdir -p %s && cd %s && cp -r src lua rockspec Makefile %s && cd %s && "
+    local out, ok = H.sh(("mkdir -p %s && cd %s && cp -r src lua rockspec Makefile doc %s && cd %s && "
       .. "luarocks --lua-version=5.4 --tree=%s make --deps-mode=none rockspec/lua-pglisten-scm-1.rockspec")
       :format(H.q(copy), H.q(H.root), H.q(copy), H.q(copy), H.q(tree)))
     assert(ok, out)
