@@ -54,4 +54,34 @@ return {
     assert.is_truthy(ok, p.stderr())
     assert.truthy(p.stderr():find("public.r2", 1, true))
   end)
+  it("says at ERROR that a slot dropped by hand while streaming lost the changes in between", function()
+    local src, dst, slot = C.setup("gone")
+    C.sql("CREATE TABLE g (id int PRIMARY KEY)", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.g"] = { source = "replication", handler = function(ev) out(ev.op, ev.new.id) end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO g VALUES (1)", src)
+    assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
+    -- the walsender killed and the slot dropped before the runner comes back
+    local dropped = H.eventually(function()
+      return pcall(C.sql, ([[
+DO $$ DECLARE p int; BEGIN
+  SELECT active_pid INTO p FROM pg_replication_slots WHERE slot_name = '%s';
+  IF p IS NOT NULL THEN PERFORM pg_terminate_backend(p, 5000); END IF;
+  PERFORM pg_drop_replication_slot('%s');
+END $$]]):format(slot, slot))
+    end, 15, 0.01)
+    assert.is_true(dropped and true or false, "could not drop the slot")
+    assert.is_truthy(H.eventually(function() return p.stderr():find("slot disappeared", 1, true) end, 15),
+      p.stderr())
+    C.sql("INSERT INTO g VALUES (2)", src)
+    assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 2 end, 15), p.stderr())
+  end)
 end)

@@ -368,6 +368,7 @@ function M:open()
   if row then
     start = lsn_parse(row.confirmed_flush_lsn or "0/0") or 0
   else
+    self:slot_gone()
     start, err, fatal = self:create_slot(repl, sql)
     if not start then
       self:drop_repl()
@@ -385,6 +386,19 @@ function M:open()
   return self:started(start)
 end
 
+-- The slot is missing although this runner streamed from it: someone
+-- dropped it.  It is created again at the server's current position, so
+-- what was written in between never comes (unless a snapshot runs again):
+-- said at ERROR, once per loss.
+function M:slot_gone()
+  if not self.streamed then return end
+  self.streamed = nil
+  self.log.error("replication slot disappeared after this runner streamed from it (dropped by hand?): it is "
+    .. "created again at the current position; " .. (self.cfg.snapshot and "the initial snapshot runs again"
+      or "changes made in between are NOT delivered (resync the tables)"), { slot = self.cfg.slot,
+    handled_to = lsn_format(self.apply.flushed) })
+end
+
 function M:standby(err)
   if not self.standing_by then
     self.standing_by = true
@@ -395,7 +409,7 @@ function M:standby(err)
 end
 
 function M:started(start)
-  self.streaming, self.more, self.first = true, true, false
+  self.streaming, self.more, self.first, self.streamed = true, true, false, true
   self.apply.flushed, self.sent, self.last_status = start, start, now()
   self.received = start
   self.log.info(self.standing_by and "streaming: took over the replication slot" or "streaming", {
@@ -422,6 +436,7 @@ function M:unfinished_snapshot(sql, row)
     if state == "55006" then return "standby", derr end
     return nil, derr
   end
+  self.streamed = nil -- our own drop
   return false
 end
 
