@@ -286,3 +286,30 @@ end, b = function(r) out("b", r.i) end } }]])
     assert.same({ "a 1", "a 2", "a 3", "a 4", "a 5", "b 7" }, lines(p.stdout()))
   end)
 end)
+
+describe("break: a plain NOTIFY on a channel durable before and after a reload", function()
+  local p
+  after_each(function() if p then p.stop() end end)
+
+  it("is ignored with the warning, not handed to the durable handler", function()
+    local _, ci = H.createdb("brpd")
+    assert.equal(0, (H.run_runner({ "--install", "--db", ci })))
+    local body = [[
+return { channels = { a = function(r)
+  if r.i == 1 then os.execute("sleep 1") end
+  out("a", r.i)
+end, jobs = { durable = true, handler = function(r) out("jobs", r.i) end } } }]]
+    local path = script(body)
+    p = start(path, { "--db", ci })
+    local c = H.connect(ci)
+    -- read in one go: the plain note waits in the lane behind a 1 while the HUP comes
+    assert(c:exec([[SELECT pg_notify('a', '{"i":1}'), pg_notify('jobs', '{"i":9}')]]))
+    H.sleep(0.4)
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reloaded", 1, true) end, 5), p.stderr())
+    assert(c:exec("SELECT pglisten.publish('jobs', '{\"i\":2}')"))
+    assert(H.eventually(function() return p.stdout():find("jobs 2", 1, true) end, 10), p.stderr())
+    assert.is_nil(p.stdout():find("jobs 9", 1, true), p.stdout())
+    assert.matches("plain notification on a durable channel ignored", p.stderr())
+  end)
+end)

@@ -125,6 +125,17 @@ function M:configure(spec)
       if not spec.channels[name] then removed[name] = { entry = e, at = self.reloaded_at } end
     end
     self.removed = removed
+    -- channels that were plain and become durable: their plain notes
+    -- received before the reload are still handled
+    local was_plain = {}
+    for name, e in pairs(spec.channels) do
+      local o = self.channels[name]
+      if e.durable and o and not o.durable then was_plain[name] = self.reloaded_at end
+    end
+    for name, at in pairs(self.was_plain or {}) do
+      if was_plain[name] == nil and spec.channels[name] and spec.channels[name].durable then was_plain[name] = at end
+    end
+    self.was_plain = was_plain
   end
   self.spec, self.channels = spec, spec.channels
   local fast = {}
@@ -276,7 +287,8 @@ function M:slow(lane)
     return
   end
   -- a plain NOTIFY on a durable channel, unless it came while the channel was plain
-  if entry.durable and not note.durable and not (self.reloaded_at and note.received_at < self.reloaded_at) then
+  local plain_until = self.was_plain and self.was_plain[note.channel]
+  if entry.durable and not note.durable and not (plain_until and note.received_at < plain_until) then
     return self:plain_on_durable(note)
   end
   local decode = M.decoder(entry)
