@@ -148,13 +148,20 @@ return { ordering = "channel", channels = {
     local f = io.open(%q); if not f then error("target down") end; f:close()
     out("down", r.i)
   end },
-  a = function(r) seen.a = seen.a + 1; assert(r.i == seen.a, "a out of order"); if r.i %% 5000 == 0 then out("a", r.i) end end,
-  b = function(r) seen.b = seen.b + 1; assert(r.i == seen.b, "b out of order"); if r.i %% 5000 == 0 then out("b", r.i) end end,
+  a = function(r)
+    seen.a = seen.a + 1; assert(r.i == seen.a, "a out of order")
+    if r.i %% 5000 == 0 then out("a", r.i) end
+  end,
+  b = function(r)
+    seen.b = seen.b + 1; assert(r.i == seen.b, "b out of order")
+    if r.i %% 5000 == 0 then out("b", r.i) end
+  end,
 } }]]):format(flag)), { "--db", ci })
     local c = H.connect(ci)
     local t0 = H.now()
     for i = 1, 50 do assert(c:notify("down", { i = i })) end
-    assert(c:exec("SELECT count(pg_notify(CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, json_build_object('i', (g + 1) / 2)::text)) FROM generate_series(1, 10000) g"))
+    assert(c:exec("SELECT count(pg_notify(CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, "
+      .. "json_build_object('i', (g + 1) / 2)::text)) FROM generate_series(1, 10000) g"))
     assert(H.eventually(function()
       local o = p.stdout()
       return o:find("a 5000", 1, true) and o:find("b 5000", 1, true)
@@ -232,7 +239,7 @@ describe("break: memory while a channel waits", function()
   local p
   after_each(function() if p then p.stop() end end)
 
-  it("stays bounded by the read-ahead across heartbeats (a ping must not pull the server's queue into libpq)", function()
+  it("stays bounded by the read-ahead across heartbeats (a ping must not pull the queue into libpq)", function()
     local _, ci = H.createdb("brmem")
     p = start(script([[
 return { ordering = "channel", channels = {
@@ -242,7 +249,8 @@ return { ordering = "channel", channels = {
     local pad = ("x"):rep(2000)
     -- 100,000 notes of 2 kB (200 MB) queue behind the first one's retry
     for _ = 1, 10 do
-      assert(c:exec("SELECT count(pg_notify('stuck', json_build_object('i', g, 'pad', $1::text)::text)) FROM generate_series(1, 10000) g", pad))
+      assert(c:exec("SELECT count(pg_notify('stuck', json_build_object('i', g, 'pad', $1::text)::text)) "
+        .. "FROM generate_series(1, 10000) g", pad))
     end
     H.sleep(3)
     local function cpu()

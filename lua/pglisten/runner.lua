@@ -217,7 +217,7 @@ function Runner:reload()
   if (spec.ordering or "global") ~= self.ordering then
     self.log.warn("ordering changed; it takes effect at the next start", { ordering = self.ordering })
   end
-  if not spec.single_active ~= not old.single_active then
+  if (not spec.single_active) ~= (not old.single_active) then
     self.log.warn("single_active changed; it takes effect at the next start",
       { single_active = tostring(old.single_active or false) })
   end
