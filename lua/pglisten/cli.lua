@@ -25,8 +25,8 @@ its handler for each notification, with the payload decoded from JSON.
   -c, --check              load and validate SCRIPT, print its channels, exit
   -l, --log-level LEVEL    error | warn | info | debug (default info)
       --log-format FMT     text | json (one JSON object per line)
-      --reconnect-min SECS first reconnect delay, > 0 (default 0.1, doubling)
-      --reconnect-max SECS longest reconnect delay, > 0 (default 30)
+      --reconnect-min SECS first reconnect delay, >= 0.001 (default 0.1, doubling)
+      --reconnect-max SECS longest reconnect delay, >= 0.001 (default 30)
       --heartbeat SECS     check an idle connection after SECS (default 30; 0: off)
       --stats-interval SECS  log statistics every SECS (default 60; 0: off)
       --single-active      one active runner per script and database (leader
