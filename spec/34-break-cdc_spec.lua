@@ -69,19 +69,57 @@ return {
     finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO g VALUES (1)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
-    -- the walsender killed and the slot dropped before the runner comes back
-    local dropped = H.eventually(function()
-      return pcall(C.sql, ([[
+    -- the walsender killed and the slot dropped while the runner is stopped
+    p.kill("STOP")
+    local ok, err = pcall(C.sql, ([[
 DO $$ DECLARE p int; BEGIN
   SELECT active_pid INTO p FROM pg_replication_slots WHERE slot_name = '%s';
   IF p IS NOT NULL THEN PERFORM pg_terminate_backend(p, 5000); END IF;
   PERFORM pg_drop_replication_slot('%s');
 END $$]]):format(slot, slot))
-    end, 15, 0.01)
-    assert.is_true(dropped and true or false, "could not drop the slot")
+    p.kill("CONT")
+    assert.is_true(ok, tostring(err))
     assert.is_truthy(H.eventually(function() return p.stderr():find("slot disappeared", 1, true) end, 15),
       p.stderr())
     C.sql("INSERT INTO g VALUES (2)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 2 end, 15), p.stderr())
+  end)
+
+  it("a standby takes the slot of a SIGSTOPped runner once wal_sender_timeout ends its walsender", function()
+    local src, dst, slot = C.setup("stop")
+    C.sql("CREATE TABLE s (id int PRIMARY KEY)", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.s"] = { source = "replication", handler = function(ev) out(ev.new.id) end },
+  },
+}
+]]):format(slot))
+    local db = src .. " options=-cwal_sender_timeout=3s"
+    local a = C.start(path, db)
+    local procs = { a }
+    finally(function()
+      a.kill("CONT")
+      C.cleanup(procs, src, slot)
+    end)
+    local b = C.start(path, db, nil, "standing by")
+    procs[2] = b
+    C.sql("INSERT INTO s VALUES (1)", src)
+    assert.is_true(H.eventually(function() return #H.lines(a.stdout()) >= 1 end, 15))
+    a.kill("STOP")
+    local t0 = H.now()
+    C.sql("INSERT INTO s VALUES (2)", src)
+    assert.truthy(H.eventually(function() return b.stderr():find("took over", 1, true) end, 20), b.stderr())
+    local took = H.now() - t0
+    print(("\n  standby took the slot %.2f s after SIGSTOP (wal_sender_timeout 3 s)"):format(took))
+    assert.is_true(took < 3 + 5, tostring(took))
+    assert.truthy(H.eventually(function() return b.stdout():find("2", 1, true) end, 15), b.stderr())
+    -- the stopped runner, continued, finds its stream gone and stands by
+    a.kill("CONT")
+    assert.truthy(H.eventually(function() return a.stderr():find("standing by", 1, true) end, 20), a.stderr())
+    C.sql("INSERT INTO s VALUES (3)", src)
+    assert.truthy(H.eventually(function() return b.stdout():find("3", 1, true) end, 15), b.stderr())
+    assert.is_nil(a.stdout():find("3", 1, true))
   end)
 end)
