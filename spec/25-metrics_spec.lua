@@ -19,7 +19,7 @@ end
 
 -- curl: status, headers, body
 local function curl(url, extra)
-  local f = assert(io.popen(("curl -s -m 10 -D - %s %s"):format(extra or "", H.q(url))))
+  local f = assert(io.popen(("env -u LD_PRELOAD curl -s -m 10 -D - %s %s"):format(extra or "", H.q(url))))
   local s = f:read("a")
   f:close()
   local head, body = s:match("^(.-\r\n)\r\n(.*)$")
