@@ -103,6 +103,16 @@ M.sql = [[
 --   * The transition table names are read from pg_trigger once per
 --     statement, and the statement is planned each time: for statements
 --     that change one row each, the row-level form is cheaper.
+--
+-- Every function here runs with search_path = pg_catalog, pg_temp (a SET
+-- clause), so that a writer's search_path, which the trigger runs under,
+-- cannot put its own to_json, ||, unnest ... in place of the built-in ones.
+-- A column of a type whose text depends on search_path (regclass, regtype)
+-- is therefore written schema-qualified unless it is in pg_catalog.
+-- Privileges: the trigger runs as the writer.  In 'durable' mode a writer
+-- needs USAGE on schema pglisten and INSERT on pglisten.outbox (no sequence
+-- privilege: the id is an identity column); 'notify' mode and the keys-only
+-- event need only EXECUTE on the functions (granted to PUBLIC by default).
 
 -- Serialize concurrent installers until the end of this transaction (run the
 -- script as one transaction, or as one multi-statement string, which the
@@ -142,6 +152,7 @@ CREATE INDEX IF NOT EXISTS dead_channel_idx ON pglisten.dead (channel, id);
 CREATE OR REPLACE FUNCTION pglisten.publish(channel text, payload text)
 RETURNS bigint
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $pglisten$
 DECLARE
   new_id bigint;
@@ -170,6 +181,7 @@ COMMENT ON FUNCTION pglisten.publish(text, text) IS
 CREATE OR REPLACE FUNCTION pglisten.publish(channel text, payload jsonb)
 RETURNS bigint
 LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
 AS $pglisten$
   SELECT pglisten.publish($1, $2::text)
 $pglisten$;
@@ -181,6 +193,7 @@ CREATE OR REPLACE FUNCTION pglisten.key_columns(rel regclass)
 RETURNS text[]
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, pg_temp
 AS $pglisten$
   SELECT array_agg(a.attname::text ORDER BY k.ord)
     FROM pg_catalog.pg_index i
@@ -199,6 +212,7 @@ CREATE OR REPLACE FUNCTION pglisten.keys_only_event(op text, schema_name text, t
 RETURNS text
 LANGUAGE sql
 STABLE
+SET search_path = pg_catalog, pg_temp
 AS $pglisten$
   SELECT CASE WHEN octet_length(e) < 8000 THEN e
               ELSE json_build_object('op', op, 'schema', schema_name, 'table', table_name,
@@ -216,6 +230,7 @@ COMMENT ON FUNCTION pglisten.keys_only_event(text, text, text, json, json, text[
 CREATE OR REPLACE FUNCTION pglisten.notify_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $pglisten$
 DECLARE
   event     text;

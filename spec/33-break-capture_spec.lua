@@ -1,0 +1,88 @@
+-- Attacks on pglisten.notify_trigger (issue 14's capture): writers whose
+-- search_path is hostile, writers without privileges on the outbox, values
+-- that must arrive exact, and the NOTIFY size boundary.
+-- Against a real server, a database of its own per test.
+local H = require "helpers"
+local outbox = require "pglisten.outbox"
+local pg = H.pg
+local json = pg.json
+
+local opened = {}
+local function connect(conninfo)
+  local c = H.connect(conninfo, { query_timeout = 60 })
+  opened[#opened + 1] = c
+  return c
+end
+
+local function fresh()
+  local _, conninfo = H.createdb("brkcap")
+  local c = connect(conninfo)
+  assert(outbox.install(c))
+  return c, conninfo
+end
+
+after_each(function()
+  for i = #opened, 1, -1 do
+    if not opened[i]:isclosed() then opened[i]:close() end
+    opened[i] = nil
+  end
+end)
+
+local function payloads(c, channel)
+  local rows = assert(c:exec("SELECT payload FROM pglisten.outbox WHERE channel = $1 ORDER BY id", channel))
+  local t = {}
+  for i, r in ipairs(rows) do t[i] = r.payload end
+  return t
+end
+
+local function triggers(c, tbl, mode)
+  assert(c:exec(("CREATE TRIGGER r AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW "
+    .. "EXECUTE FUNCTION pglisten.notify_trigger('row', '%s')"):format(tbl, mode)))
+  assert(c:exec(("CREATE TRIGGER s AFTER INSERT ON %s REFERENCING NEW TABLE AS nr FOR EACH STATEMENT "
+    .. "EXECUTE FUNCTION pglisten.notify_trigger('stmt', '%s')"):format(tbl, mode)))
+end
+
+describe("pglisten.notify_trigger and a hostile search_path", function()
+  it("builds the same events when the writer's schema shadows to_json and ||", function()
+    local c = fresh()
+    assert(c:exec([[CREATE TABLE t (id int PRIMARY KEY, v text)]]))
+    triggers(c, "t", "durable")
+    assert(c:exec([[CREATE SCHEMA evil]]))
+    assert(c:exec([[CREATE FUNCTION evil.to_json(anyelement) RETURNS json LANGUAGE sql
+                    AS $$ SELECT '"hijacked"'::json $$]]))
+    assert(c:exec([[CREATE FUNCTION evil.cat(text, text) RETURNS text LANGUAGE sql
+                    AS $$ SELECT 'hijacked' $$]]))
+    assert(c:exec([[CREATE OPERATOR evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.cat)]]))
+    assert(c:exec([[INSERT INTO t VALUES (1, 'a')]]))
+    assert(c:exec([[SET search_path = evil, pg_catalog, public]]))
+    assert(c:exec([[INSERT INTO t VALUES (2, 'b')]]))
+    assert(c:exec([[RESET search_path]]))
+    local want = '{"op":"INSERT","schema":"public","table":"t","new":{"id":2,"v":"b"},"old":null}'
+    assert.same(want, payloads(c, "row")[2])
+    assert.same(want, payloads(c, "stmt")[2])
+  end)
+
+  it("sends the keys-only event, not the shadow's, for a too-large row in 'notify' mode", function()
+    local c, conninfo = fresh()
+    assert(c:exec([[CREATE TABLE t (id int PRIMARY KEY, v text)]]))
+    triggers(c, "t", "notify")
+    assert(c:exec([[CREATE SCHEMA evil]]))
+    assert(c:exec([[CREATE FUNCTION evil.json_object_agg(text, json) RETURNS json LANGUAGE sql
+                    AS $$ SELECT '"hijacked"'::json $$]]))
+    assert(c:exec([[CREATE FUNCTION evil.unnest(text[]) RETURNS SETOF text LANGUAGE sql
+                    AS $$ SELECT 'hijacked' $$]]))
+    local l = connect(conninfo)
+    assert(l:listen("row", "stmt"))
+    assert(c:exec([[SET search_path = evil, pg_catalog, public]]))
+    assert(c:exec([[INSERT INTO t VALUES (7, repeat('x', 20000))]]))
+    assert(c:exec([[RESET search_path]]))
+    local got = {}
+    for _ = 1, 2 do
+      local note = assert(l:wait(10))
+      got[note.channel] = json.decode(note.payload)
+    end
+    local want = { op = "INSERT", schema = "public", table = "t", new = { id = 7 }, old = pg.null, keys_only = true }
+    assert.same(want, got.row)
+    assert.same(want, got.stmt)
+  end)
+end)
