@@ -99,7 +99,10 @@ M.sql = [[
 --     PostgreSQL fires those triggers (an upsert's updates first), where the
 --     row-level form interleaves them.
 --   * On a partitioned table, the statement trigger names the table the
---     statement ran on; a row-level trigger names the partition.
+--     statement ran on; a row-level trigger names the partition.  An UPDATE
+--     that moves a row to another partition is an UPDATE to the statement
+--     trigger, and a DELETE (old partition) then an INSERT (new partition)
+--     to the row-level one: PostgreSQL fires those row triggers.
 --   * The transition table names are read from pg_trigger once per
 --     statement, and the statement is planned each time: for statements
 --     that change one row each, the row-level form is cheaper.
@@ -254,6 +257,11 @@ BEGIN
         event := pglisten.keys_only_event(TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, to_json(NEW), to_json(OLD),
           CASE WHEN TG_NARGS > 2 THEN TG_ARGV[2:TG_NARGS - 1] ELSE pglisten.key_columns(TG_RELID) END);
       END IF;
+      IF octet_length(TG_ARGV[0]) > 63 THEN
+        RAISE EXCEPTION 'pglisten.notify_trigger: channel "%" of trigger "%" on %.% is % bytes; a NOTIFY channel is at most 63 bytes',
+          TG_ARGV[0], TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, octet_length(TG_ARGV[0])
+          USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a shorter channel, or mode ''durable''.';
+      END IF;
       IF pg_catalog.pg_notify(TG_ARGV[0], event) IS NULL THEN END IF;
       RETURN NULL;
     ELSIF TG_ARGV[1] = 'durable' THEN
@@ -284,6 +292,11 @@ BEGIN
     RAISE EXCEPTION 'pglisten.notify_trigger: empty channel name in trigger "%" on %.%',
       TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
       USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF TG_ARGV[1] = 'notify' AND octet_length(TG_ARGV[0]) > 63 THEN
+    RAISE EXCEPTION 'pglisten.notify_trigger: channel "%" of trigger "%" on %.% is % bytes; a NOTIFY channel is at most 63 bytes',
+      TG_ARGV[0], TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, octet_length(TG_ARGV[0])
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a shorter channel, or mode ''durable''.';
   END IF;
 
   -- Statement level.  TRUNCATE: one event for the table.
