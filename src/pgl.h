@@ -98,7 +98,7 @@ void pgl_pipeline_open(lua_State *L);      /* adds conn:execmany; leaves nothing
 void pgl_result_open(lua_State *L);
 
 /*
- * Numbers, exact both ways (result.c; json.c uses them too).  A float is
+ * Numbers, exact both ways (number.c; result.c and json.c use them).  A float is
  * written as all its digits when it is integral and fits 64 bits ("3"),
  * "-0.0" (JSON) or "-0" (parameters) when it is negative zero, else in the
  * shortest "%.Ng" that reads back as the same double ("0.1", "1e-20").
@@ -120,6 +120,11 @@ int pgl_scan_number(const char **pp, const char *e, pgl_numscan *ns);
  * double denotes the same value as the text ("0.30", "1e20"), else the
  * text itself, so that no digit is lost (1e400, 12345678901234567890). */
 void pgl_push_number(lua_State *L, const char *z, size_t len, const pgl_numscan *ns);
+/* A float column's text read in the "C" locale ("Infinity", "NaN" too). */
+double pgl_read_float(const char *v);
+/* Creates the "C" numeric locale number.c needs; raises when out of memory
+ * (pgl_result_open calls it). */
+void pgl_number_open(lua_State *L);
 /* Build the parameter arrays for args [first, first+n) on the stack.  Pushes
  * one userdata holding the arrays (kept alive by the stack) plus the strings;
  * returns the values array.  Returns NULL and pushes nil, message when a value
