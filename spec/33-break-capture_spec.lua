@@ -146,3 +146,55 @@ describe("pglisten.notify_trigger and the writer's privileges", function()
     assert(c:exec(("DROP ROLE %s"):format(role)))
   end)
 end)
+
+describe("pglisten.notify_trigger and the writer's output settings", function()
+  it("writes float8, float4, interval and bytea the same whatever the writer's session set", function()
+    local c = fresh()
+    assert(c:exec([[CREATE TABLE t (id int PRIMARY KEY, f float8, f4 float4, iv interval, b bytea)]]))
+    triggers(c, "t", "durable")
+    local insert = [[INSERT INTO t VALUES ($1, 0.1::float8 + 0.2::float8, 1.1::float4, '1 day 02:03:04', '\x00ff27')]]
+    assert(c:exec(insert, 1))
+    assert(c:exec([[SET extra_float_digits = -3]]))
+    assert(c:exec([[SET IntervalStyle = 'sql_standard']]))
+    assert(c:exec([[SET bytea_output = 'escape']]))
+    assert(c:exec(insert, 2))
+    assert(c:exec([[RESET ALL]]))
+    local want = '{"op":"INSERT","schema":"public","table":"t","new":{"id":%d,"f":0.30000000000000004,'
+      .. '"f4":1.1,"iv":"1 day 02:03:04","b":"\\\\x00ff27"},"old":null}'
+    for _, ch in ipairs({ "row", "stmt" }) do
+      local got = payloads(c, ch)
+      assert.same({ want:format(1), want:format(2) }, got)
+    end
+  end)
+end)
+
+describe("pglisten.notify_trigger FOR EACH STATEMENT on a table whose columns share its query's names", function()
+  it("sends whole rows for columns named r, n, o, i, j, e (INSERT, UPDATE, DELETE; both modes)", function()
+    local c, conninfo = fresh()
+    assert(c:exec([[CREATE TABLE t (id int PRIMARY KEY, r int, n int, o int, i int, j int, e int)]]))
+    local l = connect(conninfo)
+    assert(l:listen("note"))
+    for _, mode in ipairs({ "durable", "notify" }) do
+      local ch = mode == "durable" and "stmt" or "note"
+      assert(c:exec(("CREATE TRIGGER ins_%s AFTER INSERT ON t REFERENCING NEW TABLE AS r FOR EACH STATEMENT "
+        .. "EXECUTE FUNCTION pglisten.notify_trigger('%s', '%s')"):format(mode, ch, mode)))
+      assert(c:exec(("CREATE TRIGGER upd_%s AFTER UPDATE ON t REFERENCING OLD TABLE AS o NEW TABLE AS n "
+        .. "FOR EACH STATEMENT EXECUTE FUNCTION pglisten.notify_trigger('%s', '%s')"):format(mode, ch, mode)))
+      assert(c:exec(("CREATE TRIGGER del_%s AFTER DELETE ON t REFERENCING OLD TABLE AS r FOR EACH STATEMENT "
+        .. "EXECUTE FUNCTION pglisten.notify_trigger('%s', '%s')"):format(mode, ch, mode)))
+    end
+    assert(c:exec([[INSERT INTO t VALUES (1, 2, 3, 4, 5, 6, 7)]]))
+    assert(c:exec([[UPDATE t SET e = 70]]))
+    assert(c:exec([[DELETE FROM t]]))
+    local row = '{"id":1,"r":2,"n":3,"o":4,"i":5,"j":6,"e":%d}'
+    local want = {
+      '{"op":"INSERT","schema":"public","table":"t","new":' .. row:format(7) .. ',"old":null}',
+      '{"op":"UPDATE","schema":"public","table":"t","new":' .. row:format(70) .. ',"old":' .. row:format(7) .. '}',
+      '{"op":"DELETE","schema":"public","table":"t","new":null,"old":' .. row:format(70) .. '}',
+    }
+    assert.same(want, payloads(c, "stmt"))
+    local got = {}
+    for k = 1, 3 do got[k] = assert(l:wait(10)).payload end
+    assert.same(want, got)
+  end)
+end)

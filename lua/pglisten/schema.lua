@@ -112,6 +112,11 @@ M.sql = [[
 -- cannot put its own to_json, ||, unnest ... in place of the built-in ones.
 -- A column of a type whose text depends on search_path (regclass, regtype)
 -- is therefore written schema-qualified unless it is in pg_catalog.
+-- notify_trigger also runs with extra_float_digits = 1 (floats in their
+-- shortest exact form), IntervalStyle = postgres and bytea_output = hex,
+-- whatever the writer's session set: a writer with extra_float_digits = 0
+-- would otherwise send 0.1 + 0.2 as 0.3.  TimeZone is the writer's: a
+-- timestamptz is written with the writer's offset (the same instant).
 -- Privileges: the trigger runs as the writer.  In 'durable' mode a writer
 -- needs USAGE on schema pglisten and INSERT on pglisten.outbox (no sequence
 -- privilege: the id is an identity column); 'notify' mode and the keys-only
@@ -234,6 +239,10 @@ CREATE OR REPLACE FUNCTION pglisten.notify_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- the settings to_json's text depends on, at their defaults (see the header)
+SET extra_float_digits = 1
+SET IntervalStyle = 'postgres'
+SET bytea_output = 'hex'
 AS $pglisten$
 DECLARE
   event     text;
@@ -328,13 +337,14 @@ BEGIN
   END IF;
   -- (n, o): the new and the old row as JSON text, in the statement's order.
   -- An UPDATE's two versions of a row are paired by their position in the
-  -- two transition tables (see the header of this script).
+  -- two transition tables (see the header of this script).  The whole row
+  -- is r.*: a bare r would be the table's column of that name, if it has one.
   rows_sql := CASE TG_OP
-    WHEN 'INSERT' THEN format('SELECT to_json(r)::text AS n, NULL::text AS o FROM %I AS r', new_t)
-    WHEN 'DELETE' THEN format('SELECT NULL::text AS n, to_json(r)::text AS o FROM %I AS r', old_t)
+    WHEN 'INSERT' THEN format('SELECT to_json(r.*)::text AS n, NULL::text AS o FROM %I AS r', new_t)
+    WHEN 'DELETE' THEN format('SELECT NULL::text AS n, to_json(r.*)::text AS o FROM %I AS r', old_t)
     ELSE format('SELECT nr.j AS n, orow.j AS o
-                   FROM (SELECT row_number() OVER () AS i, to_json(r)::text AS j FROM %I AS r) AS nr
-                   FULL JOIN (SELECT row_number() OVER () AS i, to_json(r)::text AS j FROM %I AS r) AS orow
+                   FROM (SELECT row_number() OVER () AS i, to_json(r.*)::text AS j FROM %I AS r) AS nr
+                   FULL JOIN (SELECT row_number() OVER () AS i, to_json(r.*)::text AS j FROM %I AS r) AS orow
                   USING (i) ORDER BY i', new_t, old_t)
   END;
   -- the event up to the new row: the same text as the row level's
