@@ -136,6 +136,18 @@ describe("pglisten.apply", function()
     local called = false
     assert.is_true(pg.apply(other, { { k = "c1" } }, { note("0/600", 1) }, function() called = true end))
     assert.is_false(called)
+    -- two position statements at once: the one that waited reads the position the other committed
+    assert(conn:exec("BEGIN"))
+    assert(pg.apply(conn, { { k = "c2" } }, { note("0/700", 1) }, function() end))
+    local move = require("pglisten.apply").MOVE
+    sh = H.spawn({ "psql", "-qtAX", "-d", ci, "-c", ("PREPARE m(text, text, text, text, boolean, bigint) AS %s; "
+      .. "EXECUTE m('7000000000000000001', 'src', 's1', '0/800', false, 1)"):format(move) })
+    pg.sleep(0.5)
+    assert.is_true(sh.running())
+    assert(conn:exec("COMMIT"))
+    assert.equal(0, sh.wait(10))
+    assert.matches("^0/700|f|1|", sh.stdout())
+    assert.equal("0/800", T.sql("SELECT lsn FROM pglisten.applied WHERE slot = 's1'", ci))
   end)
 
   it("raises on misuse: notes without a position", function()

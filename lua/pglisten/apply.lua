@@ -86,6 +86,8 @@ UPDATE pglisten.applied a
    AND ($4::pg_lsn, NOT $5::boolean, $6::bigint) > (o.lsn, NOT o.snapshot, o.seq)
 RETURNING o.lsn::text AS lsn, o.snapshot, o.seq, current_setting('synchronous_commit') AS sync]]
 
+M.MOVE = MOVE -- (for the specs: two appliers at once)
+
 local SELECT_OLD = [[
 SELECT lsn::text AS lsn, snapshot, seq FROM pglisten.applied
  WHERE system_id = $1 AND database = $2 AND slot = $3 FOR UPDATE]]
