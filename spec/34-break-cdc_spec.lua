@@ -173,4 +173,39 @@ return {
     assert.truthy(p.stderr():find("drop the slot", 1, true), p.stderr())
     assert.truthy(p.running())
   end)
+
+  it("streams a transaction of 100,000 rows with memory bounded by read_ahead, not the transaction", function()
+    local src, dst, slot = C.setup("huge")
+    C.sql("CREATE TABLE h (id int PRIMARY KEY, v text)", src)
+    local path = C.script(dst, ([[
+local n, hold = 0, nil
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.h"] = { source = "replication", batch = 500, retry = { attempts = 100, backoff = 0.5, max_backoff = 0.5 },
+      handler = function(events)
+      -- the target is down for the first 4 s: the runner reads ahead meanwhile
+      hold = hold or pglisten.monotonic() + 4
+      if pglisten.monotonic() < hold then error("target down") end
+      n = n + #events
+      if n %% 20000 == 0 or n == 100000 then out(n) end
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    local function hwm()
+      local f = io.open("/proc/" .. p.pid .. "/status")
+      local kb = f and f:read("a"):match("VmHWM:%s*(%d+)")
+      if f then f:close() end
+      return tonumber(kb)
+    end
+    local before = hwm()
+    C.sql("INSERT INTO h SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g", src)
+    assert.truthy(H.eventually(function() return p.stdout():find("100000", 1, true) end, 60), p.stderr():sub(-2000))
+    local grew = (hwm() - before) / 1024
+    print(("\n  100,000-row transaction: the runner's peak RSS grew %.1f MB"):format(grew))
+    assert.is_true(grew < 40, ("%.1f MB"):format(grew))
+  end)
 end)
