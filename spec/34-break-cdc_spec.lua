@@ -208,4 +208,49 @@ return {
     print(("\n  100,000-row transaction: the runner's peak RSS grew %.1f MB"):format(grew))
     assert.is_true(grew < 40, ("%.1f MB"):format(grew))
   end)
+
+  it("with REPLICA IDENTITY FULL an untouched TOASTed value is in old, as README says", function()
+    local src, dst, slot = C.setup("full")
+    C.sql("CREATE TABLE f (id int PRIMARY KEY, n int, big text); ALTER TABLE f REPLICA IDENTITY FULL; "
+      .. "ALTER TABLE f ALTER COLUMN big SET STORAGE EXTERNAL", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.f"] = { source = "replication", handler = function(ev)
+      if ev.op == "UPDATE" then
+        out(ev.op, ev.new.big == pglisten.unchanged and "unchanged" or #ev.new.big, type(ev.old.big) == "string"
+          and #ev.old.big or tostring(ev.old.big))
+      end
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO f VALUES (1, 0, repeat(md5('a'), 1000)); UPDATE f SET n = 1 WHERE id = 1", src)
+    assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15), p.stderr())
+    assert.same({ "UPDATE unchanged 32000" }, H.lines(p.stdout()))
+  end)
+
+  it("a DELETE of a row whose key is TOASTed carries the whole key in old", function()
+    local src, dst, slot = C.setup("tkey")
+    C.sql("CREATE TABLE k (id text PRIMARY KEY, n int); ALTER TABLE k ALTER COLUMN id SET STORAGE EXTERNAL", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.k"] = { source = "replication", handler = function(ev)
+      local row = ev.old or ev.new
+      out(ev.op, type(row.id) == "string" and #row.id or tostring(row.id))
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO k VALUES (repeat(md5('k'), 78), 1); UPDATE k SET n = 2; DELETE FROM k", src)
+    assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 3 end, 15), p.stderr())
+    assert.same({ "INSERT 2496", "UPDATE 2496", "DELETE 2496" }, H.lines(p.stdout()))
+  end)
 end)
