@@ -439,10 +439,11 @@ describe("pglisten.apply under the runner", function()
     C.sql(SOURCE, src); T.sql(TARGET, dst_ci)
     local path = script(dst_ci, slot, { slow = true })
     local p = C.start(path, src)
+    local procs = { p }
     local w = W.new(src)
     finally(function()
       w:close()
-      C.cleanup({ p }, src, slot)
+      C.cleanup(procs, src, slot)
     end)
     local faults = { "walsender", "crash", "target", "walsender", "crash", "target" }
     local behind = 0
@@ -454,9 +455,16 @@ describe("pglisten.apply under the runner", function()
         C.sql(("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '%s'")
           :format(slot))
       elseif fault == "crash" then
+        -- the runner goes down with the machine's services: the slot's position
+        -- on disk (saved at checkpoints) may be older than what was confirmed,
+        -- so the next runner gets changes again that the target has
+        p.kill("KILL")
+        p.wait(5)
         H.server("crash")
         H.server("start")
         w:reload() -- asynchronous commits on the source may be gone
+        p = C.start(path, src)
+        procs[#procs + 1] = p
       else
         H.server2("stop")
         w:write(30)
@@ -466,10 +474,11 @@ describe("pglisten.apply under the runner", function()
       assert.is_true(p.running(), p.stderr())
     end
     w:write(30)
-    local t = check_target(src, dst_ci, { p })
+    local t = check_target(src, dst_ci, procs)
     print(("\n  seed %d: %d transactions, %d faults (%d while behind), %d events applied, %d skipped, %d handler "
       .. "failures (the target down)"):format(seed, w.txs, #faults, behind, t.ok, t.skipped, #t.fails))
     assert.is_true(behind >= 3, "the faults did not land mid-stream: " .. behind)
+    assert.is_true(t.skipped > 0, "no change was sent again: the spec did not test the dedupe")
   end)
 
   it("a snapshot interrupted by SIGKILL, then done again, and a runner killed after it: no snapshot row "
