@@ -198,3 +198,22 @@ describe("pglisten.notify_trigger FOR EACH STATEMENT on a table whose columns sh
     assert.same(want, got)
   end)
 end)
+
+describe("pglisten.notify_trigger with a key column that the table does not have", function()
+  it("fails a too-large row's write with an error naming the column, not a key of null", function()
+    local c = fresh()
+    assert(c:exec([[CREATE TABLE t (id int PRIMARY KEY, v text)]]))
+    assert(c:exec([[CREATE TRIGGER bad_key AFTER INSERT ON t FOR EACH ROW
+                    EXECUTE FUNCTION pglisten.notify_trigger('t', 'notify', 'ID')]]))
+    assert(c:exec([[INSERT INTO t VALUES (1, 'small')]]))   -- whole: the key is not needed
+    local ok, err = c:exec([[INSERT INTO t VALUES (2, repeat('x', 20000))]])
+    assert.is_nil(ok)
+    assert.matches('key column "ID" is not a column of public.t', err, 1, true)
+    assert(c:exec([[DROP TRIGGER bad_key ON t]]))
+    assert(c:exec([[CREATE TRIGGER bad_key_s AFTER INSERT ON t REFERENCING NEW TABLE AS n FOR EACH STATEMENT
+                    EXECUTE FUNCTION pglisten.notify_trigger('t', 'notify', 'id', 'nope')]]))
+    ok, err = c:exec([[INSERT INTO t VALUES (3, repeat('x', 20000))]])
+    assert.is_nil(ok)
+    assert.matches('key column "nope" is not a column of public.t', err, 1, true)
+  end)
+end)

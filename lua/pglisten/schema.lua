@@ -45,6 +45,8 @@ M.sql = [[
 --                            (pg_notify('pglisten_outbox', channel)) -- kept
 --   TG_ARGV[2..] key columns, sent instead of the whole row when a 'notify'
 --                event would be 8000 bytes or more; default: the primary key.
+--                A name the table has no column of is an error, raised in the
+--                writer's statement the first time a keys-only event is due.
 --
 -- Row level: one trigger for all three kinds of change.
 --   CREATE TRIGGER users_sync
@@ -218,18 +220,35 @@ COMMENT ON FUNCTION pglisten.key_columns(regclass) IS
 CREATE OR REPLACE FUNCTION pglisten.keys_only_event(op text, schema_name text, table_name text,
                                                     new_row json, old_row json, keys text[])
 RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $pglisten$
-  SELECT CASE WHEN octet_length(e) < 8000 THEN e
-              ELSE json_build_object('op', op, 'schema', schema_name, 'table', table_name,
-                                     'keys_only', true, 'too_large', true)::text END
-    FROM (SELECT CASE WHEN cardinality(keys) > 0 THEN
-            json_build_object('op', op, 'schema', schema_name, 'table', table_name,
-              'new', (SELECT json_object_agg(k, new_row -> k) FROM unnest(keys) AS k WHERE new_row IS NOT NULL),
-              'old', (SELECT json_object_agg(k, old_row -> k) FROM unnest(keys) AS k WHERE old_row IS NOT NULL),
-              'keys_only', true)::text END AS e) AS s
+DECLARE
+  e     text;
+  nokey text;
+BEGIN
+  -- A key column the row does not have would be sent as null, which names
+  -- no row: a misconfigured trigger, an error (named, at trigger time).
+  SELECT k INTO nokey FROM unnest(keys) AS k
+   WHERE k NOT IN (SELECT json_object_keys(coalesce(new_row, old_row))) LIMIT 1;
+  IF nokey IS NOT NULL THEN
+    RAISE EXCEPTION 'pglisten.notify_trigger: key column "%" is not a column of %.%', nokey, schema_name, table_name
+      USING ERRCODE = 'undefined_column',
+            HINT = 'The trigger arguments after the mode are column names, spelled as the table has them.';
+  END IF;
+  IF cardinality(keys) > 0 THEN
+    e := json_build_object('op', op, 'schema', schema_name, 'table', table_name,
+      'new', (SELECT json_object_agg(k, new_row -> k) FROM unnest(keys) AS k WHERE new_row IS NOT NULL),
+      'old', (SELECT json_object_agg(k, old_row -> k) FROM unnest(keys) AS k WHERE old_row IS NOT NULL),
+      'keys_only', true)::text;
+  END IF;
+  IF octet_length(e) < 8000 THEN
+    RETURN e;
+  END IF;
+  RETURN json_build_object('op', op, 'schema', schema_name, 'table', table_name,
+                           'keys_only', true, 'too_large', true)::text;
+END
 $pglisten$;
 
 COMMENT ON FUNCTION pglisten.keys_only_event(text, text, text, json, json, text[]) IS
