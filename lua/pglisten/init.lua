@@ -182,48 +182,10 @@ local function st(conn)
   return s
 end
 
--- The transaction bookkeeping of a connection's state `s`:
---   s.intx   a transaction block was open after the last call;
---   s.txlost its connection was lost: the server rolled it back, and every
---            call fails until the caller ends it (ROLLBACK, COMMIT, ...);
---   s.dirty  LISTEN/UNLISTEN ran inside it: s.channels (what the server has
---            committed) is read again once the block is over.
-local function end_tx(s)
-  s.intx, s.txlost = nil, nil
-end
-
--- How a statement ends or begins a transaction block, and what a string of
--- statements may have done when the connection was lost under it.
-local txblock = require "pglisten.txblock"
-local ends_tx = txblock.ends
-
-local LOST_FOUND = "connection lost inside a transaction: the server rolled it back;"
-  .. " calls fail until the transaction is ended (ROLLBACK)"
-local LOST_STILL = "the connection of this transaction was lost and the server rolled it back;"
-  .. " calls fail until the transaction is ended (ROLLBACK)"
-local LOST_COMMIT = "COMMIT failed: the connection was lost inside the transaction and the server"
-  .. " rolled it back; nothing was committed"
-
--- A call in a transaction whose connection is lost: fails (08006 when it
--- is the call that finds the loss, else 08003) unless it ends the block.
--- Returns false, err, code; or false, rows for a ROLLBACK answered here
--- (the server has done it); or true when the block is over and the rest of
--- `sql` (a ROLLBACK followed by more statements) is to run on a healed
--- connection.
-local function lost_tx_call(s, sql, found)
-  local kind = ends_tx(sql)
-  if kind == "rollback" then
-    end_tx(s)
-    if sql:find(";%s*[^%s;]") then return true end
-    return false, { n = 0, affected = 0, command = "ROLLBACK" }
-  end
-  local code = found and "08006" or "08003"
-  if kind == "commit" then
-    end_tx(s)
-    return false, LOST_COMMIT, code
-  end
-  return false, found and LOST_FOUND or LOST_STILL, code
-end
+-- The transaction bookkeeping (s.intx, s.txlost, s.dirty) and the answers
+-- of a call whose block was lost: pglisten.txstate.
+local txstate = require "pglisten.txstate"
+local end_tx, lost_tx_call, after_loss = txstate.end_tx, txstate.lost_call, txstate.after_loss
 
 -- Re-reads the channels the server listens to (after a transaction block
 -- with LISTEN/UNLISTEN in it ended).  Leaves the set dirty on failure.
@@ -284,23 +246,7 @@ end
 local function after_call(conn, sql, err, code)
   local s = state[conn]
   if not s then return err, code end
-  if conn:status() ~= "ok" then
-    -- any statement of `sql` may have been the one under the loss
-    local lost, committed = txblock.effect(sql, s.intx)
-    if not (lost or committed) then
-      end_tx(s) -- a block the string ended (...; ROLLBACK) is over either way
-      return err, code
-    end
-    s.dirty = nil
-    err = err or "connection lost"
-    if lost then s.intx, s.txlost = true, true else end_tx(s) end
-    if committed then -- the server may have committed before the loss
-      return err .. " (during COMMIT: whether it committed is unknown"
-        .. (lost and "; the transaction it begins was rolled back: calls fail until it is ended" or "")
-        .. ")", "08007"
-    end
-    return err .. " (" .. LOST_FOUND .. ")", code or "08006"
-  end
+  if conn:status() ~= "ok" then return after_loss(s, sql, err, code) end
   local tx = conn:txstatus()
   s.intx = (tx == "intrans" or tx == "inerror") or nil
   if s.dirty and tx == "idle" then reread_channels(conn, s) end
