@@ -2,7 +2,7 @@
 #
 #   make            the pglisten.core module and the lua-pglisten runner into build/
 #   make test       install missing Debian packages, build, run every spec against
-#                   a throwaway PostgreSQL, stop it; non-zero on any failure
+#                   a throwaway PostgreSQL, stop it, then luacheck; non-zero on any failure
 #   make demo       the same set-up, then example 1 end to end under the runner
 #                   (EXAMPLE=04: example 4, change data capture from the WAL)
 #   make check      the specs with the C code built under ASan + UBSan
@@ -118,7 +118,8 @@ deps:
 SPEC ?= spec
 test: deps
 	@$(MAKE) --no-print-directory all
-	@scripts/with-pg.sh scripts/busted.sh $(SPEC)
+	@rc=0; scripts/with-pg.sh scripts/busted.sh $(SPEC) || rc=1; \
+	  echo "lint: luacheck $(LINT_DIRS)"; $(LUACHECK) --no-color -q $(LINT_DIRS) || rc=1; exit $$rc
 
 demo: deps
 	@$(MAKE) --no-print-directory all

@@ -17,7 +17,10 @@ return {
   replication = { slot = %q, snapshot = true },
   channels = {
     ["public.w"] = { source = "replication", handler = function(ev, note)
-      if ev.op ~= "TRUNCATE" then out(ev.new.id, (ev.new.s:gsub(".", function(c) return ("%%02x"):format(c:byte()) end)), tostring(note.snapshot)) end
+      if ev.op ~= "TRUNCATE" then
+        local hex = ev.new.s:gsub(".", function(c) return ("%%02x"):format(c:byte()) end)
+        out(ev.new.id, hex, tostring(note.snapshot))
+      end
       upsert("w", ev)
     end },
   },
