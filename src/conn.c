@@ -112,7 +112,8 @@ static void clear_notices(pgl_conn *c) {
 }
 
 /*
- * Drives PQconnectPoll / PQresetPoll to completion or the deadline.
+ * Drives PQconnectPoll / PQresetPoll to completion or the deadline, then
+ * sets the connection non-blocking (conn.c and repl.c both connect by it).
  * Returns 1 when connected; otherwise pushes nil, message and returns 0.
  * In the host program a stop signal (TERM/INT) ends the wait at once with
  * the message "interrupted", as does one that came before the connect
@@ -120,8 +121,8 @@ static void clear_notices(pgl_conn *c) {
  * not end it (their flags wait for the host).  The name lookup is libpq's
  * own, blocking, inside PQconnectStart and not covered.
  */
-static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*pollfn)(PGconn *),
-                         double timeout) {
+int pgl_drive_connect(lua_State *L, PGconn *pg, PostgresPollingStatusType (*pollfn)(PGconn *),
+                      double timeout) {
   double deadline = pgl_deadline_in(timeout);
   PostgresPollingStatusType st = PGRES_POLLING_WRITING;
   for (;;) {
@@ -130,10 +131,10 @@ static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*
       break;
     if (st == PGRES_POLLING_FAILED) {
       lua_pushnil(L);
-      pgl_push_trimmed(L, PQerrorMessage(c->pg));
+      pgl_push_trimmed(L, PQerrorMessage(pg));
       return 0;
     }
-    r = pgl_waitfd(L, PQsocket(c->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline,
+    r = pgl_waitfd(L, PQsocket(pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline,
                    PGL_WAIT_STOP);
     if (r == -2) {
       lua_pushnil(L);
@@ -150,11 +151,11 @@ static int drive_connect(lua_State *L, pgl_conn *c, PostgresPollingStatusType (*
       lua_pushfstring(L, "could not connect: poll failed: %s", strerror(errno));
       return 0;
     }
-    st = pollfn(c->pg);
+    st = pollfn(pg);
   }
-  if (PQsetnonblocking(c->pg, 1) != 0) {
+  if (PQsetnonblocking(pg, 1) != 0) {
     lua_pushnil(L);
-    pgl_push_trimmed(L, PQerrorMessage(c->pg));
+    pgl_push_trimmed(L, PQerrorMessage(pg));
     return 0;
   }
   return 1;
@@ -311,7 +312,7 @@ static int conn_reset(lua_State *L) {
   pgl_conn *c = pgl_checkconn(L, 1);
   double timeout = luaL_optnumber(L, 2, 10);
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive"); /* as connect: < 0 is no deadline */
-  if (pgl_stopping(L)) { /* as drive_connect would, but without the network */
+  if (pgl_stopping(L)) { /* as pgl_drive_connect would, but without the network */
     lua_pushnil(L);
     lua_pushliteral(L, "interrupted");
     return 2;
@@ -322,7 +323,7 @@ static int conn_reset(lua_State *L) {
     pgl_push_trimmed(L, PQerrorMessage(c->pg));
     return 2;
   }
-  if (!drive_connect(L, c, PQresetPoll, timeout)) {
+  if (!pgl_drive_connect(L, c->pg, PQresetPoll, timeout)) {
     pgl_conn_abandon(c);
     return 2;
   }
@@ -377,7 +378,7 @@ static int conn_tostring(lua_State *L) {
  * core.connect(conninfo, timeout) -> conn | nil, err
  * conninfo: keyword/value string or URI ("" for libpq's defaults).  The
  * message is libpq's own; the Lua facade removes any password from it.
- * nil, "interrupted" when the host program got a stop signal (drive_connect).
+ * nil, "interrupted" when the host program got a stop signal (pgl_drive_connect).
  */
 int pgl_conn_connect(lua_State *L) {
   const char *conninfo = pgl_conninfo_arg(L, 1, 1);
@@ -386,7 +387,7 @@ int pgl_conn_connect(lua_State *L) {
   luaL_argcheck(L, timeout > 0, 2, "timeout must be positive");
   if (!conninfo)
     return 2;
-  if (pgl_stopping(L)) { /* as drive_connect would, but without DNS or a socket */
+  if (pgl_stopping(L)) { /* as pgl_drive_connect would, but without DNS or a socket */
     lua_pushnil(L);
     lua_pushliteral(L, "interrupted");
     return 2;
@@ -408,7 +409,7 @@ int pgl_conn_connect(lua_State *L) {
     conn_release(c);
     return 2;
   }
-  if (!drive_connect(L, c, PQconnectPoll, timeout)) {
+  if (!pgl_drive_connect(L, c->pg, PQconnectPoll, timeout)) {
     conn_release(c);
     return 2;
   }

@@ -87,6 +87,12 @@ int pgl_conn_fail(lua_State *L, pgl_conn *c, const char *what);
 /* After a client-side timeout: shuts the socket down so that libpq marks the
  * connection bad, and drops what libpq still holds. */
 void pgl_conn_abandon(pgl_conn *c);
+/* Drives pollfn (PQconnectPoll or PQresetPoll) on pg to completion within
+ * timeout s, then sets pg non-blocking.  1 when connected; otherwise pushes
+ * nil, message ("interrupted" on a stop signal, "timeout: ...") and
+ * returns 0.  Used by core.connect, conn:reset and core.replication_connect. */
+int pgl_drive_connect(lua_State *L, PGconn *pg, PostgresPollingStatusType (*pollfn)(PGconn *),
+                      double timeout);
 
 /* json.c */
 void pgl_json_open(lua_State *L);          /* adds core.json_encode to the table on top */

@@ -14,7 +14,6 @@
  * The object's user value is the relation map (relid -> relation table),
  * which the decoder keeps up to date from the stream's Relation messages.
  */
-#include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <stdint.h>
@@ -118,40 +117,6 @@ static void quiet(void *arg, const char *message) {
 /* Connecting                                                          */
 /* ------------------------------------------------------------------ */
 
-/* Drives PQconnectPoll to the end; 1 when connected, else pushes nil, err.
- * A stop signal of the host program ends the wait ("interrupted"). */
-static int drive(lua_State *L, pgl_repl *c, double timeout) {
-  double deadline = pgl_monotonic() + timeout;
-  PostgresPollingStatusType st = PGRES_POLLING_WRITING;
-  while (st != PGRES_POLLING_OK) {
-    int r;
-    if (st == PGRES_POLLING_FAILED) {
-      lua_pushnil(L);
-      pgl_push_trimmed(L, PQerrorMessage(c->pg));
-      return 0;
-    }
-    r = pgl_waitfd(L, PQsocket(c->pg), st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline,
-                   PGL_WAIT_STOP);
-    if (r <= 0) {
-      lua_pushnil(L);
-      if (r == -2)
-        lua_pushliteral(L, "interrupted");
-      else if (r == 0)
-        lua_pushfstring(L, "timeout: could not connect to the server within %f s", timeout);
-      else
-        lua_pushfstring(L, "could not connect: poll failed: %s", strerror(errno));
-      return 0;
-    }
-    st = PQconnectPoll(c->pg);
-  }
-  if (PQsetnonblocking(c->pg, 1) != 0) {
-    lua_pushnil(L);
-    pgl_push_trimmed(L, PQerrorMessage(c->pg));
-    return 0;
-  }
-  return 1;
-}
-
 /*
  * core.replication_connect(conninfo, timeout) -> repl | nil, err
  * conninfo as for core.connect (a URI too: it is expanded as dbname, and
@@ -187,7 +152,7 @@ int pgl_repl_connect(lua_State *L) {
     return 2;
   }
   PQsetNoticeProcessor(c->pg, quiet, NULL);
-  if (!drive(L, c, timeout)) {
+  if (!pgl_drive_connect(L, c->pg, PQconnectPoll, timeout)) {
     release(c);
     return 2;
   }
