@@ -4,23 +4,7 @@
 -- byte is refused.  Backends are really terminated (pg_terminate_backend).
 local H = require "helpers"
 
-local function count(c, tbl)
-  return assert(c:exec("SELECT count(*) AS n FROM " .. tbl))[1].n
-end
-
--- Terminates `pid` from a psql started in the background, `after` seconds
--- from now (while the caller's statement runs).
-local function kill_later(pid, after)
-  return H.spawn({ "sh", "-c", ("sleep %g; psql -qtAX -c 'SELECT pg_terminate_backend(%d)'"):format(after, pid) })
-end
-
--- Terminates `c`'s backend from another connection and waits until `c`'s
--- socket says so (the backend's FATAL message and EOF arrive one after the
--- other; alive() reads what is there without sending anything).
-local function kill_now(admin, c)
-  assert(admin:exec("SELECT pg_terminate_backend($1)", c:pid()))
-  assert(H.eventually(function() return not c:alive() end, 10))
-end
+local count, kill_later, kill_now = H.count_rows, H.kill_later, H.kill_now
 
 describe("a transaction is never split", function()
   local c, admin

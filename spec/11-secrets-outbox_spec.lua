@@ -9,26 +9,11 @@ local H = require "helpers"
 local pg = H.pg
 local outbox = require "pglisten.outbox"
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 20 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(20)
+local connect = conns.connect
+after_each(conns.close)
 
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
-
-local function fresh()
-  local name, conninfo = H.createdb("secob")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo, name
-end
+local function fresh() return H.outbox_db(connect, "secob") end
 
 local function one(conn, sql, ...)
   return assert(conn:exec(sql, ...))[1]

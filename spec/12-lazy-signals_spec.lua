@@ -7,47 +7,7 @@ local socket = require "socket"
 
 local script, start = H.script, H.start
 
--- The source server (server 1) as a conninfo for --db.
-local function source(db)
-  return ("host=127.0.0.1 port=%s dbname=%s"):format(os.getenv("PGPORT"), db or "postgres")
-end
-
--- A TCP server on 127.0.0.1 that accepts and never answers: the kernel
--- completes the handshake and libpq waits for the server's reply for ever.
--- `accepted(t)` waits up to t seconds for one more client and returns how
--- many came; the clients are held open until `close()`.
-local function silent_server()
-  local srv = assert(socket.bind("127.0.0.1", 0))
-  local _, port = srv:getsockname()
-  local held = {}
-  local s = { port = port, conninfo = ("host=127.0.0.1 port=%d dbname=nobody"):format(port) }
-  function s.accepted(timeout)
-    srv:settimeout(timeout or 0)
-    local c = srv:accept()
-    if c then held[#held + 1] = c end
-    return #held
-  end
-  function s.close()
-    for _, c in ipairs(held) do c:close() end
-    srv:close()
-  end
-  return s
-end
-
--- Sends `sig` and measures, on the monotonic clock, how long the process
--- takes to exit (its watcher writes the status as soon as it is reaped).
--- Returns the exit status (nil if still running after `limit`) and seconds.
-local function time_to_exit(p, sig, limit)
-  local t0 = pg.monotonic()
-  p.kill(sig)
-  local rc
-  repeat
-    rc = p.rc()
-    if rc then break end
-    pg.sleep(0.005)
-  until pg.monotonic() - t0 > limit
-  return rc, pg.monotonic() - t0
-end
+local source, silent_server, time_to_exit = H.conninfo1, H.silent_server, H.time_to_exit
 
 local function report(what, secs)
   io.stderr:write(("\n  [12-lazy-signals] %s: %.3f s\n"):format(what, secs))

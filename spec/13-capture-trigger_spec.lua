@@ -8,27 +8,12 @@ local outbox = require "pglisten.outbox"
 
 local json = pg.json
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 120 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(120)
+local connect = conns.connect
+after_each(conns.close)
 
 -- A fresh database with the schema installed: conn, conninfo, dbname.
-local function fresh()
-  local name, conninfo = H.createdb("capture")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo, name
-end
-
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
+local function fresh() return H.outbox_db(connect, "capture") end
 
 local function one(conn, sql, ...)
   local rows = assert(conn:exec(sql, ...))

@@ -9,26 +9,11 @@ local H = require "helpers"
 local pg = H.pg
 local outbox = require "pglisten.outbox"
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 20 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(20)
+local connect = conns.connect
+after_each(conns.close)
 
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
-
-local function fresh()
-  local name, conninfo = H.createdb("brk")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo, name
-end
+local function fresh() return H.outbox_db(connect, "brk") end
 
 ---------------------------------------------------------------------------
 -- No secret is logged: URI passwords libpq splits
@@ -112,7 +97,7 @@ describe("a URI password with an unencoded '?'", function()
     local ci = uri("p?ss5ecret", PORT, "postgres")
     local c, err = pg.connect(ci, { timeout = 5 })
     assert.is_not_nil(c, err)
-    opened[#opened + 1] = c
+    conns.keep(c)
     assert.equal("postgres", assert(c:exec("SELECT current_database() AS d"))[1].d)
     local set = {}
     for _, o in ipairs(assert(pg.core.conninfo_parse(pg.with_keepalives(ci)))) do set[o.keyword] = o.value end

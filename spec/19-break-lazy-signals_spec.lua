@@ -8,43 +8,7 @@ local socket = require "socket"
 
 local script, start = H.script, H.start
 
-local function source(db)
-  return ("host=127.0.0.1 port=%s dbname=%s"):format(os.getenv("PGPORT"), db or "postgres")
-end
-
--- A TCP server that accepts and never answers (see spec 12); `port` may be
--- given to take over the port of a stopped server.
-local function silent_server(port)
-  local srv = assert(socket.bind("127.0.0.1", port or 0))
-  local _, p = srv:getsockname()
-  local held = {}
-  local s = { port = p, conninfo = ("host=127.0.0.1 port=%d dbname=nobody"):format(p) }
-  function s.accepted(timeout)
-    srv:settimeout(timeout or 0)
-    local c = srv:accept()
-    if c then held[#held + 1] = c end
-    return #held
-  end
-  function s.close()
-    for _, c in ipairs(held) do c:close() end
-    srv:close()
-  end
-  return s
-end
-
--- Sends `sig`, returns the exit status (nil if still running after
--- `limit`) and the seconds it took, on the monotonic clock.
-local function time_to_exit(p, sig, limit)
-  local t0 = pg.monotonic()
-  p.kill(sig)
-  local rc
-  repeat
-    rc = p.rc()
-    if rc then break end
-    pg.sleep(0.005)
-  until pg.monotonic() - t0 > limit
-  return rc, pg.monotonic() - t0
-end
+local source, silent_server, time_to_exit = H.conninfo1, H.silent_server, H.time_to_exit
 
 local function report(what, secs)
   io.stderr:write(("\n  [19-break] %s: %.3f s\n"):format(what, secs))

@@ -6,18 +6,7 @@
 -- against pg_listening_channels().  Backends are really terminated.
 local H = require "helpers"
 
-local function count(c, tbl)
-  return assert(c:exec("SELECT count(*) AS n FROM " .. tbl))[1].n
-end
-
-local function kill_later(pid, after)
-  return H.spawn({ "sh", "-c", ("sleep %g; psql -qtAX -c 'SELECT pg_terminate_backend(%d)'"):format(after, pid) })
-end
-
-local function kill_now(admin, c)
-  assert(admin:exec("SELECT pg_terminate_backend($1)", c:pid()))
-  assert(H.eventually(function() return not c:alive() end, 10))
-end
+local count, kill_later, kill_now = H.count_rows, H.kill_later, H.kill_now
 
 local function server_channels(conn)
   local list = {}

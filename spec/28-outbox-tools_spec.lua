@@ -7,19 +7,11 @@ local outbox = require "pglisten.outbox"
 
 local json = pg.json
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 20 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(20)
+local connect = conns.connect
+after_each(conns.close)
 
-local function fresh()
-  local name, conninfo = H.createdb("obtools")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo, name
-end
+local function fresh() return H.outbox_db(connect, "obtools") end
 
 local function one(conn, sql, ...)
   return assert(conn:exec(sql, ...))[1]
@@ -41,13 +33,6 @@ local function tool(ci, ...)
   argv[#argv + 1], argv[#argv + 2] = "--db", ci
   return H.run_runner(argv)
 end
-
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
 
 describe("lua-pglisten outbox status", function()
   it("shows per channel the events waiting, the oldest's age, the due ones and the dead letters", function()

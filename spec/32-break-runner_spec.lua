@@ -5,25 +5,7 @@ local H = require "helpers"
 
 local script, lines, start = H.script, H.lines, H.start
 
-local function rewrite(path, body)
-  local f = assert(io.open(path, "w"))
-  f:write([[
-local pglisten = require "pglisten"
-local function out(...)
-  local t = table.pack(...)
-  for i = 1, t.n do t[i] = tostring(t[i]) end
-  io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
-  io.stdout:flush()
-end
-]] .. body)
-  f:close()
-end
-
-local function count(s, pat)
-  local n = 0
-  for _ in s:gmatch(pat) do n = n + 1 end
-  return n
-end
+local rewrite, count = H.rewrite, H.count_matches
 
 describe("break: reconnect delays", function()
   it("refuses a --reconnect-min/max too small to wait (1e-300) or infinite, as the script's keys do", function()

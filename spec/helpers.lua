@@ -82,6 +82,101 @@ end
 function H.conninfo2(db)
   return ("host=127.0.0.1 port=%s dbname=%s"):format(H.port2, db or "postgres")
 end
+--- The first server (PGPORT) as a TCP conninfo, database `db` (default postgres).
+function H.conninfo1(db)
+  return ("host=127.0.0.1 port=%s dbname=%s"):format(os.getenv("PGPORT"), db or "postgres")
+end
+
+--- Connections a spec file opens, closed after each test:
+-- `local conns = H.conns(20)` and `after_each(conns.close)`; then
+-- conns.connect(conninfo) opens one (H.connect, query_timeout 20 s) and
+-- conns.keep(c) adds one opened otherwise.
+function H.conns(query_timeout)
+  local opened = {}
+  local t = {}
+  function t.keep(c)
+    opened[#opened + 1] = c
+    return c
+  end
+  function t.connect(conninfo)
+    return t.keep(H.connect(conninfo, { query_timeout = query_timeout }))
+  end
+  function t.close()
+    for i = #opened, 1, -1 do
+      if not opened[i]:isclosed() then opened[i]:close() end
+      opened[i] = nil
+    end
+  end
+  return t
+end
+
+--- A fresh database (H.createdb(prefix)) with the outbox schema installed,
+-- opened by connect(conninfo): returns conn, conninfo, dbname.
+function H.outbox_db(connect, prefix)
+  local name, conninfo = H.createdb(prefix)
+  local c = connect(conninfo)
+  assert(require("pglisten.outbox").install(c))
+  return c, conninfo, name
+end
+
+--- The count(*) of table `tbl` (a trusted name) through connection c.
+function H.count_rows(c, tbl)
+  return assert(c:exec("SELECT count(*) AS n FROM " .. tbl))[1].n
+end
+
+--- Terminates backend `pid` from a psql started in the background, `after`
+-- seconds from now (while the caller's statement runs); returns the process.
+function H.kill_later(pid, after)
+  return H.spawn({ "sh", "-c", ("sleep %g; psql -qtAX -c 'SELECT pg_terminate_backend(%d)'"):format(after, pid) })
+end
+
+--- Terminates c's backend from connection `admin` and waits until c's
+-- socket says so (the FATAL message and EOF arrive one after the other;
+-- alive() reads what is there without sending anything).
+function H.kill_now(admin, c)
+  assert(admin:exec("SELECT pg_terminate_backend($1)", c:pid()))
+  assert(H.eventually(function() return not c:alive() end, 10))
+end
+
+--- A TCP server on 127.0.0.1 (on `port`, default any free one) that accepts
+-- and never answers: the kernel completes the handshake and libpq waits for
+-- the server's reply for ever.  Fields: port, conninfo; accepted(t) waits up
+-- to t s for one more client and returns how many came (they are held open);
+-- close() closes them and the server.
+function H.silent_server(port)
+  local socket = require "socket"
+  local srv = assert(socket.bind("127.0.0.1", port or 0))
+  local _, p = srv:getsockname()
+  local held = {}
+  local s = { port = p, conninfo = ("host=127.0.0.1 port=%d dbname=nobody"):format(p) }
+  function s.accepted(timeout)
+    srv:settimeout(timeout or 0)
+    local c = srv:accept()
+    if c then held[#held + 1] = c end
+    return #held
+  end
+  function s.close()
+    for _, c in ipairs(held) do c:close() end
+    srv:close()
+  end
+  return s
+end
+
+--- Sends signal `sig` to process p (from H.spawn) and measures, on the
+-- monotonic clock, how long it takes to exit (its watcher writes the status
+-- as soon as it is reaped).  Returns the exit status (nil if still running
+-- after `limit` s) and the seconds.
+function H.time_to_exit(p, sig, limit)
+  local t0 = pg.monotonic()
+  p.kill(sig)
+  local rc
+  repeat
+    rc = p.rc()
+    if rc then break end
+    pg.sleep(0.005)
+  until pg.monotonic() - t0 > limit
+  return rc, pg.monotonic() - t0
+end
 
 --- The backend pid of the runner listening on database `db`, or nil.
 function H.runner_backend(db)
@@ -177,8 +272,7 @@ end
 
 --- A handler script file whose handlers can call out(...) to print one line
 -- (arguments tostring'ed) on stdout; `pglisten` is required already.
-function H.script(body)
-  return H.file("handler.lua", [[
+local PRELUDE = [[
 local pglisten = require "pglisten"
 local function out(...)
   local t = table.pack(...)
@@ -186,7 +280,24 @@ local function out(...)
   io.stdout:write(table.concat(t, " ", 1, t.n), "\n")
   io.stdout:flush()
 end
-]] .. body)
+]]
+function H.script(body)
+  return H.file("handler.lua", PRELUDE .. body)
+end
+
+--- Writes a handler script over `path` (a file from H.script), with the
+-- same prelude (out(...), `pglisten` required), for a reload.
+function H.rewrite(path, body)
+  local f = assert(io.open(path, "w"))
+  f:write(PRELUDE .. body)
+  f:close()
+end
+
+--- How many times Lua pattern `pat` matches in string `s`.
+function H.count_matches(s, pat)
+  local n = 0
+  for _ in s:gmatch(pat) do n = n + 1 end
+  return n
 end
 
 --- Starts the runner on `path` and, unless wait_for is false, waits until
