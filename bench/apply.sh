@@ -7,8 +7,9 @@
 # commits with synchronous_commit = on), a batch handler of BENCH_BATCH
 # events writing one execmany per batch, either
 #   plain   dst:execmany(UPSERT, rows)                       (its own transaction)
-#   apply   pglisten.apply(dst, events, notes, fn) with the same execmany in fn
-#           (BEGIN, the position statement, the execmany, COMMIT)
+#   apply   pglisten.apply(dst, events, notes, fn) with the same execmany in fn,
+#           with { savepoint = false } (BEGIN, the position statement, the
+#           execmany without a subtransaction, COMMIT)
 # alternately, BENCH_RUNS (3) times each, one new slot per run.  The figure is
 # the consumer's own: rows/s from the first event handled to the last batch
 # done.  Prints a markdown table with the medians and the ratio.
@@ -50,7 +51,9 @@ return {
       handler = function(events, notes)
         first = first or pg.now()
         if MODE == "apply" then
-          assert(pg.apply(dst, events, notes, function(c, evs) return assert(c:execmany(UPSERT, rows(evs))) end))
+          assert(pg.apply(dst, events, notes, function(c, evs)
+            return assert(c:execmany(UPSERT, rows(evs), { savepoint = false }))
+          end))
         else
           assert(dst:execmany(UPSERT, rows(events)))
         end

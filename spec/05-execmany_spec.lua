@@ -244,6 +244,103 @@ describe("conn:execmany", function()
       assert(c:exec("ROLLBACK"))
       assert_usable(c)
     end)
+
+    -- {savepoint = false}: for callers that roll everything back on failure
+    -- (pglisten.apply); no subtransaction, and a failure aborts the block.
+    local INS = "INSERT INTO em (id, v) VALUES ($1, $2)"
+    local function top_level_rows(conn)
+      -- rows written by the top-level transaction itself, not a subtransaction
+      return assert(conn:exec("SELECT count(*) FILTER (WHERE xmin::text = pg_current_xact_id()::text) AS top, "
+        .. "count(*) AS n FROM em"))[1]
+    end
+
+    it("with savepoint = false runs in the caller's transaction itself, no subtransaction", function()
+      local res = table.pack(c:transaction(function(conn)
+        assert.equal(3, conn:execmany(INS, { { 1, "a" }, { 2, "b" }, { 3, "c" } }, { savepoint = false }))
+        local r = top_level_rows(conn)
+        assert.equal(3, r.n); assert.equal(3, r.top)
+        -- the default keeps its savepoint: those rows are a subtransaction's
+        assert.equal(1, conn:execmany(INS, { { 4, "d" } }))
+        r = top_level_rows(conn)
+        assert.equal(4, r.n); assert.equal(3, r.top)
+        local ok, _, code = conn:exec("SAVEPOINT probe; ROLLBACK TO SAVEPOINT pgl_execmany")
+        assert.is_nil(ok); assert.equal("3B001", code)
+        return nil, "roll back"
+      end))
+      res.n = nil
+      -- (an assertion failing inside fn would make transaction() return nil, err too)
+      assert.same({ nil, "roll back" }, res)
+      assert.equal(0, count(c, "em"))
+      assert(c:transaction(function(conn)
+        return conn:execmany(INS, { { 1, "a" }, { 2, "b" } }, { savepoint = false })
+      end))
+      assert.equal(2, count(c, "em"))
+      assert_usable(c)
+    end)
+
+    it("with savepoint = false a failed tuple aborts the caller's transaction: nothing commits", function()
+      assert(c:exec("BEGIN"))
+      assert(c:exec("INSERT INTO em (id, v) VALUES (1, 'outer')"))
+      local n, err, code, index = c:execmany(INS, { { 2, "a" }, { 1, "dup" }, { 3, "c" } }, { savepoint = false })
+      assert.is_nil(n); assert.matches("duplicate key", err)
+      assert.equal("23505", code); assert.equal(2, index)
+      assert.equal("inerror", c:txstatus())
+      local _, _, c2 = c:exec("SELECT 1")
+      assert.equal("25P02", c2)
+      assert(c:exec("COMMIT")) -- the server turns it into a ROLLBACK
+      assert.equal(0, count(c, "em"))
+      assert_usable(c)
+      local res = { c:transaction(function(conn)
+        assert(conn:exec("INSERT INTO em (id, v) VALUES (1, 'outer')"))
+        local ok, e2, k2 = conn:execmany(INS, { { 1, "dup" } }, { savepoint = false })
+        assert.is_nil(ok)
+        return nil, e2, k2
+      end) }
+      assert.is_nil(res[1]); assert.equal("23505", res[3])
+      assert.equal(0, count(c, "em"))
+      assert_usable(c)
+    end)
+
+    it("with savepoint = false a tuple refused on our side after others ran still aborts the block", function()
+      local list = rows(3000, function(i) return { i, "v" } end)
+      list[2500] = { 2500, "zero\0byte" }
+      assert(c:exec("BEGIN"))
+      local n, err, code, index = c:execmany(INS, list, { savepoint = false })
+      assert.is_nil(n); assert.matches("tuple 2500: parameter %$2 contains a zero byte", err)
+      assert.is_nil(code); assert.equal(2500, index)
+      assert.equal("inerror", c:txstatus()) -- tuples 1..2499 ran: they must not commit
+      assert(c:exec("COMMIT"))
+      assert.equal(0, count(c, "em"))
+      -- a value that raises, after tuples that ran
+      assert(c:exec("BEGIN"))
+      list[2500] = { 2500, function() end }
+      local ok, rerr = pcall(c.execmany, c, INS, list, { savepoint = false })
+      assert.is_false(ok); assert.matches("tuple 2500: cannot send a function", rerr)
+      assert.equal("inerror", c:txstatus())
+      assert(c:exec("COMMIT"))
+      assert.equal(0, count(c, "em"))
+      assert_usable(c)
+    end)
+
+    it("with savepoint = false outside a transaction changes nothing: the batch is its own", function()
+      assert.equal(2, c:execmany(INS, { { 1, "a" }, { 2, "b" } }, { savepoint = false }))
+      assert.equal(2, count(c, "em"))
+      local n, _, code, index = c:execmany(INS, { { 3, "c" }, { 1, "dup" } }, { savepoint = false })
+      assert.is_nil(n); assert.equal("23505", code); assert.equal(2, index)
+      assert.equal(2, count(c, "em"))
+      assert_usable(c)
+    end)
+
+    it("raises for options that are not {savepoint = boolean}, a typo included", function()
+      assert.has_error(function() c:execmany(INS, { { 1, "a" } }, "fast") end)
+      assert.has_error(function() c:execmany(INS, { { 1, "a" } }, { savpoint = false }) end,
+        "bad argument #3 to 'execmany' (unknown option savpoint; the option is savepoint)")
+      assert.has_error(function() c:execmany(INS, { { 1, "a" } }, { savepoint = "no" }) end,
+        "bad argument #3 to 'execmany' (option savepoint is a string, boolean expected)")
+      assert.has_error(function() c:execmany(INS, {}, { savpoint = false }) end)
+      assert.equal(0, count(c, "em"))
+      assert_usable(c)
+    end)
   end)
 
   describe("a broken connection", function()

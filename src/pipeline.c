@@ -6,12 +6,16 @@
  * What is queued, in the order the server runs it (the "ordinal" of each
  * command is its place in this list, counted from 0):
  *
- *   BEGIN | SAVEPOINT pgl_execmany        0
+ *   BEGIN | SAVEPOINT pgl_execmany        0      (nothing with savepoint = false)
  *   Parse `sql` as the unnamed statement  1
  *   Bind/Execute, once per tuple          2 .. n+1   (tuple i is ordinal i+1)
  *   COMMIT | RELEASE SAVEPOINT            (the rollback instead when not every
  *                                          tuple could be sent)
  *   Sync
+ *
+ * With savepoint = false inside the caller's transaction the ordinals start
+ * one lower (b->first is 1): there is no opening, nothing is released, and a
+ * failure leaves the caller's transaction aborted (see abort_block()).
  *
  * After an error the server skips everything up to the Sync (libpq hands
  * those commands back as PGRES_PIPELINE_ABORTED), so the first error is the
@@ -37,7 +41,6 @@
 #include "pgl.h"
 
 #define PGL_SAVEPOINT "pgl_execmany"
-#define FIRST_TUPLE 2        /* ordinal of tuple 1's command */
 #define FLUSH_BYTES 32768    /* about this much queued: write it, read answers */
 #define MAX_PARAMS 65535     /* the protocol's limit per statement */
 
@@ -48,7 +51,9 @@ typedef struct batch {
   pgl_conn *c;
   PGconn *pg;
   const char *sql;
-  int own_tx;             /* 1: BEGIN/COMMIT; 0: a savepoint in the caller's transaction */
+  int own_tx;             /* 1: BEGIN/COMMIT; 0: inside the caller's transaction */
+  int nosave;             /* inside the caller's transaction, without a savepoint */
+  lua_Integer first;      /* ordinal of tuple 1's command */
   lua_Integer ntuples;    /* #list */
   lua_Integer sent;       /* tuples queued */
   lua_Integer affected;   /* sum of PQcmdTuples over the tuples' commands */
@@ -142,7 +147,7 @@ static void take(batch *b, PGresult *res) {
   case PGRES_TUPLES_OK:
   case PGRES_SINGLE_TUPLE:
   case PGRES_EMPTY_QUERY:
-    if (b->done >= FIRST_TUPLE && b->done - FIRST_TUPLE < b->sent)
+    if (b->done >= b->first && b->done - b->first < b->sent)
       b->affected += cmd_tuples(res);
     break;
   case PGRES_PIPELINE_ABORTED: /* skipped after an earlier error */
@@ -234,9 +239,22 @@ static int queue(batch *b, const char *sql) {
   return 1;
 }
 
+/*
+ * Without a savepoint nothing can undo the tuples the server has run, so a
+ * batch that failed on our side (a value that cannot be sent) makes the
+ * server abort the caller's transaction: its COMMIT then rolls back, and
+ * half a batch can never commit.  A failure on the server aborted it already.
+ */
+static int abort_block(batch *b) {
+  return queue(b, "DO $pgl$BEGIN RAISE EXCEPTION 'execmany failed (savepoint = false): the transaction is "
+                  "aborted' USING ERRCODE = '25P02'; END$pgl$");
+}
+
 static int queue_rollback(batch *b) {
   if (b->own_tx)
     return queue(b, "ROLLBACK");
+  if (b->nosave)
+    return abort_block(b);
   return queue(b, "ROLLBACK TO SAVEPOINT " PGL_SAVEPOINT) &&
          queue(b, "RELEASE SAVEPOINT " PGL_SAVEPOINT);
 }
@@ -339,7 +357,7 @@ static int send_tuples(lua_State *L) {
   lua_Integer i;
   int base = lua_gettop(L);
 
-  if (!queue(b, b->own_tx ? "BEGIN" : "SAVEPOINT " PGL_SAVEPOINT))
+  if (!b->nosave && !queue(b, b->own_tx ? "BEGIN" : "SAVEPOINT " PGL_SAVEPOINT))
     return 0;
   if (!PQsendPrepare(b->pg, "", b->sql, 0, NULL))
     return send_failed(b, "could not send the statement");
@@ -424,13 +442,13 @@ static int push_transport_failure(lua_State *L, batch *b) {
 
 /* Pushes nil, message, sqlstate | nil, tuple index | nil for a failed batch. */
 static int push_failure(lua_State *L, batch *b) {
-  lua_Integer zero_at = FIRST_TUPLE + b->zero_tuple - 1;
+  lua_Integer zero_at = b->first + b->zero_tuple - 1;
   if (*b->err && (!b->zero_tuple || b->err_at < zero_at)) {
     if (pgl_push_result_error(L, *b->err) == 2)
       lua_pushnil(L); /* no SQLSTATE */
     pgl_unbox_result(b->err);
-    if (b->err_at >= FIRST_TUPLE && b->err_at - FIRST_TUPLE < b->sent)
-      lua_pushinteger(L, b->err_at - FIRST_TUPLE + 1);
+    if (b->err_at >= b->first && b->err_at - b->first < b->sent)
+      lua_pushinteger(L, b->err_at - b->first + 1);
     else
       lua_pushnil(L); /* the opening, the statement itself, or the commit */
     return 4;
@@ -444,14 +462,38 @@ static int push_failure(lua_State *L, batch *b) {
   return 4;
 }
 
+/* The option savepoint (default true) of execmany's table at `idx` (or nil).
+ * Raises for anything else: options are the programmer's. */
+static int savepoint_option(lua_State *L, int idx) {
+  int t = lua_type(L, idx), v = 1;
+  if (t == LUA_TNONE || t == LUA_TNIL)
+    return 1;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -2) != LUA_TSTRING || strcmp(lua_tostring(L, -2), "savepoint") != 0)
+      return luaL_error(L, "bad argument #3 to 'execmany' (unknown option %s; the option is savepoint)",
+                        lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2));
+    if (!lua_isboolean(L, -1))
+      return luaL_error(L, "bad argument #3 to 'execmany' (option savepoint is a %s, boolean expected)",
+                        luaL_typename(L, -1));
+    v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+  }
+  return v;
+}
+
 /*
- * conn:execmany(sql, list) -> affected | nil, err, sqlstate, index
+ * conn:execmany(sql, list[, opts]) -> affected | nil, err, sqlstate, index
  *
  * Runs `sql` once for every tuple of `list` (an array of arrays of values,
  * converted as exec() converts its parameters; a tuple's length is its field
  * n when set, else #tuple, so a trailing nil needs n).  Outside a transaction
  * the batch is its own transaction; inside one (txstatus "intrans") it runs
- * under SAVEPOINT pgl_execmany, and a failure rolls back only the batch.
+ * under SAVEPOINT pgl_execmany, and a failure rolls back only the batch;
+ * with opts.savepoint = false it runs without one (a subtransaction costs
+ * the server an XID and its bookkeeping per batch), and a failure leaves the
+ * caller's transaction aborted: it can only be rolled back.
  * Returns the sum of the affected-row counts.  On failure nothing of the
  * batch remains and index is the 1-based tuple that failed (nil when the
  * failure was not a tuple's).  Raises for a tuple that is not a table or a
@@ -465,6 +507,8 @@ static int conn_execmany(lua_State *L) {
   int raised, failed;
 
   luaL_checktype(L, 3, LUA_TTABLE);
+  memset(&b, 0, sizeof b);
+  b.nosave = !savepoint_option(L, 4);
   if (strlen(sql) != len) { /* libpq would send only what comes before it */
     lua_pushnil(L);
     lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent",
@@ -474,7 +518,6 @@ static int conn_execmany(lua_State *L) {
   if (is_copy(sql))
     return luaL_error(L, "bad argument #1 to 'execmany' (COPY cannot run in pipeline mode)");
   lua_settop(L, 3);
-  memset(&b, 0, sizeof b);
   b.ntuples = (lua_Integer)lua_rawlen(L, 3);
   if (b.ntuples == 0) { /* nothing to run: no round trip */
     lua_pushinteger(L, 0);
@@ -485,6 +528,7 @@ static int conn_execmany(lua_State *L) {
   switch (PQtransactionStatus(c->pg)) {
   case PQTRANS_IDLE:
     b.own_tx = 1;
+    b.nosave = 0; /* the batch is its own transaction: nothing to keep */
     break;
   case PQTRANS_INTRANS:
     b.own_tx = 0;
@@ -503,6 +547,7 @@ static int conn_execmany(lua_State *L) {
   b.c = c;
   b.pg = c->pg;
   b.sql = sql;
+  b.first = b.nosave ? 1 : 2;
   b.err_at = -1;
   refresh(&b);
   b.err = pgl_box_result(L, NULL); /* 4 */
@@ -518,14 +563,17 @@ static int conn_execmany(lua_State *L) {
   if (!b.fail) {
     if (!raised && !b.zero_tuple && b.err_at < 0 && b.sent == b.ntuples) {
       b.commit_at = b.own_tx ? b.queued : 0;
-      (void)(queue(&b, b.own_tx ? "COMMIT" : "RELEASE SAVEPOINT " PGL_SAVEPOINT) && sync_all(&b));
+      if (b.nosave)
+        (void)sync_all(&b);
+      else
+        (void)(queue(&b, b.own_tx ? "COMMIT" : "RELEASE SAVEPOINT " PGL_SAVEPOINT) && sync_all(&b));
     }
     else
       (void)(queue_rollback(&b) && sync_all(&b));
   }
   failed = raised || b.zero_tuple || *b.err;
   /* a failed transaction block outlives the Sync: end it */
-  if (!b.fail && failed) {
+  if (!b.fail && failed && !b.nosave) {
     PGTransactionStatusType tx = PQtransactionStatus(b.pg);
     if (b.own_tx ? tx != PQTRANS_IDLE : tx == PQTRANS_INERROR)
       (void)(queue_rollback(&b) && sync_all(&b));

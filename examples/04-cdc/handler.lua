@@ -133,12 +133,15 @@ end
 -- do after a crash: the changes sent again can be older than the target
 -- (an order inserted again for a user a later change deleted: the foreign
 -- key refuses it, every time).
+local NOSAVE = { savepoint = false }
+
 local function handler(name)
   local t = TABLES[name]
   return function(events, notes)
     check(pg.apply(target, events, notes, function(conn, evs)
       for _, r in ipairs(runs_of(t, evs)) do
-        if r.list then check(conn:execmany(r.sql, r.list)) else check(conn:exec(r.sql)) end
+        -- no savepoint per run: any failure rolls the whole apply back anyway
+        if r.list then check(conn:execmany(r.sql, r.list, NOSAVE)) else check(conn:exec(r.sql)) end
       end
       return true
     end))

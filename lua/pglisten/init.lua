@@ -294,10 +294,18 @@ local cexecmany = methods.execmany
 -- transaction the batch is its own (BEGIN/COMMIT); inside one, e.g. in
 -- `transaction(fn)`, it runs under `SAVEPOINT pgl_execmany` and a failure
 -- rolls back only the batch, so the outer transaction stays usable.
+-- With `opts.savepoint = false` a batch inside a transaction runs without
+-- that savepoint (a subtransaction per batch costs the server an XID and
+-- its bookkeeping): for callers that roll the whole transaction back on any
+-- failure, as `pglisten.apply` does.  A failure then leaves the transaction
+-- aborted (later statements fail with 25P02, COMMIT rolls back), even one
+-- found on the client side after some tuples ran, so half a batch can never
+-- commit.  Outside a transaction the option changes nothing.
 -- The query timeout bounds each wait for the server, not the whole batch.
 -- Not for COPY, and not for statements that cannot run in a transaction block.
 -- @tparam string sql one statement with placeholders $1..$n
 -- @tparam table list array of tuples (arrays of values)
+-- @tparam[opt] table opts `{savepoint = false}`; any other key raises
 -- @return the sum of the affected-row counts (0 for an empty list, which
 --   sends nothing), or nil, err, sqlstate, index: index is the 1-based tuple
 --   that failed (nil when the failure was not a tuple's); nothing of the
@@ -305,7 +313,7 @@ local cexecmany = methods.execmany
 --   transaction) and usable, unless sqlstate is "08006" (connection lost)
 --   or "08007": the connection was lost while the batch's own COMMIT was
 --   under way (outside a transaction), and whether it committed is unknown.
-function methods:execmany(sql, list)
+function methods:execmany(sql, list, opts)
   check_open(self)
   if type(sql) ~= "string" then
     error("bad argument #1 to 'execmany' (string expected, got " .. type(sql) .. ")", 2)
@@ -313,11 +321,11 @@ function methods:execmany(sql, list)
   if type(list) ~= "table" then
     error("bad argument #2 to 'execmany' (table expected, got " .. type(list) .. ")", 2)
   end
-  if rawlen(list) == 0 then return 0 end
+  if rawlen(list) == 0 then return cexecmany(self, sql, list, opts) end -- checks; sends nothing
   local ok, err, code = heal(self, "") -- never ends a transaction block
   if not ok then return nil, err, code end
   local n, index
-  n, err, code, index = cexecmany(self, sql, list)
+  n, err, code, index = cexecmany(self, sql, list, opts)
   err, code = after_call(self, "", err, code)
   return n, err, code, index
 end

@@ -152,14 +152,14 @@ function Lazy:exec(sql, ...)
   return c:exec(sql, ...)
 end
 
-function Lazy:execmany(sql, list)
+function Lazy:execmany(sql, list, opts)
   local s = state(self, 3)
   if type(sql) ~= "string" then argerror(1, "execmany", "string expected, got " .. type(sql)) end
   if type(list) ~= "table" then argerror(2, "execmany", "table expected, got " .. type(list)) end
   if not s.conn and rawlen(list) == 0 then return 0 end -- sends nothing, as on a connection
   local c, err, code = session(s)
   if not c then return nil, err, code end
-  return c:execmany(sql, list)
+  return c:execmany(sql, list, opts)
 end
 
 --- Runs `fn(conn)` in a transaction of the session; `fn` gets the lazy
