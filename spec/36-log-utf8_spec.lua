@@ -133,6 +133,7 @@ describe("the runner's log", function()
 return { channels = {
   j = function(row) end,
   ["r\255w"] = { decode = "raw", handler = function(s)
+    out("handler got the bytes as sent:", s == "x\255y")
     error("bin \255\254 end\nsecond line caf\195\169 \240\159\152\128 " .. s, 0)
   end },
 } }
@@ -149,6 +150,7 @@ return { channels = {
     end, 10), p.stderr())
     p.kill("TERM")
     assert.equal(0, p.wait(10))
+    assert.equal("handler got the bytes as sent: true\n", p.stdout())
     local err = p.stderr()
     assert.truthy(err:find("\n$"))
     return H.lines(err)
