@@ -272,3 +272,49 @@ describe("lua-pglisten backfill's command line", function()
     end)
   end
 end)
+
+-- Where the runner's parser and the subcommands' differed before they became
+-- one (pglisten.argv), and what the one parser does:
+--   * a flag's short form with text glued to it (`-hx`): the runner named
+--     what was typed (`option -h takes no value`), the subcommands the long
+--     name (`option --help takes no value`); now every command names what
+--     was typed, as it does for `--help=x`;
+--   * an option given twice: the runner takes the later one (as GNU tools
+--     do, so a wrapper can override a unit's `--log-level`), the subcommands
+--     refuse it (an operator's `--channel a --channel b` or two
+--     `--older-than` is ambiguous on purge/replay): both stay, declared by
+--     each command's option table (covered above);
+--   * `--opt=`: an empty value, as `--opt ""`, in both (`--db=` is libpq's
+--     defaults, `--where=` no filter); but the runner's list option `--tap=`
+--     (or `--tap ,`) made an empty list, and the runner then tapped no channel
+--     at all, running on silently: now refused;
+--   * `--` ends the options and `-xVALUE` gives a value to an option that
+--     takes one, in both alike (covered above); neither suggested a near
+--     option name for an unknown one, nor does the one parser.
+describe("one parser for every command line", function()
+  it("names a flag's short form when text is glued to it, on the subcommands too", function()
+    refused({ "outbox", "status", "-hx" }, "outbox status: option -h takes no value", "outbox ")
+    refused({ "outbox", "replay", "--all", "-hall" }, "outbox replay: option -h takes no value", "outbox ")
+    refused({ "backfill", "-hx" }, "backfill: option -h takes no value", "backfill ")
+  end)
+
+  it("refuses a list option whose value lists nothing", function()
+    local CASES = { { "--tap=", "s.lua" }, { "--tap", ",", "s.lua" }, { "--tap", "a", "--tap=,,", "s.lua" } }
+    for _, argv in ipairs(CASES) do
+      local val = argv[#argv - 1]:match("^%-%-tap=(.*)$") or argv[#argv - 1]
+      local msg = ("option --tap needs at least one value, got %q"):format(val)
+      assert.same({ nil, msg }, { cli.parse_args(argv) })
+      refused(argv, msg, "")
+    end
+  end)
+
+  it("is one function, used by the runner and the subcommands", function()
+    local argv = require "pglisten.argv"
+    assert.equal(argv.parse, require("pglisten.commands.args").parse)
+    -- no other module of lua/pglisten words the parser's errors
+    local p = io.popen("grep -rlF -e '\"option --' -e 'unknown option' " .. H.q(H.root .. "/lua/pglisten"))
+    local files = p:read("a")
+    p:close()
+    assert.equal(H.root .. "/lua/pglisten/argv.lua\n", files)
+  end)
+end)

@@ -7,6 +7,7 @@ local host = require "pglisten.host"
 local logmod = require "pglisten.log"
 local scriptmod = require "pglisten.script"
 local conninfo = require "pglisten.conninfo"
+local parser = require "pglisten.argv"
 
 local M = {}
 
@@ -50,7 +51,10 @@ once), HUP reloads SCRIPT, USR1 logs statistics.
 Exit status: 0 clean shutdown, 1 fatal runtime error, 2 usage or script error.
 ]]
 
+-- Given twice, an option takes the later value (a wrapper can override a
+-- unit's --log-level); --tap grows.
 local OPTIONS = {
+  twice = "last",
   { short = "d", long = "db", arg = true },
   { short = "c", long = "check" },
   { short = "l", long = "log-level", arg = true },
@@ -70,81 +74,18 @@ local OPTIONS = {
   { short = "h", long = "help" },
 }
 
-local function find(name, short)
-  for _, o in ipairs(OPTIONS) do
-    if (short and o.short == name) or (not short and o.long == name) then return o end
-  end
-end
-
--- An option's value as the option wants it: a number for numeric ones.
-local function number_value(o, val)
-  if not o.number then return val end
-  local n = tonumber(val)
-  if not n or n < 0 or n ~= n then return nil, "option --" .. o.long .. " needs a number >= 0, got " .. val end
-  -- a reconnect delay of 0 (or 1e-300: a thousand doublings to reach a
-  -- millisecond) would reconnect in a busy loop; the script's reconnect keys
-  -- start at 0.001 too, and an infinite one would never reconnect
-  if o.positive and (n < 0.001 or n == math.huge) then
-    return nil, "option --" .. o.long .. " needs a number > 0 (from 0.001 to a finite number of seconds), got " .. val
-  end
-  return n
-end
-
 --- Parses argv; returns opts, or nil and a usage error.
 function M.parse_args(argv)
-  local opts, positional, i = {}, {}, 1
-  while i <= #argv do
-    local a = argv[i]
-    local o, val
-    if a == "--" then
-      for j = i + 1, #argv do positional[#positional + 1] = argv[j] end
-      break
-    elseif a:sub(1, 2) == "--" then
-      local name, v = a:match("^%-%-([^=]+)=(.*)$")
-      name = name or a:sub(3)
-      o, val = find(name, false), v
-      if not o then return nil, "unknown option --" .. name end
-    elseif a:sub(1, 1) == "-" and #a > 1 then
-      o = find(a:sub(2, 2), true)
-      if not o then return nil, "unknown option " .. a:sub(1, 2) end
-      if #a > 2 then
-        if not o.arg then return nil, "option -" .. o.short .. " takes no value" end
-        val = a:sub(3)
-      end
-    else
-      positional[#positional + 1] = a
-    end
-    if o then
-      if o.arg then
-        if val == nil then
-          i = i + 1
-          val = argv[i]
-          if val == nil then return nil, "option --" .. o.long .. " needs a value" end
-        end
-        local err
-        val, err = number_value(o, val)
-        if val == nil then return nil, err end
-        if o.list then -- repeated, or comma-separated: a list
-          local l = opts[o.long] or {}
-          for v in val:gmatch("[^,]+") do l[#l + 1] = v end
-          val = l
-        end
-        opts[o.long] = val
-      else
-        if val ~= nil then return nil, "option --" .. o.long .. " takes no value" end
-        opts[o.long] = true
-      end
-    end
-    i = i + 1
-  end
+  local opts, err = parser.parse(OPTIONS, argv)
+  if not opts then return nil, err end
   if opts["log-level"] and not logmod.LEVELS[opts["log-level"]] then
     return nil, "invalid --log-level " .. opts["log-level"] .. " (error, warn, info or debug)"
   end
   if opts["log-format"] and opts["log-format"] ~= "text" and opts["log-format"] ~= "json" then
     return nil, "invalid --log-format " .. opts["log-format"] .. " (text or json)"
   end
-  if #positional > 1 then return nil, "too many arguments: one SCRIPT expected" end
-  opts.script = positional[1]
+  if #opts > 1 then return nil, "too many arguments: one SCRIPT expected" end
+  opts.script, opts[1] = opts[1], nil
   if not opts.script and not (opts.help or opts.version or opts.sql or opts.install) then
     return nil, "missing SCRIPT"
   end
