@@ -17,6 +17,10 @@
  * one lower (b->first is 1): there is no opening, nothing is released, and a
  * failure leaves the caller's transaction aborted (see abort_block()).
  *
+ * pipeline_send.c queues all of the above and closes the pipeline
+ * (pgl_batch_send, pgl_batch_close); this file takes the results and runs
+ * conn:execmany.
+ *
  * After an error the server skips everything up to the Sync (libpq hands
  * those commands back as PGRES_PIPELINE_ABORTED), so the first error is the
  * one reported.  An explicit transaction block outlives the Sync in its
@@ -27,9 +31,9 @@
  * blocked, so a client that only writes can wait for it forever.  Whenever
  * libpq cannot write all it holds we wait for the socket to become writable
  * *or readable*, read what the server sent and take the results parsed, so
- * the server always gets to write (drive()).  Taking the results as they come
- * also keeps libpq's input buffer small and lets us stop converting tuples
- * once one has failed.
+ * the server always gets to write (pgl_batch_drive()).  Taking the results
+ * as they come also keeps libpq's input buffer small and lets us stop
+ * converting tuples once one has failed.
  *
  * Notifications that arrive meanwhile are parsed by libpq into its queue and
  * left there for conn:wait()/drain(); nothing here calls PQnotifies.
@@ -38,37 +42,7 @@
 #include <poll.h>
 #include <string.h>
 
-#include "pgl.h"
-
-#define PGL_SAVEPOINT "pgl_execmany"
-#define FLUSH_BYTES 32768    /* about this much queued: write it, read answers */
-#define MAX_PARAMS 65535     /* the protocol's limit per statement */
-
-enum { B_OK, B_LOST, B_TIMEOUT, B_SEND };
-
-typedef struct batch {
-  lua_State *L;
-  pgl_conn *c;
-  PGconn *pg;
-  const char *sql;
-  int own_tx;             /* 1: BEGIN/COMMIT; 0: inside the caller's transaction */
-  int nosave;             /* inside the caller's transaction, without a savepoint */
-  lua_Integer first;      /* ordinal of tuple 1's command */
-  lua_Integer ntuples;    /* #list */
-  lua_Integer sent;       /* tuples queued */
-  lua_Integer affected;   /* sum of PQcmdTuples over the tuples' commands */
-  lua_Integer queued;     /* commands queued, the Syncs not counted */
-  lua_Integer done;       /* commands whose results have all been taken */
-  lua_Integer err_at;     /* ordinal of the first command that failed, -1 */
-  lua_Integer commit_at;  /* ordinal of the batch's own COMMIT once queued, else 0 */
-  int syncs, synced;      /* Syncs queued / their results taken */
-  lua_Integer zero_tuple; /* tuple with a string holding a zero byte (not sent), 0 */
-  int zero_param;         /* ... and its parameter number */
-  int fail;               /* B_*: the transport failed, the batch was not completed */
-  const char *what;       /* what could not be sent, for B_SEND */
-  double deadline;        /* monotonic; < 0: none */
-  PGresult **err;         /* box holding the first error result */
-} batch;
+#include "pipeline.h"
 
 /* ------------------------------------------------------------------ */
 /* Results                                                             */
@@ -91,12 +65,6 @@ static lua_Integer cmd_tuples(PGresult *res) {
 
 static int lost(batch *b) {
   b->fail = B_LOST;
-  return 0;
-}
-
-static int send_failed(batch *b, const char *what) {
-  b->fail = B_SEND;
-  b->what = what;
   return 0;
 }
 
@@ -202,7 +170,7 @@ static void collect(batch *b) {
  * server, blocked on its own output, gets to read ours again.  Returns 1, or
  * 0 with b->fail set.
  */
-static int drive(batch *b, int all) {
+int pgl_batch_drive(batch *b, int all) {
   int fd = PQsocket(b->pg);
   for (;;) {
     int f = PQflush(b->pg), r;
@@ -224,177 +192,6 @@ static int drive(batch *b, int all) {
       return lost(b);
     refresh(b);
   }
-}
-
-/* ------------------------------------------------------------------ */
-/* Sending                                                             */
-/* ------------------------------------------------------------------ */
-
-/* Queues a statement without parameters (extended protocol, as pipeline
- * mode requires). */
-static int queue(batch *b, const char *sql) {
-  if (!PQsendQueryParams(b->pg, sql, 0, NULL, NULL, NULL, NULL, 0))
-    return send_failed(b, "could not send query");
-  b->queued++;
-  return 1;
-}
-
-/*
- * Without a savepoint nothing can undo the tuples the server has run, so a
- * batch that failed on our side (a value that cannot be sent) makes the
- * server abort the caller's transaction: its COMMIT then rolls back, and
- * half a batch can never commit.  A failure on the server aborted it already.
- */
-static int abort_block(batch *b) {
-  return queue(b, "DO $pgl$BEGIN RAISE EXCEPTION 'execmany failed (savepoint = false): the transaction is "
-                  "aborted' USING ERRCODE = '25P02'; END$pgl$");
-}
-
-static int queue_rollback(batch *b) {
-  if (b->own_tx)
-    return queue(b, "ROLLBACK");
-  if (b->nosave)
-    return abort_block(b);
-  return queue(b, "ROLLBACK TO SAVEPOINT " PGL_SAVEPOINT) &&
-         queue(b, "RELEASE SAVEPOINT " PGL_SAVEPOINT);
-}
-
-static int sync_all(batch *b) {
-  if (!PQpipelineSync(b->pg))
-    return send_failed(b, "could not send a pipeline sync");
-  b->syncs++;
-  return drive(b, 1);
-}
-
-/*
- * Whether the first keyword of `sql`, after white space and comments, is
- * COPY.  COPY cannot run in a pipeline: the messages queued behind it reach
- * a server that reads COPY data, which ends the connection (protocol
- * violation).  The first keyword decides: no other statement starts COPY.
- */
-static int is_copy(const char *s) {
-  int i;
-  for (;;) {
-    while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r' || *s == '\f' || *s == '\v')
-      s++;
-    if (s[0] == '-' && s[1] == '-') {
-      while (*s && *s != '\n')
-        s++;
-    } else if (s[0] == '/' && s[1] == '*') { /* block comments nest */
-      int depth = 1;
-      for (s += 2; *s && depth > 0; s++) {
-        if (s[0] == '/' && s[1] == '*')
-          depth++, s++;
-        else if (s[0] == '*' && s[1] == '/')
-          depth--, s++;
-      }
-    } else {
-      break;
-    }
-  }
-  for (i = 0; i < 4; i++)
-    if ((s[i] | 0x20) != "copy"[i])
-      return 0;
-  return !((s[4] >= 'a' && s[4] <= 'z') || (s[4] >= 'A' && s[4] <= 'Z') ||
-           (s[4] >= '0' && s[4] <= '9') || s[4] == '_' || s[4] == '$' || (unsigned char)s[4] >= 0x80);
-}
-
-/* The number of values of the tuple at `t`: its field n, else #t. Raises. */
-static int tuple_size(lua_State *L, int t, lua_Integer i) {
-  lua_Integer n;
-  if (!lua_istable(L, t))
-    luaL_error(L, "bad argument #2 to 'execmany' (tuple %I is a %s, table expected)",
-               (LUAI_UACINT)i, luaL_typename(L, t));
-  lua_pushliteral(L, "n");
-  if (lua_rawget(L, t) == LUA_TNIL)
-    n = (lua_Integer)lua_rawlen(L, t);
-  else if (lua_isinteger(L, -1))
-    n = lua_tointeger(L, -1);
-  else
-    return luaL_error(L, "bad argument #2 to 'execmany' (tuple %I: field 'n' is a %s, integer expected)",
-                      (LUAI_UACINT)i, luaL_typename(L, -1));
-  lua_pop(L, 1);
-  if (n < 0 || n > MAX_PARAMS)
-    luaL_error(L, "bad argument #2 to 'execmany' (tuple %I has %I values; 0 to %d allowed)",
-               (LUAI_UACINT)i, (LUAI_UACINT)n, MAX_PARAMS);
-  return (int)n;
-}
-
-/* Raises for a value that has no SQL meaning, naming the tuple: exec()'s
- * own check in pgl_params would name a stack slot instead. */
-static void check_values(lua_State *L, int first, int n, lua_Integer i) {
-  int k;
-  for (k = 0; k < n; k++) {
-    int t = lua_type(L, first + k);
-    if (t == LUA_TLIGHTUSERDATA) {
-      int isnull;
-      lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
-      isnull = lua_rawequal(L, first + k, -1);
-      lua_pop(L, 1);
-      if (isnull)
-        continue;
-    } else if (t == LUA_TNIL || t == LUA_TBOOLEAN || t == LUA_TNUMBER || t == LUA_TSTRING ||
-               t == LUA_TTABLE) {
-      continue;
-    }
-    luaL_error(L, "bad argument #2 to 'execmany' (tuple %I: cannot send a %s as parameter $%d)",
-               (LUAI_UACINT)i, lua_typename(L, t), k + 1);
-  }
-}
-
-/*
- * Protected (lua_pcall): queues the opening, the Parse and one Bind/Execute
- * per tuple, converting one tuple at a time and popping it once libpq has
- * copied it into its output buffer.  Stops early when a tuple failed on the
- * server already, when a string holds a zero byte, or when the transport
- * failed.  May raise (a tuple of the wrong type, a table the JSON encoder
- * refuses, memory): the caller then closes the pipeline and re-raises.
- * Stack: 1 the batch (light userdata), 2 the list.
- */
-static int send_tuples(lua_State *L) {
-  batch *b = (batch *)lua_touserdata(L, 1);
-  size_t pending = 0;
-  lua_Integer i;
-  int base = lua_gettop(L);
-
-  if (!b->nosave && !queue(b, b->own_tx ? "BEGIN" : "SAVEPOINT " PGL_SAVEPOINT))
-    return 0;
-  if (!PQsendPrepare(b->pg, "", b->sql, 0, NULL))
-    return send_failed(b, "could not send the statement");
-  b->queued++;
-
-  for (i = 1; i <= b->ntuples && b->err_at < 0; i++) {
-    const char *const *vals;
-    int n, k, nerr = 0;
-    lua_rawgeti(L, 2, i); /* base + 1 */
-    n = tuple_size(L, base + 1, i);
-    luaL_checkstack(L, n + 8, "too many query parameters");
-    for (k = 1; k <= n; k++)
-      lua_rawgeti(L, base + 1, k); /* base + 2 .. base + 1 + n */
-    check_values(L, base + 2, n, i);
-    vals = pgl_params(L, base + 2, n, &nerr);
-    if (!vals) {
-      b->zero_tuple = i;
-      b->zero_param = nerr;
-      break;
-    }
-    /* the converted strings sit above the array and the null sentinel */
-    for (k = base + n + 4; k <= lua_gettop(L); k++)
-      pending += lua_rawlen(L, k);
-    pending += 40 + 4 * (size_t)n; /* Bind, Describe, Execute */
-    if (!PQsendQueryPrepared(b->pg, "", n, vals, NULL, NULL, 0))
-      return send_failed(b, "could not send a tuple");
-    b->queued++;
-    b->sent++;
-    lua_settop(L, base);
-    if (pending >= FLUSH_BYTES) {
-      pending = 0;
-      if (!drive(b, 0))
-        return 0;
-    }
-  }
-  lua_settop(L, base);
-  return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -483,6 +280,79 @@ static int savepoint_option(lua_State *L, int idx) {
   return v;
 }
 
+/* The transaction state decides how the batch is wrapped (b->own_tx, and
+ * b->nosave cleared outside a transaction).  Returns -1 to go on, else
+ * pushes the outcome, which needs no round trip, and returns its count. */
+static int tx_state(lua_State *L, batch *b) {
+  switch (PQtransactionStatus(b->c->pg)) {
+  case PQTRANS_IDLE:
+    b->own_tx = 1;
+    b->nosave = 0; /* the batch is its own transaction: nothing to keep */
+    return -1;
+  case PQTRANS_INTRANS:
+    b->own_tx = 0;
+    return -1;
+  case PQTRANS_INERROR: /* what the server would answer, without asking it */
+    lua_pushnil(L);
+    lua_pushliteral(L, "current transaction is aborted, commands ignored until end of transaction block");
+    lua_pushliteral(L, "25P02");
+    return 3;
+  default:
+    lua_pushnil(L);
+    lua_pushliteral(L, "connection is busy");
+    return 2;
+  }
+}
+
+/* Checks execmany's arguments into b (c, sql, nosave, ntuples), leaving the
+ * connection, the SQL and the list at 1..3.  Returns -1 to go on, else
+ * pushes the outcome, which needs no round trip, and returns its count.
+ * Raises for misuse. */
+static int check_call(lua_State *L, batch *b) {
+  size_t len;
+  b->c = pgl_checkconn(L, 1);
+  b->sql = luaL_checklstring(L, 2, &len);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  b->nosave = !savepoint_option(L, 4);
+  if (strlen(b->sql) != len) { /* libpq would send only what comes before it */
+    lua_pushnil(L);
+    lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent",
+                    (int)strlen(b->sql) + 1);
+    return 2;
+  }
+  if (pgl_batch_is_copy(b->sql))
+    return luaL_error(L, "bad argument #1 to 'execmany' (COPY cannot run in pipeline mode)");
+  lua_settop(L, 3);
+  b->ntuples = (lua_Integer)lua_rawlen(L, 3);
+  if (b->ntuples == 0) { /* nothing to run: no round trip */
+    lua_pushinteger(L, 0);
+    return 1;
+  }
+  if (PQstatus(b->c->pg) != CONNECTION_OK)
+    return pgl_conn_fail(L, b->c, "connection lost");
+  return tx_state(L, b);
+}
+
+/* Pushes the outcome of a batch whose pipeline is closed; returns the count.
+ * When pgl_batch_send raised, re-raises its error object (at 5) instead,
+ * after dropping what a transport failure pushed. */
+static int outcome(lua_State *L, batch *b, int raised, int failed) {
+  if (b->fail) {
+    int n = push_transport_failure(L, b);
+    if (!raised)
+      return n;
+  }
+  if (raised) {
+    pgl_unbox_result(b->err);
+    lua_settop(L, 5);
+    return lua_error(L);
+  }
+  if (failed)
+    return push_failure(L, b);
+  lua_pushinteger(L, b->affected);
+  return 1;
+}
+
 /*
  * conn:execmany(sql, list[, opts]) -> affected | nil, err, sqlstate, index
  *
@@ -500,101 +370,28 @@ static int savepoint_option(lua_State *L, int idx) {
  * value that cannot be sent, after rolling the batch back.
  */
 static int conn_execmany(lua_State *L) {
-  pgl_conn *c = pgl_checkconn(L, 1);
-  size_t len;
-  const char *sql = luaL_checklstring(L, 2, &len);
   batch b;
-  int raised, failed;
+  int raised, failed, n;
 
-  luaL_checktype(L, 3, LUA_TTABLE);
   memset(&b, 0, sizeof b);
-  b.nosave = !savepoint_option(L, 4);
-  if (strlen(sql) != len) { /* libpq would send only what comes before it */
-    lua_pushnil(L);
-    lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent",
-                    (int)strlen(sql) + 1);
-    return 2;
-  }
-  if (is_copy(sql))
-    return luaL_error(L, "bad argument #1 to 'execmany' (COPY cannot run in pipeline mode)");
-  lua_settop(L, 3);
-  b.ntuples = (lua_Integer)lua_rawlen(L, 3);
-  if (b.ntuples == 0) { /* nothing to run: no round trip */
-    lua_pushinteger(L, 0);
-    return 1;
-  }
-  if (PQstatus(c->pg) != CONNECTION_OK)
-    return pgl_conn_fail(L, c, "connection lost");
-  switch (PQtransactionStatus(c->pg)) {
-  case PQTRANS_IDLE:
-    b.own_tx = 1;
-    b.nosave = 0; /* the batch is its own transaction: nothing to keep */
-    break;
-  case PQTRANS_INTRANS:
-    b.own_tx = 0;
-    break;
-  case PQTRANS_INERROR: /* what the server would answer, without asking it */
-    lua_pushnil(L);
-    lua_pushliteral(L, "current transaction is aborted, commands ignored until end of transaction block");
-    lua_pushliteral(L, "25P02");
-    return 3;
-  default:
-    lua_pushnil(L);
-    lua_pushliteral(L, "connection is busy");
-    return 2;
-  }
+  n = check_call(L, &b);
+  if (n >= 0)
+    return n;
   b.L = L;
-  b.c = c;
-  b.pg = c->pg;
-  b.sql = sql;
+  b.pg = b.c->pg;
   b.first = b.nosave ? 1 : 2;
   b.err_at = -1;
   refresh(&b);
   b.err = pgl_box_result(L, NULL); /* 4 */
   if (!PQenterPipelineMode(b.pg))
-    return pgl_conn_fail(L, c, "could not enter pipeline mode");
+    return pgl_conn_fail(L, b.c, "could not enter pipeline mode");
 
-  lua_pushcfunction(L, send_tuples);
+  lua_pushcfunction(L, pgl_batch_send);
   lua_pushlightuserdata(L, &b);
   lua_pushvalue(L, 3);
   raised = lua_pcall(L, 2, 0, 0) != LUA_OK; /* the error object at 5 */
-
-  /* close the first pipeline: commit what was all sent, else roll back */
-  if (!b.fail) {
-    if (!raised && !b.zero_tuple && b.err_at < 0 && b.sent == b.ntuples) {
-      b.commit_at = b.own_tx ? b.queued : 0;
-      if (b.nosave)
-        (void)sync_all(&b);
-      else
-        (void)(queue(&b, b.own_tx ? "COMMIT" : "RELEASE SAVEPOINT " PGL_SAVEPOINT) && sync_all(&b));
-    }
-    else
-      (void)(queue_rollback(&b) && sync_all(&b));
-  }
-  failed = raised || b.zero_tuple || *b.err;
-  /* a failed transaction block outlives the Sync: end it */
-  if (!b.fail && failed && !b.nosave) {
-    PGTransactionStatusType tx = PQtransactionStatus(b.pg);
-    if (b.own_tx ? tx != PQTRANS_IDLE : tx == PQTRANS_INERROR)
-      (void)(queue_rollback(&b) && sync_all(&b));
-  }
-  if (!b.fail && !PQexitPipelineMode(b.pg))
-    send_failed(&b, "could not leave pipeline mode");
-
-  if (b.fail) {
-    int n = push_transport_failure(L, &b);
-    if (!raised)
-      return n;
-  }
-  if (raised) {
-    pgl_unbox_result(b.err);
-    lua_settop(L, 5);
-    return lua_error(L);
-  }
-  if (failed)
-    return push_failure(L, &b);
-  lua_pushinteger(L, b.affected);
-  return 1;
+  failed = pgl_batch_close(&b, raised);
+  return outcome(L, &b, raised, failed);
 }
 
 /* Adds execmany to the connection's methods (the __index of its metatable). */
