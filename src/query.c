@@ -37,6 +37,176 @@ static int unrun_kind(const PGresult *res) {
   return PGL_RAN;
 }
 
+/* How a wait for the server ended when it did not end with an answer. */
+enum { Q_OK = 0, Q_TIMEDOUT, Q_INTERRUPTED, Q_LOST };
+
+/* What a query waits with: the socket, the deadline, what signal ends it. */
+typedef struct qwait {
+  lua_State *L;
+  PGconn *pg;
+  int fd;
+  double deadline;
+  int stop;
+} qwait;
+
+/* Waits until the socket is ready for `events`, then reads what arrived:
+ * Q_OK, or how the wait failed. */
+static int await_server(const qwait *w, short events) {
+  int r = pgl_waitfd(w->L, w->fd, events, w->deadline, w->stop);
+  if (r == 0)
+    return Q_TIMEDOUT;
+  if (r == -2)
+    return Q_INTERRUPTED;
+  if (r < 0 || !PQconsumeInput(w->pg))
+    return Q_LOST;
+  return Q_OK;
+}
+
+/* Sends the query as pgl_run_query_x says; libpq's answer (0: not sent). */
+static int send_query(PGconn *pg, const char *sql, const char *stmt, int prepare, int nparams,
+                      const char *const *values) {
+  if (stmt && prepare)
+    return PQsendPrepare(pg, stmt, sql, nparams, NULL);
+  if (stmt)
+    return PQsendQueryPrepared(pg, stmt, nparams, values, NULL, NULL, 0);
+  if (nparams > 0)
+    return PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0);
+  return PQsendQuery(pg, sql);
+}
+
+/* Flushes what libpq could not write at once, reading meanwhile: Q_OK, or
+ * how it failed. */
+static int flush_query(const qwait *w) {
+  for (;;) {
+    int f = PQflush(w->pg), r;
+    if (f == 0)
+      return Q_OK;
+    if (f < 0)
+      return Q_LOST;
+    if ((r = await_server(w, POLLIN | POLLOUT)) != Q_OK)
+      return r;
+  }
+}
+
+/* A COPY TO STDOUT: reads its data to the end and discards it. */
+static int discard_copy_out(const qwait *w) {
+  char *buf;
+  int got, r;
+  while ((got = PQgetCopyData(w->pg, &buf, 1)) != -1) {
+    if (got == -2)
+      return Q_LOST;
+    if (got > 0)
+      PQfreemem(buf); /* libpq's copy of the row */
+    else if ((r = await_server(w, POLLIN)) != Q_OK)
+      return r;
+  }
+  return Q_OK;
+}
+
+/*
+ * Collects every result of the query until libpq has none left: the last
+ * into the box `last`, the first error into the box `err` (the first error
+ * wins, later ones are cleared); *copy_out is set when a COPY TO STDOUT's
+ * data was discarded.  Q_OK, or how the wait failed.
+ */
+static int collect_results(const qwait *w, PGresult **last, PGresult **err, int *copy_out) {
+  for (;;) {
+    PGresult *res;
+    int r;
+    while (PQisBusy(w->pg))
+      if ((r = await_server(w, POLLIN)) != Q_OK)
+        return r;
+    res = PQgetResult(w->pg);
+    if (res == NULL)
+      return Q_OK;
+    switch (PQresultStatus(res)) {
+    case PGRES_COPY_IN: /* refuse: the server answers PQputCopyEnd with an error */
+      PQclear(res);
+      if (PQputCopyEnd(w->pg, "COPY FROM STDIN is not supported by pglisten") < 0)
+        return Q_LOST;
+      break;
+    case PGRES_COPY_OUT: /* discard the data */
+      PQclear(res);
+      *copy_out = 1;
+      if ((r = discard_copy_out(w)) != Q_OK)
+        return r;
+      break;
+    case PGRES_BAD_RESPONSE:
+    case PGRES_NONFATAL_ERROR:
+    case PGRES_FATAL_ERROR:
+      if (!*err)
+        *err = res;
+      else
+        PQclear(res);
+      break;
+    default:
+      pgl_unbox_result(last);
+      *last = res;
+    }
+  }
+}
+
+/*
+ * The wait failed (`how`): drops the session unless it is lost already,
+ * frees both boxes (on the top of the stack) and pushes nil, message,
+ * sqlstate in their place; returns -(count).
+ */
+static int wait_failed(lua_State *L, pgl_conn *c, int how, PGresult **last, PGresult **err,
+                       double timeout) {
+  if (how != Q_LOST)
+    pgl_conn_abandon(c); /* a timeout or a stop signal of the host */
+  pgl_unbox_result(last);
+  pgl_unbox_result(err);
+  lua_pop(L, 2);
+  if (how == Q_LOST)
+    return -pgl_conn_fail(L, c, "connection lost");
+  lua_pushnil(L);
+  if (how == Q_TIMEDOUT)
+    lua_pushfstring(L, "timeout: no answer from the server within %f s; connection closed", timeout);
+  else
+    lua_pushliteral(L, "interrupted");
+  lua_pushliteral(L, "08006");
+  return -3;
+}
+
+/*
+ * Every result is in: leaves the last one boxed on the stack and returns 1,
+ * or pushes nil, message[, sqlstate] for the first error (or a COPY TO
+ * STDOUT) in place of both boxes and returns -(count).
+ */
+static int finish_query(lua_State *L, PGconn *pg, PGresult **last, PGresult **err, int copy_out,
+                        int *unrun) {
+  int n;
+  if (*err) {
+    if (unrun)
+      *unrun = unrun_kind(*err);
+    n = pgl_push_result_error(L, *err);
+    pgl_unbox_result(err);
+    pgl_unbox_result(last);
+    lua_rotate(L, -(n + 2), n); /* results under the boxes: drop the boxes */
+    lua_pop(L, 2);
+    return -n;
+  }
+  if (copy_out) {
+    pgl_unbox_result(last);
+    pgl_unbox_result(err);
+    lua_pop(L, 2);
+    lua_pushnil(L);
+    lua_pushliteral(L, "COPY TO STDOUT is not supported by pglisten (its data was discarded)");
+    return -2;
+  }
+  if (!*last) { /* an empty query string */
+    pgl_unbox_result(err);
+    lua_pop(L, 1);
+    *last = PQmakeEmptyPGresult(pg, PGRES_EMPTY_QUERY);
+    if (!*last)
+      luaL_error(L, "out of memory");
+    return 1;
+  }
+  lua_pop(L, 1); /* the error box, empty */
+  return 1;
+}
+
 /*
  * Sends `sql` (with params when nparams > 0, else as a simple query that may
  * hold several statements) and collects the results.  With `stmt`, prepares
@@ -47,149 +217,27 @@ static int unrun_kind(const PGresult *res) {
  */
 int pgl_run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
                     int nparams, const char *const *values, double timeout, int *unrun) {
-  PGconn *pg = c->pg;
-  double deadline = timeout > 0 ? pgl_deadline_in(timeout) : -1;
-  PGresult **box, **err;
-  int sent, fd, n, copy_out = 0;
-  int stop = c->stop_ends ? PGL_WAIT_STOP : 0; /* conn:interruptible */
+  qwait w;
+  PGresult **last, **err;
+  int how, copy_out = 0;
 
+  w.L = L;
+  w.pg = c->pg;
+  w.deadline = timeout > 0 ? pgl_deadline_in(timeout) : -1;
+  w.stop = c->stop_ends ? PGL_WAIT_STOP : 0; /* conn:interruptible */
   if (unrun)
     *unrun = PGL_RAN;
-  if (stmt && prepare)
-    sent = PQsendPrepare(pg, stmt, sql, nparams, NULL);
-  else if (stmt)
-    sent = PQsendQueryPrepared(pg, stmt, nparams, values, NULL, NULL, 0);
-  else if (nparams > 0)
-    sent = PQsendQueryParams(pg, sql, nparams, NULL, values, NULL, NULL, 0);
-  else
-    sent = PQsendQuery(pg, sql);
-  if (!sent)
+  if (!send_query(c->pg, sql, stmt, prepare, nparams, values))
     return -pgl_conn_fail(L, c, "could not send query");
-
-  box = pgl_box_result(L, NULL);  /* the last result */
+  last = pgl_box_result(L, NULL); /* the last result */
   err = pgl_box_result(L, NULL);  /* the first error, which wins */
-  fd = PQsocket(pg);
-  for (;;) { /* flush what libpq could not write at once */
-    int f = PQflush(pg), r;
-    if (f == 0)
-      break;
-    if (f < 0)
-      goto lost;
-    r = pgl_waitfd(L, fd, POLLIN | POLLOUT, deadline, stop);
-    if (r == 0)
-      goto timedout;
-    if (r == -2)
-      goto interrupted;
-    if (r < 0 || !PQconsumeInput(pg))
-      goto lost;
-  }
-  for (;;) {
-    PGresult *res;
-    while (PQisBusy(pg)) {
-      int r = pgl_waitfd(L, fd, POLLIN, deadline, stop);
-      if (r == 0)
-        goto timedout;
-      if (r == -2)
-        goto interrupted;
-      if (r < 0 || !PQconsumeInput(pg))
-        goto lost;
-    }
-    res = PQgetResult(pg);
-    if (res == NULL)
-      break;
-    switch (PQresultStatus(res)) {
-    case PGRES_COPY_IN: /* refuse: the server answers PQputCopyEnd with an error */
-      PQclear(res);
-      if (PQputCopyEnd(pg, "COPY FROM STDIN is not supported by pglisten") < 0)
-        goto lost;
-      continue;
-    case PGRES_COPY_OUT: { /* discard the data */
-      char *buf;
-      int got;
-      PQclear(res);
-      copy_out = 1;
-      while ((got = PQgetCopyData(pg, &buf, 1)) != -1) {
-        if (got == -2)
-          goto lost;
-        if (got > 0) {
-          PQfreemem(buf);
-        } else {
-          int r = pgl_waitfd(L, fd, POLLIN, deadline, stop);
-          if (r == 0)
-            goto timedout;
-          if (r == -2)
-            goto interrupted;
-          if (r < 0 || !PQconsumeInput(pg))
-            goto lost;
-        }
-      }
-      continue;
-    }
-    case PGRES_BAD_RESPONSE:
-    case PGRES_NONFATAL_ERROR:
-    case PGRES_FATAL_ERROR:
-      if (!*err)
-        *err = res;
-      else
-        PQclear(res);
-      continue;
-    default:
-      pgl_unbox_result(box);
-      *box = res;
-    }
-  }
-  if (*err) {
-    if (unrun)
-      *unrun = unrun_kind(*err);
-    n = pgl_push_result_error(L, *err);
-    pgl_unbox_result(err);
-    pgl_unbox_result(box);
-    lua_rotate(L, -(n + 2), n); /* results under the boxes: drop the boxes */
-    lua_pop(L, 2);
-    return -n;
-  }
-  if (copy_out) {
-    pgl_unbox_result(box);
-    pgl_unbox_result(err);
-    lua_pop(L, 2);
-    lua_pushnil(L);
-    lua_pushliteral(L, "COPY TO STDOUT is not supported by pglisten (its data was discarded)");
-    return -2;
-  }
-  if (!*box) { /* an empty query string */
-    pgl_unbox_result(err);
-    lua_pop(L, 1);
-    *box = PQmakeEmptyPGresult(pg, PGRES_EMPTY_QUERY);
-    if (!*box)
-      luaL_error(L, "out of memory");
-    return 1;
-  }
-  lua_pop(L, 1); /* the error box, empty */
-  return 1;
-
-timedout:
-  pgl_conn_abandon(c);
-  pgl_unbox_result(box);
-  pgl_unbox_result(err);
-  lua_pop(L, 2);
-  lua_pushnil(L);
-  lua_pushfstring(L, "timeout: no answer from the server within %f s; connection closed", timeout);
-  lua_pushliteral(L, "08006");
-  return -3;
-interrupted: /* a stop signal of the host: the session is dropped, as on a timeout */
-  pgl_conn_abandon(c);
-  pgl_unbox_result(box);
-  pgl_unbox_result(err);
-  lua_pop(L, 2);
-  lua_pushnil(L);
-  lua_pushliteral(L, "interrupted");
-  lua_pushliteral(L, "08006");
-  return -3;
-lost:
-  pgl_unbox_result(box);
-  pgl_unbox_result(err);
-  lua_pop(L, 2);
-  return -pgl_conn_fail(L, c, "connection lost");
+  w.fd = PQsocket(c->pg);
+  how = flush_query(&w);
+  if (how == Q_OK)
+    how = collect_results(&w, last, err, &copy_out);
+  if (how != Q_OK)
+    return wait_failed(L, c, how, last, err, timeout);
+  return finish_query(L, c->pg, last, err, copy_out, unrun);
 }
 
 int pgl_run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
