@@ -3,7 +3,9 @@
  * messages of START_REPLICATION ... LOGICAL ('w' XLogData, 'k' keepalive)
  * and the pgoutput plugin's messages inside XLogData (proto_version 1:
  * Begin, Commit, Origin, Relation, Type, Insert, Update, Delete, Truncate,
- * Message), into Lua tables.
+ * Message), into Lua tables.  Each XLogData message has lsn (its start, "X/Y"),
+ * lsn_int, wal_end_int and send_time beside the pgoutput message's fields;
+ * a keepalive has wal_end, wal_end_int, send_time and reply_requested.
  *
  * Nothing from the wire is trusted: every read is checked against the end
  * of the buffer, every count against the bytes left before anything is
@@ -84,21 +86,36 @@ size_t pgl_rd_left(const rd *r) {
 /* Fields                                                              */
 /* ------------------------------------------------------------------ */
 
-static void push_lsn(lua_State *L, uint64_t lsn) {
-  char buf[32];
-  snprintf(buf, sizeof buf, "%" PRIX32 "/%" PRIX32, (uint32_t)(lsn >> 32), (uint32_t)lsn);
-  lua_pushstring(L, buf);
+/* Upper-case hex of v, no leading zeros, at p; returns the end. */
+static char *put_hex(char *p, uint32_t v) {
+  char tmp[8];
+  int n = 0;
+  do {
+    tmp[n++] = "0123456789ABCDEF"[v & 15];
+    v >>= 4;
+  } while (v);
+  while (n)
+    *p++ = tmp[--n];
+  return p;
 }
 
-/* t[name] = "X/Y" and t[name .. "_int"] = the integer, t on top. */
-static void set_lsn(lua_State *L, const char *name, uint64_t lsn) {
+/* "X/Y", as the server prints an LSN (%X/%X).  By hand: it is done twice
+ * for every change, and snprintf cost more than the rest of the message. */
+static void push_lsn(lua_State *L, uint64_t lsn) {
+  char buf[20], *p = put_hex(buf, (uint32_t)(lsn >> 32));
+  *p++ = '/';
+  p = put_hex(p, (uint32_t)lsn);
+  lua_pushlstring(L, buf, (size_t)(p - buf));
+}
+
+/* t[name] = "X/Y" and t[name_int] = the integer, t on top. */
+static void set_lsn2(lua_State *L, const char *name, const char *name_int, uint64_t lsn) {
   push_lsn(L, lsn);
   lua_setfield(L, -2, name);
   lua_pushinteger(L, (lua_Integer)lsn);
-  lua_pushfstring(L, "%s_int", name);
-  lua_insert(L, -2);
-  lua_rawset(L, -3);
+  lua_setfield(L, -2, name_int);
 }
+#define set_lsn(L, name, lsn) set_lsn2(L, name, name "_int", lsn)
 
 /* t[name] = a server timestamp (microseconds since 2000) as Unix seconds. */
 static void set_time(lua_State *L, const char *name, uint64_t us) {
@@ -130,7 +147,7 @@ static int dec_begin(lua_State *L, rd *r) {
   uint64_t lsn = pgl_rd_u(r, 8), ts = pgl_rd_u(r, 8), xid = pgl_rd_u(r, 4);
   if (r->err[0])
     return 0;
-  pgl_new_msg(L, "begin", 5);
+  pgl_new_msg(L, "begin", 10); /* + lsn, wal_end (and _int), send_time */
   set_lsn(L, "final_lsn", lsn);
   set_time(L, "commit_time", ts);
   pgl_set_int(L, "xid", (lua_Integer)xid);
@@ -141,7 +158,7 @@ static int dec_commit(lua_State *L, rd *r) {
   uint64_t flags = pgl_rd_u(r, 1), lsn = pgl_rd_u(r, 8), end = pgl_rd_u(r, 8), ts = pgl_rd_u(r, 8);
   if (r->err[0])
     return 0;
-  pgl_new_msg(L, "commit", 7);
+  pgl_new_msg(L, "commit", 12);
   pgl_set_int(L, "flags", (lua_Integer)flags);
   set_lsn(L, "commit_lsn", lsn);
   set_lsn(L, "end_lsn", end);
@@ -251,7 +268,7 @@ static int dec_copydata(lua_State *L, rd *r, int relidx) {
     t = (int)pgl_rd_u(r, 1);
     if (r->err[0])
       return 0;
-    pgl_new_msg(L, "keepalive", 4);
+    pgl_new_msg(L, "keepalive", 5);
     set_lsn(L, "wal_end", end);
     set_time(L, "send_time", ts);
     lua_pushboolean(L, t != 0);
@@ -269,8 +286,10 @@ static int dec_copydata(lua_State *L, rd *r, int relidx) {
   ts = pgl_rd_u(r, 8);
   if (!dec_pgoutput(L, r, relidx))
     return 0;
+  /* wal_end as an integer only: the string would be made for every change
+   * and nobody reads it (a keepalive has both) */
   set_lsn(L, "lsn", start);
-  set_lsn(L, "wal_end", end);
+  pgl_set_int(L, "wal_end_int", (lua_Integer)end);
   set_time(L, "send_time", ts);
   return 1;
 }

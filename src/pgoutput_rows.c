@@ -80,6 +80,14 @@ static int push_text(lua_State *L, rd *r) {
   lua_getfield(L, -1, "type");
   type = (Oid)lua_tointeger(L, -1);
   lua_pop(L, 1);
+  if (n < 64 && pgl_text_converts(type)) { /* a number, a boolean: no string made first */
+    char buf[64];
+    memcpy(buf, r->p, (size_t)n);
+    buf[n] = '\0';
+    r->p += n;
+    pgl_push_text_value(L, buf, (size_t)n, type);
+    return 1;
+  }
   lua_pushlstring(L, (const char *)r->p, (size_t)n);
   r->p += n;
   if (pgl_text_converts(type)) { /* the Lua copy ends in the '\0' it needs */
@@ -161,7 +169,7 @@ static int new_change(lua_State *L, rd *r, int relidx, const char *kind, const c
   if (!get_rel(L, r, relidx, relid))
     return 0;
   rel = lua_gettop(L);
-  pgl_new_msg(L, kind, 8);
+  pgl_new_msg(L, kind, 13); /* + lsn, lsn_int, wal_end_int, send_time, new, old, old_kind */
   lua_pushstring(L, op);
   lua_setfield(L, -2, "op");
   pgl_set_int(L, "relid", (lua_Integer)relid);

@@ -64,7 +64,7 @@ static int end_of_stream(lua_State *L, pgl_repl *c) {
 /*
  * repl:read([max [, raw]]) -> { message, ... } | nil, err[, sqlstate]
  * Never blocks: the messages the socket has now, up to max (default 1000),
- * possibly none.  With raw, the CopyData payloads as strings, undecoded
+ * possibly none (the socket is read again while it gives more).  With raw, the CopyData payloads as strings, undecoded
  * (the relation map is then not updated).  A malformed message is an error: the stream must be
  * restarted from the last confirmed position.  At the end of the stream
  * the messages read before it come first, the error at the next call.
@@ -72,7 +72,7 @@ static int end_of_stream(lua_State *L, pgl_repl *c) {
 int pgl_repl_read(lua_State *L) {
   pgl_repl *c = pgl_repl_check(L, 1);
   lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
-  int raw = lua_toboolean(L, 3);
+  int raw = lua_toboolean(L, 3), fresh = 1; /* fresh: nothing taken since the last socket read */
   lua_settop(L, 2);
   if (!c->copying) {
     if (c->end_msg)
@@ -87,8 +87,16 @@ int pgl_repl_read(lua_State *L) {
   }
   while (n < max) {
     int len = PQgetCopyData(c->pg, &c->pending, 1);
-    if (len == 0)
-      break;
+    if (len == 0) {
+      /* libpq's buffer is empty: read the socket again, without waiting,
+       * so that a read takes what the socket already holds (libpq reads
+       * at most its buffer, ~16 kB or 200 changes, per call) */
+      if (fresh || !PQconsumeInput(c->pg))
+        break;
+      fresh = 1;
+      continue;
+    }
+    fresh = 0;
     if (len == -1) {
       stream_ended(L, c);
       return n > 0 ? 1 : end_of_stream(L, c);

@@ -96,6 +96,20 @@ static void push_float(lua_State *L, lua_Number x) {
     lua_pushlstring(L, buf, pgl_format_float((double)x, buf, 0));
 }
 
+/* The decimal text of v, by hand: lua_pushfstring's "%I" goes through the
+ * format parser and snprintf, once per integer parameter of every tuple. */
+static void push_int_text(lua_State *L, lua_Integer v) {
+  char buf[24], *p = buf + sizeof buf;
+  lua_Unsigned u = v < 0 ? (lua_Unsigned)0 - (lua_Unsigned)v : (lua_Unsigned)v;
+  do {
+    *--p = (char)('0' + (int)(u % 10));
+    u /= 10;
+  } while (u);
+  if (v < 0)
+    *--p = '-';
+  lua_pushlstring(L, p, (size_t)(buf + sizeof buf - p));
+}
+
 /*
  * Converts args [first, first + n) to text parameters.  Pushes a userdata that
  * holds the pointer array, then one string per non-NULL parameter (the stack
@@ -124,7 +138,7 @@ const char *const *pgl_params(lua_State *L, int first, int n, int *nerr) {
       break;
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx))
-        lua_pushfstring(L, "%I", (LUAI_UACINT)lua_tointeger(L, idx));
+        push_int_text(L, lua_tointeger(L, idx));
       else
         push_float(L, lua_tonumber(L, idx));
       break;

@@ -2,8 +2,10 @@
 -- handlers, and the position that may be reported as flushed.
 --
 -- The queue holds, in the order the server sent them, events (a change of
--- a table some channel streams: `{ entry, ev, note }`) and marks (`{ lsn,
--- time }`: a commit's end, or a keepalive's walEnd outside a transaction).
+-- a table some channel streams: its note in `q`, its channel entry in `qe`
+-- and its event in `qv`, three arrays rather than one more table per
+-- change) and marks (`{ lsn, time }` in `q`, false in `qe`: a commit's end,
+-- or a keepalive's walEnd outside a transaction).
 -- Handling takes the head: a mark moves `flushed` to its LSN (every event
 -- before it is handled); an event becomes a job -- one event, or for a
 -- `batch = N` channel the run of up to N events of that channel at the
@@ -42,15 +44,23 @@ end
 
 --- Forgets everything queued (the stream is restarted from `flushed`).
 function M:reset()
-  self.q, self.head, self.tail, self.events = {}, 1, 0, 0
+  self.q, self.qe, self.qv, self.head, self.tail, self.events = {}, {}, {}, 1, 0, 0
   self.job, self.wait_until = nil, nil
 end
 
---- Appends an event or a mark.
-function M:push(item)
+--- Appends an event: its channel entry, the event and its note.
+function M:push(entry, ev, note)
   local t = self.tail + 1
-  self.q[t], self.tail = item, t
-  if item.entry then self.events = self.events + 1 end
+  self.q[t], self.qe[t], self.qv[t], self.tail = note, entry, ev, t
+  self.events = self.events + 1
+end
+
+--- Appends a mark: every event before it is handled once it is reached;
+-- `lsn` (an integer) may then be reported as flushed, `time` (a commit's)
+-- is the lag's reference.
+function M:mark(lsn, time)
+  local t = self.tail + 1
+  self.q[t], self.qe[t], self.tail = { lsn = lsn, time = time }, false, t
 end
 
 --- Items queued (events and marks).
@@ -64,25 +74,24 @@ end
 
 --- The commit time of the oldest event not yet handled, or nil.
 function M:oldest_commit()
-  local q = self.q
+  local q, qe = self.q, self.qe
   for i = self.head, self.tail do
-    local it = q[i]
-    if it.entry then return it.note.commit_time end
+    if qe[i] then return q[i].commit_time end
   end
 end
 
 -- The job at the head: its events, notes, and the last queue item it covers.
 function M:next_job()
-  local q, j = self.q, self.head
-  local entry = q[j].entry
+  local q, qe, qv, j, tail = self.q, self.qe, self.qv, self.head, self.tail
+  local entry = qe[j]
   local want = entry.batch or 1
   local events, notes, k = {}, {}, 0
-  while j <= self.tail do
-    local it = q[j]
-    if it.entry then
-      if it.entry ~= entry or k >= want then break end
+  while j <= tail do
+    local e = qe[j]
+    if e then
+      if e ~= entry or k >= want then break end
       k = k + 1
-      events[k], notes[k] = it.ev, it.note
+      events[k], notes[k] = qv[j], q[j]
     end
     j = j + 1
   end
@@ -96,12 +105,11 @@ end
 
 -- A settled job: its items leave the queue, its marks move `flushed`.
 function M:done(job)
-  local q = self.q
+  local q, qe, qv = self.q, self.qe, self.qv
   if job.last then
     for i = self.head, job.last do
-      local it = q[i]
-      if not it.entry then advance(self, it) end
-      q[i] = nil
+      if not qe[i] then advance(self, q[i]) end
+      q[i], qe[i], qv[i] = nil, nil, nil
     end
     self.head = job.last + 1
     self.events = self.events - #job.events
@@ -114,27 +122,28 @@ end
 -- signal arrives).  A failed job stays at the head (`self.job`) until its
 -- retry is due.
 function M:handle(budget)
-  local n, q = 0, self.q
+  local n, q, qe = 0, self.q, self.qe
   while n < budget do
     local job = self.job
     if job then
       if now() < self.wait_until or not self:attempt(job) then return end
     end
-    local it = q[self.head]
+    local h = self.head
+    local it = q[h]
     if not it then break end
-    if it.entry then
+    if qe[h] then
       job = self:next_job()
       self.job = job
       n = n + #job.events
       if not self:attempt(job) then return end
     else
       advance(self, it)
-      q[self.head] = nil
-      self.head = self.head + 1
+      q[h], qe[h] = nil, nil
+      self.head = h + 1
     end
     if host.pending() then break end
   end
-  if self.head > self.tail and not self.job then self.q, self.head, self.tail = {}, 1, 0 end
+  if self.head > self.tail and not self.job then self.q, self.qe, self.qv, self.head, self.tail = {}, {}, {}, 1, 0 end
 end
 
 -- Runs a job once.  True when it is settled (handled, or buried in

@@ -45,7 +45,7 @@ local lsn_parse, lsn_format = core.lsn_parse, core.lsn_format
 M.STATUS_INTERVAL = 10  -- seconds between two status updates at most
 M.STATUS_MIN = 1        -- a new flush position is reported within this
 M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
-M.READ = 1000           -- messages taken per read
+M.READ = 2048           -- messages taken per read (a batch of 1000 and its marks, twice)
 M.HANDLE = 1000         -- events handled per turn of the loop
 
 --- The source's counters.
@@ -155,10 +155,10 @@ function M:event(entry, op, schema, tbl, m, seq)
   local tx = self.tx or {}
   self.c.received = self.c.received + 1
   self.rt.stats.received = self.rt.stats.received + 1
-  self.apply:push({ entry = entry, ev = { op = op, schema = schema, table = tbl, new = m.new, old = m.old },
-    note = { channel = entry.name, lsn = m.lsn, lsn_int = m.lsn_int, commit_lsn = tx.commit_lsn, xid = tx.xid,
+  self.apply:push(entry, { op = op, schema = schema, table = tbl, new = m.new, old = m.old },
+    { channel = entry.name, lsn = m.lsn, lsn_int = m.lsn_int, commit_lsn = tx.commit_lsn, xid = tx.xid,
       commit_time = tx.commit_time, received_at = pg.now(), seq = seq, slot = self.cfg.slot,
-      system_id = self.system_id, database = self.database } })
+      system_id = self.system_id, database = self.database })
 end
 
 -- The index of the next change in the transaction (every change the
@@ -188,25 +188,45 @@ function M:unrouted(schema, tbl)
     publication = self.cfg.publication })
 end
 
+-- The channel of a change's table (false: none), cached by relation id
+-- until the next Relation message (a table renamed comes with one) and
+-- for the configuration it was found in (a reload makes a new one).
+local function route(cfg, m)
+  local routes = cfg.routes
+  if not routes then
+    routes = {}
+    cfg.routes = routes
+  end
+  local entry = routes[m.relid]
+  if entry == nil then
+    entry = cfg.by_table[m.schema .. "." .. m.table] or false
+    routes[m.relid] = entry
+  end
+  return entry
+end
+
 --- Queues the decoded messages: events, commit marks, keepalive marks.
 function M:take(msgs)
-  local by = self.cfg.by_table
+  local cfg = self.cfg
+  local by = cfg.by_table
   for _, m in ipairs(msgs) do
     local k = m.kind
     local we = m.wal_end_int
     if we and we > self.received then self.received = we end
     if m.op and k ~= "truncate" then
       local seq = self:next_seq()
-      local entry = by[m.schema .. "." .. m.table]
+      local entry = route(cfg, m)
       if entry then
         self:event(entry, m.op, m.schema, m.table, m, seq)
       else
         self:unrouted(m.schema, m.table)
       end
+    elseif k == "relation" then
+      cfg.routes = nil
     elseif k == "begin" then
       self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time }
     elseif k == "commit" then
-      self.apply:push({ lsn = m.end_lsn_int, time = m.commit_time })
+      self.apply:mark(m.end_lsn_int, m.commit_time)
       self.tx = nil
     elseif k == "truncate" then
       for _, rel in ipairs(m.relations) do
@@ -221,7 +241,7 @@ function M:take(msgs)
     elseif k == "keepalive" then
       if m.reply_requested then self.reply_now = true end
       -- outside a transaction, everything up to walEnd has been sent
-      if not self.tx and m.wal_end_int then self.apply:push({ lsn = m.wal_end_int }) end
+      if not self.tx and m.wal_end_int then self.apply:mark(m.wal_end_int) end
     end
   end
 end
