@@ -46,10 +46,10 @@ function C.script(dst, body)
 end
 
 --- Starts the runner and waits until it streams (or stands by).
-function C.start(path, src, args, want)
+function C.start(path, src, args, want, env)
   local argv = { "--db", "dbname=" .. src }
   for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local p = H.start(path, argv, nil, false)
+  local p = H.start(path, argv, env, false)
   local ok = H.eventually(function()
     local e = p.stderr()
     return e:find(want or "streaming", 1, true) or not p.running()
