@@ -148,28 +148,38 @@ static const unsigned char special[256] = {
   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, /* '\\' */
 };
 
-/* At the opening quote: pushes the string (through the key cache when
- * `key`); 0 on bad input. */
-static int dstring(lua_State *L, jdec *d, int key) {
-  const char *p = d->p + 1, *e = d->end, *s = p;
-  jbuf *b = d->buf;
-  while (p < e && !special[(unsigned char)*p])
-    p++;
-  while (p < e) {
-    unsigned char c = (unsigned char)*p;
-    if (c == '"') {
-      if (key)
-        push_key(L, d, s, (size_t)(p - s));
-      else
-        lua_pushlstring(L, s, (size_t)(p - s));
-      d->p = p + 1;
-      return 1;
-    }
-    if (c == '\\' || c < 0x20)
-      break;
-    p++;
+/* Bad input in an escape at `at`: records it; returns NULL. */
+static const char *bad_escape(jdec *d, const char *at, const char *what) {
+  d->p = at;
+  dfail(d, what);
+  return NULL;
+}
+
+/* At a \u escape: appends its code point, or that of the surrogate pair it
+ * starts, as UTF-8; returns the byte after it, or NULL on bad input. */
+static const char *unescape_u(lua_State *L, jdec *d, const char *p) {
+  const char *e = d->end;
+  long cp, lo;
+  if (e - p < 6 || (cp = hex4(p + 2)) < 0)
+    return bad_escape(d, p, "invalid \\u escape");
+  if (cp >= 0xD800 && cp <= 0xDBFF) {
+    if (e - p < 12 || p[6] != '\\' || p[7] != 'u' || (lo = hex4(p + 8)) < 0xDC00 || lo > 0xDFFF)
+      return bad_escape(d, p, "unpaired UTF-16 surrogate in a \\u escape");
+    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+    p += 6;
+  } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+    return bad_escape(d, p, "unpaired UTF-16 surrogate in a \\u escape");
   }
-  /* escapes (or an error): unescape into the buffer */
+  put_utf8(L, d->buf, (unsigned long)cp);
+  return p + 6;
+}
+
+/* The string from `s` has an escape (or bad input) at `p`: unescapes it
+ * into the buffer and pushes it (never through the key cache); 0 on bad
+ * input. */
+static int dstring_escaped(lua_State *L, jdec *d, const char *s, const char *p) {
+  const char *e = d->end;
+  jbuf *b = d->buf;
   b->n = 0;
   jput(L, b, s, (size_t)(p - s));
   while (p < e) {
@@ -202,28 +212,10 @@ static int dstring(lua_State *L, jdec *d, int key) {
     case 'n': jputc(L, b, '\n'); break;
     case 'r': jputc(L, b, '\r'); break;
     case 't': jputc(L, b, '\t'); break;
-    case 'u': {
-      long cp;
-      if (e - p < 6 || (cp = hex4(p + 2)) < 0) {
-        d->p = p;
-        return dfail(d, "invalid \\u escape");
-      }
-      if (cp >= 0xD800 && cp <= 0xDBFF) {
-        long lo;
-        if (e - p < 12 || p[6] != '\\' || p[7] != 'u' || (lo = hex4(p + 8)) < 0xDC00 || lo > 0xDFFF) {
-          d->p = p;
-          return dfail(d, "unpaired UTF-16 surrogate in a \\u escape");
-        }
-        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-        p += 6;
-      } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-        d->p = p;
-        return dfail(d, "unpaired UTF-16 surrogate in a \\u escape");
-      }
-      put_utf8(L, b, (unsigned long)cp);
-      p += 6;
+    case 'u':
+      if (!(p = unescape_u(L, d, p)))
+        return 0;
       continue;
-    }
     default:
       d->p = p;
       return dfail(d, "invalid escape in a string");
@@ -232,6 +224,30 @@ static int dstring(lua_State *L, jdec *d, int key) {
   }
   d->p = e;
   return dfail(d, "unterminated string");
+}
+
+/* At the opening quote: pushes the string (through the key cache when
+ * `key`); 0 on bad input.  A string without escapes is pushed straight from
+ * the input. */
+static int dstring(lua_State *L, jdec *d, int key) {
+  const char *p = d->p + 1, *e = d->end, *s = p;
+  while (p < e && !special[(unsigned char)*p])
+    p++;
+  while (p < e) {
+    unsigned char c = (unsigned char)*p;
+    if (c == '"') {
+      if (key)
+        push_key(L, d, s, (size_t)(p - s));
+      else
+        lua_pushlstring(L, s, (size_t)(p - s));
+      d->p = p + 1;
+      return 1;
+    }
+    if (c == '\\' || c < 0x20)
+      break;
+    p++;
+  }
+  return dstring_escaped(L, d, s, p);
 }
 
 /* Pushes the number at d->p; 0 on bad input. */
