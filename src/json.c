@@ -137,6 +137,56 @@ static lua_Integer array_length(lua_State *L, int idx) {
   return (n > 0 && n == max) ? n : -1;
 }
 
+static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx);
+
+/* The table at idx, whose keys are exactly 1..n, as a JSON array. */
+static void encode_array(lua_State *L, jbuf *b, int idx, lua_Integer n, int depth, int nullidx) {
+  lua_Integer i;
+  jputc(L, b, '[');
+  for (i = 1; i <= n; i++) {
+    if (i > 1)
+      jputc(L, b, ',');
+    lua_rawgeti(L, idx, i);
+    encode(L, b, lua_gettop(L), depth + 1, nullidx);
+    lua_pop(L, 1);
+  }
+  jputc(L, b, ']');
+}
+
+/* Any other table at idx as a JSON object; raises on a key that is
+ * neither a string nor a number. */
+static void encode_object(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
+  int first = 1;
+  jputc(L, b, '{');
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int kt = lua_type(L, -2);
+    if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
+      luaL_error(L, "cannot encode as JSON: a table key of type %s", lua_typename(L, kt));
+    if (!first)
+      jputc(L, b, ',');
+    first = 0;
+    put_key(L, b, idx, lua_gettop(L) - 1);
+    jputc(L, b, ':');
+    encode(L, b, lua_gettop(L), depth + 1, nullidx);
+    lua_pop(L, 1);
+  }
+  jputc(L, b, '}');
+}
+
+/* The table at idx, `depth` levels down: an array or an object. */
+static void encode_table(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
+  lua_Integer n;
+  if (depth >= MAX_DEPTH)
+    luaL_error(L, "cannot encode as JSON: nested deeper than %d (a cycle?)", MAX_DEPTH);
+  luaL_checkstack(L, 6, "JSON value nested too deeply");
+  n = array_length(L, idx);
+  if (n > 0)
+    encode_array(L, b, idx, n, depth, nullidx);
+  else
+    encode_object(L, b, idx, depth, nullidx);
+}
+
 /* Encodes the value at idx (absolute); the buffer sits below the work. */
 static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
   switch (lua_type(L, idx)) {
@@ -161,42 +211,9 @@ static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
       return;
     }
     break;
-  case LUA_TTABLE: {
-    lua_Integer n, i;
-    int first = 1;
-    if (depth >= MAX_DEPTH)
-      luaL_error(L, "cannot encode as JSON: nested deeper than %d (a cycle?)", MAX_DEPTH);
-    luaL_checkstack(L, 6, "JSON value nested too deeply");
-    n = array_length(L, idx);
-    if (n > 0) {
-      jputc(L, b, '[');
-      for (i = 1; i <= n; i++) {
-        if (i > 1)
-          jputc(L, b, ',');
-        lua_rawgeti(L, idx, i);
-        encode(L, b, lua_gettop(L), depth + 1, nullidx);
-        lua_pop(L, 1);
-      }
-      jputc(L, b, ']');
-      return;
-    }
-    jputc(L, b, '{');
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-      int kt = lua_type(L, -2);
-      if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
-        luaL_error(L, "cannot encode as JSON: a table key of type %s", lua_typename(L, kt));
-      if (!first)
-        jputc(L, b, ',');
-      first = 0;
-      put_key(L, b, idx, lua_gettop(L) - 1);
-      jputc(L, b, ':');
-      encode(L, b, lua_gettop(L), depth + 1, nullidx);
-      lua_pop(L, 1);
-    }
-    jputc(L, b, '}');
+  case LUA_TTABLE:
+    encode_table(L, b, idx, depth, nullidx);
     return;
-  }
   default:
     break;
   }
