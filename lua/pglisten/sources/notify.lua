@@ -3,7 +3,11 @@
 -- Its hooks, as the loop calls them:
 --   connect  -- tick while down: one attempt (through the leader service
 --               when single active), LISTEN, `on_connect`, then the session
---               is put back to idle; failures wait `backoff.delay` (jittered)
+--               is put back to idle; failures wait `backoff.delay` (jittered).
+--               After a reconnect, `on_connect` waits until the notes
+--               received on the lost connection are settled, and nothing is
+--               read from the new one meanwhile: a resync is never followed
+--               by an older note's write
 --   pollfd/events/pending/read -- the socket the loop polls, and reading:
 --               `conn:drain` into the dispatcher's lanes, up to `drain_max`
 --               notes a read and while the lanes hold fewer than `read_ahead`
@@ -85,19 +89,20 @@ end
 
 function M:pollfd()
   local c = self.conn
-  if c and self.rt.dispatch:queued() < self.rt.settings.read_ahead then return c:pollfd() end
+  if c and not self.deferred and self.rt.dispatch:queued() < self.rt.settings.read_ahead then return c:pollfd() end
 end
 function M:events() return self.conn and self.conn:events() or "r" end
 --- True when more notes may be there without waiting (the last read brought some).
 function M:pending()
-  return self.more and self.conn ~= nil and self.rt.dispatch:queued() < self.rt.settings.read_ahead
+  return self.more and self.conn ~= nil and not self.deferred
+    and self.rt.dispatch:queued() < self.rt.settings.read_ahead
 end
 
 --- Moves up to `max` notes libpq has (or the socket has, without waiting)
 -- into the lanes.  Returns the count, or nil when the connection is lost.
 function M:read(max)
   local conn = self.conn
-  if not conn then return 0 end
+  if not conn or self.deferred then return 0 end -- not before on_connect (see connected)
   max = max or self.rt.settings.drain_max
   local batch, err, code = conn:drain(max, self.buf)
   if not batch then
@@ -145,7 +150,7 @@ function M:lost(err)
   self.log.warn("connection lost", { error = err, queued = self.rt.dispatch:queued() })
   if self.rt.leader then self.rt.leader:lost() end
   self.conn:close()
-  self.conn, self.more = nil, false
+  self.conn, self.more, self.deferred = nil, false, nil
   self.lost_at, self.next_connect, self.attempt = now(), now(), 0
 end
 
@@ -160,6 +165,7 @@ end
 
 function M:timeout(t)
   if not self.conn then return self.next_connect - t end
+  if self.deferred and self.rt.dispatch:queued() == 0 then return 0 end
   local hb = self.rt.settings.heartbeat
   if hb > 0 and not self:full() then return self.last_io + hb - t end
 end
@@ -168,6 +174,12 @@ function M:tick(t)
   if not self.conn then
     if t >= self.next_connect and not self.rt:stopping() then self:connect() end
     return
+  end
+  if self.deferred and self.rt.dispatch:queued() == 0 then
+    local info = self.deferred
+    self.deferred, self.more = nil, true
+    self:call_on_connect(info)
+    if not self.conn then return end
   end
   local s = self.rt.settings
   if s.heartbeat > 0 and t - self.last_io >= s.heartbeat and not self:full() then
@@ -245,6 +257,18 @@ function M:connected(conn)
     attempts = info.attempts, disconnected_for = info.disconnected_for and ("%.3f"):format(info.disconnected_for),
   })
   self.rt:connected(info)
+  -- the notes received on the lost connection are handled first (or given
+  -- up after their retries): an on_connect that resyncs a target must not
+  -- be followed by an older note that writes a stale value over it.  The
+  -- lanes hold only this source's notes, so they are these; tick calls
+  -- on_connect once they are settled, and until then nothing is read from
+  -- the new connection, so its notes still come after on_connect
+  local queued = self.rt.dispatch:queued()
+  if self.rt.spec.on_connect and queued > 0 then
+    self.deferred = info
+    self.log.info("on_connect waits for the notes received before the loss", { queued = queued })
+    return
+  end
   self:call_on_connect(info)
 end
 
