@@ -135,6 +135,123 @@ describe("replication core, broken on purpose (b48ada5)", function()
 end)
 
 ---------------------------------------------------------------------------
+-- The apply queue (three arrays since b48ada5), on its own
+---------------------------------------------------------------------------
+
+describe("the replication apply queue, broken on purpose (b48ada5)", function()
+  local Apply
+  setup(function()
+    package.loaded["pglisten.host"] = package.loaded["pglisten.host"] or { pending = function() return false end }
+    Apply = require "pglisten.replication.apply"
+  end)
+
+  local function new(sql)
+    local log = setmetatable({}, { __index = function() return function() end end })
+    local rt = { log = log, stats = { handled = 0, failed_handler = 0, retries = 0 },
+      dispatch = { on_error = function() end } }
+    local c = { handled = 0, failed_handler = 0, retries = 0, dead = 0 }
+    return Apply.new(rt, c, sql or function() return nil, "no database here" end), c
+  end
+
+  -- A channel entry whose handler records its calls and fails `fails` times.
+  local function entry(name, batch, fails, extra)
+    local e = { name = name, batch = batch, retry = { attempts = 1000, backoff = 0, max_backoff = 0 }, calls = {} }
+    for k, v in pairs(extra or {}) do e[k] = v end
+    e.handler = function(evs)
+      if not batch then evs = { evs } end
+      local ids = {}
+      for i, ev in ipairs(evs) do ids[i] = ev.id end
+      e.calls[#e.calls + 1] = table.concat(ids, ",")
+      if fails > 0 then
+        fails = fails - 1
+        error("failing on purpose")
+      end
+    end
+    return e
+  end
+
+  it("a failed batch holds the flush position at the marks before it, its retry passes every mark it covers",
+    function()
+      local a = new()
+      local A = entry("a", 3, 2)
+      a:push(A, { id = 1 }, { commit_time = 1 }); a:mark(100, 1); a:mark(150)
+      a:push(A, { id = 2 }, { commit_time = 2 }); a:mark(200, 2)
+      a:push(A, { id = 3 }, { commit_time = 3 }); a:push(A, { id = 4 }, { commit_time = 3 }); a:mark(300, 3)
+      assert.equal(4, a.events); assert.equal(8, a:len()); assert.equal(1, a:oldest_commit())
+      a:handle(100)
+      assert.equal(0, a.flushed); assert.truthy(a.job); assert.equal(4, a.events)
+      a:handle(100)
+      assert.equal(0, a.flushed)
+      a:handle(100)
+      assert.same({ "1,2,3", "1,2,3", "1,2,3", "4" }, A.calls)
+      assert.equal(300, a.flushed); assert.equal(0, a.events); assert.equal(0, a:len())
+      assert.is_nil(a:oldest_commit()); assert.is_nil(a.job)
+      -- the queue starts again from 1 and works the same
+      a:push(A, { id = 5 }, { commit_time = 4 }); a:mark(400, 4)
+      assert.equal(2, a:len())
+      a:handle(100)
+      assert.equal(400, a.flushed); assert.equal("5", A.calls[5])
+    end)
+
+  it("interleaved channels: a batch stops at the other channel's event; singles one at a time, in order", function()
+    local a = new()
+    local A, B = entry("a", nil, 0), entry("b", 1000, 1)
+    local order = {}
+    local ha, hb = A.handler, B.handler
+    A.handler = function(ev, note) order[#order + 1] = "a" .. ev.id; return ha(ev, note) end
+    B.handler = function(evs, notes)
+      local ok = pcall(hb, evs, notes)
+      if not ok then error("b failed") end
+      for _, ev in ipairs(evs) do order[#order + 1] = "b" .. ev.id end
+    end
+    a:push(A, { id = 1 }, {}); a:push(B, { id = 1 }, {}); a:push(B, { id = 2 }, {}); a:mark(10)
+    a:push(A, { id = 2 }, {}); a:push(A, { id = 3 }, {}); a:push(B, { id = 3 }, {}); a:mark(20)
+    for _ = 1, 10 do a:handle(100) end
+    assert.same({ "a1", "b1", "b2", "a2", "a3", "b3" }, order)
+    assert.same({ "1,2", "1,2", "3" }, B.calls)
+    assert.equal(20, a.flushed)
+  end)
+
+  it("a budget stops between events, the flush position at the marks the handled jobs covered", function()
+    local a = new()
+    local A = entry("a", nil, 0)
+    for i = 1, 5 do a:push(A, { id = i }, {}); a:mark(i * 10) end
+    a:handle(2)
+    assert.same({ "1", "2" }, A.calls)
+    assert.equal(20, a.flushed) -- a job takes the marks that follow its events
+    assert.equal(6, a:len())
+    a:handle(2)
+    assert.equal(40, a.flushed)
+    a:handle(100)
+    assert.equal(50, a.flushed); assert.equal(0, a:len())
+  end)
+
+  it("a reset while a job waits for its retry drops the job and the three arrays whole", function()
+    local a = new()
+    local A = entry("a", 10, 1)
+    a:push(A, { id = 1 }, {}); a:mark(10); a:push(A, { id = 2 }, {})
+    a:handle(100)
+    assert.truthy(a.job); assert.equal(0, a.flushed)
+    a:reset()
+    assert.is_nil(a.job); assert.equal(0, a.events); assert.equal(0, a:len()); assert.is_false(a:ready())
+    assert.is_nil(next(a.q)); assert.is_nil(next(a.qe)); assert.is_nil(next(a.qv))
+    a:push(A, { id = 1 }, {}); a:mark(10); a:push(A, { id = 2 }, {}); a:mark(20)
+    a:handle(100)
+    assert.same({ "1,2", "1,2" }, A.calls)
+    assert.equal(20, a.flushed); assert.equal(0, a:len())
+  end)
+
+  it('on_failure = "dead" that cannot record the batch keeps it at the head, the position unmoved', function()
+    local a, c = new()
+    local A = entry("a", 2, 1000, { on_failure = "dead", retry = { attempts = 2, backoff = 0, max_backoff = 0 } })
+    a:push(A, { id = 1 }, { lsn = "0/1" }); a:push(A, { id = 2 }, { lsn = "0/2" }); a:mark(10)
+    for _ = 1, 5 do a:handle(100) end
+    assert.equal(0, a.flushed); assert.truthy(a.job); assert.equal(2, a.events); assert.equal(0, c.dead)
+    assert.same({ "1,2", "1,2", "1,2", "1,2", "1,2" }, A.calls)
+  end)
+end)
+
+---------------------------------------------------------------------------
 -- The replication source through the runner
 ---------------------------------------------------------------------------
 
