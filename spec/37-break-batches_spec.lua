@@ -70,6 +70,24 @@ describe("replication core, broken on purpose (b48ada5)", function()
     local now = assert(c:exec("SELECT pg_current_wal_lsn()::text AS t"))[1].t
     assert.equal(now, core.lsn_format(assert(core.lsn_parse(now))))
   end)
+  it("sends integer parameters as the server reads them: 0, -1, the extremes, every digit count", function()
+    local c = H.connect("dbname=" .. dbname)
+    finally(function() c:close() end)
+    local cases = { 0, -1, 1, 9, 10, -9, -10, 99, 100, math.maxinteger, math.mininteger, math.mininteger + 1,
+      math.maxinteger - 1 }
+    for d = 1, 18 do cases[#cases + 1] = 10 ^ d // 1 | 0; cases[#cases + 1] = -(10 ^ d // 1 | 0) + 1 end
+    local list = {}
+    for i, v in ipairs(cases) do
+      local r = assert(c:exec("SELECT $1::text AS t, $1::numeric::bigint AS b", v))[1]
+      assert.equal(("%d"):format(v), r.t); assert.equal(v, r.b)
+      list[i] = { i, v }
+    end
+    assert(c:exec("CREATE TEMP TABLE ints (i int, v bigint)"))
+    assert.equal(#cases, c:execmany("INSERT INTO ints VALUES ($1, $2)", list))
+    local r = assert(c:exec("SELECT i, v, v::text AS t FROM ints ORDER BY i"))
+    for i, v in ipairs(cases) do assert.equal(v, r[i].v); assert.equal(("%d"):format(v), r[i].t) end
+  end)
+
   it("hands numeric, json, bool and integer values of 62 to 70 bytes over exactly as exec() reads them", function()
     sql("CREATE TABLE vals (id int PRIMARY KEY, n numeric, j json, jb jsonb, b bool, i8 bigint, f float8, s text)")
     local r, slot = stream("vals")
