@@ -64,6 +64,30 @@ describe("reload", function()
     assert.same({ "a 1", "a 2", "a 3", "a 4" }, lines(p.stdout()))
   end)
 
+  it("handles the plain notes sent before a plain -> durable reload but delivered during it", function()
+    local db, ci, c = installed_db("rls")
+    local body = [[return { channels = { a = { %s handler = function(row) out("a", row.k) end } } }]]
+    local path = script(body:format(""))
+    p = start(path, { "--db", ci })
+    -- the runner's backend stalls: the notes committed meanwhile stay in the
+    -- server until it runs again, after the HUP (a loaded machine's delay)
+    local pid = assert(H.runner_backend(db))
+    os.execute("kill -STOP " .. pid)
+    local ok, err = pcall(function()
+      for k = 1, 3 do assert(c:notify("a", { k = k })) end
+      rewrite(path, body:format("durable = true,"))
+      p.kill("HUP")
+      H.sleep(1) -- the runner takes the HUP and waits on its backend
+    end)
+    os.execute("kill -CONT " .. pid)
+    assert(ok, err)
+    assert(H.eventually(function() return count(p.stderr(), "reloaded") == 1 end, 10), p.stderr())
+    assert(H.eventually(function() return p.stdout():find("a 3", 1, true) end, 10),
+      "notes sent while the channel was plain were dropped:\n" .. p.stdout() .. p.stderr())
+    assert.same({ "a 1", "a 2", "a 3" }, lines(p.stdout()))
+    assert.is_nil(p.stderr():find("plain notification on a durable channel", 1, true), p.stderr())
+  end)
+
   it("never makes a second leader: a reload that adds a channel keeps the lock name", function()
     local _, ci, c = installed_db("lead")
     assert(c:exec("CREATE TABLE handled (k int NOT NULL, tag text NOT NULL)"))

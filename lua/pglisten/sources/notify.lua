@@ -122,10 +122,18 @@ function M:read(max)
   return n
 end
 
---- Reads everything that has arrived already, without waiting (up to the
--- read-ahead limit).
+--- Reads every note the server sent before now (up to the read-ahead
+-- limit), for a reload.  A ping first: a note committed before now may not
+-- have reached the socket yet (its backend runs late on a loaded machine),
+-- and the server sends it before the ping's answer.  No ping while the
+-- lanes are full (see `full`) or on_connect waits (see `connected`).
 function M:read_arrived()
   local limit = self.rt.settings.read_ahead
+  if self.conn and not self.deferred and not self:full() then
+    local ok, err = self.conn:ping(self.rt.settings.heartbeat_timeout)
+    if not ok then return self:lost("ping before reload failed: " .. tostring(err)) end
+    self.last_io = now()
+  end
   repeat
     local n = self:read()
   until not n or n < self.rt.settings.drain_max or self.rt.dispatch:queued() >= limit
