@@ -157,17 +157,22 @@ install: all
 clean:
 	rm -rf build build-asan
 
-# make fuzz: the pgoutput decoder under libFuzzer + ASan/UBSan (clang), from
-# the real messages in fuzz/corpus, for FUZZ_TIME seconds.
+# make fuzz: under libFuzzer + ASan/UBSan (clang), FUZZ_TIME seconds each,
+# the pgoutput decoder from the real messages in fuzz/corpus, then the JSON
+# decoder and encoder (fuzz/json_fuzz.c) from fuzz/json_corpus with
+# fuzz/json.dict.  New inputs are kept in $(BUILD)/fuzz/.
 FUZZ_CC   ?= clang
 FUZZ_TIME ?= 60
 FUZZ_BIN   = $(BUILD)/fuzz/pgoutput_fuzz
+FUZZ_JSON  = $(BUILD)/fuzz/json_fuzz
 .PHONY: fuzz
-fuzz: $(FUZZ_BIN)
-	mkdir -p $(BUILD)/fuzz/corpus
+fuzz: $(FUZZ_BIN) $(FUZZ_JSON)
+	mkdir -p $(BUILD)/fuzz/corpus $(BUILD)/fuzz/json_corpus
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_TIME) -max_len=8192 -print_final_stats=1 $(BUILD)/fuzz/corpus fuzz/corpus
-$(FUZZ_BIN): fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) $(HDR)
+	$(FUZZ_JSON) -max_total_time=$(FUZZ_TIME) -max_len=8192 -print_final_stats=1 -dict=fuzz/json.dict \
+	  $(BUILD)/fuzz/json_corpus fuzz/json_corpus
+$(BUILD)/fuzz/%_fuzz: fuzz/%_fuzz.c $(filter-out src/main.c,$(SRC)) $(HDR)
 	mkdir -p $(dir $@)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(DEFS) \
-	  $(LUA_CFLAGS) $(PQ_CFLAGS) -o $@ fuzz/pgoutput_fuzz.c $(filter-out src/main.c,$(SRC)) \
+	  $(LUA_CFLAGS) $(PQ_CFLAGS) -o $@ $< $(filter-out src/main.c,$(SRC)) \
 	  $(LUA_LIBS) $(PQ_LIBS) -lm
