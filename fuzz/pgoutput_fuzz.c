@@ -27,12 +27,24 @@ static const char seed_relation[] =
   "\0" "j\0" "\0\0\x0e\xda" "\xff\xff\xff\xff"
   "\0" "n\0" "\0\0\x06\xa4" "\xff\xff\xff\xff";
 
-/* Decodes the (lightuserdata, length) on the stack with the map at 3. */
+/* Decodes the (lightuserdata, length) on the stack with the map at 3:
+ * first as the replication source reads (events mode: a row change is its
+ * event, without kind), then as messages.  Both must agree on whether the
+ * input is valid; the messages are returned. */
 static int decode(lua_State *S) {
   const char *buf = (const char *)lua_touserdata(S, 1);
   size_t len = (size_t)lua_tointeger(S, 2);
+  pgl_msginfo mi;
+  int events_ok;
   lua_settop(S, 3);
-  return pgl_pgoutput_decode(S, buf, len, 3);
+  mi.events = 1;
+  events_ok = pgl_pgoutput_decode_ex(S, buf, len, 3, &mi) == 1;
+  if (events_ok && (!lua_istable(S, -1) || (lua_getfield(S, -1, "kind") == LUA_TNIL) != mi.change))
+    __builtin_trap(); /* a change and only a change comes without kind */
+  lua_settop(S, 3);
+  if ((pgl_pgoutput_decode(S, buf, len, 3) == 1) != events_ok)
+    __builtin_trap();
+  return events_ok ? 1 : 2;
 }
 
 static void setup(void) {

@@ -201,6 +201,83 @@ describe("replication core", function()
     drop(nil, slot)
   end)
 
+  it("in events mode hands a row change as its event, its position beside it", function()
+    sql("CREATE TABLE tev (id int PRIMARY KEY, v text, n numeric, big text)")
+    sql("ALTER TABLE tev ALTER COLUMN big SET STORAGE EXTERNAL")
+    sql("ALTER TABLE tev REPLICA IDENTITY FULL")
+    -- two slots on one publication: one read as messages, one as events
+    local r1, slot = stream("tev")
+    local r2 = connect()
+    local slot2 = slot .. "_ev"
+    assert(r2:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot2)))
+    assert(r2:start(slot2, 0, { publication = slot }))
+    sql("INSERT INTO tev VALUES (1, 'one', 1.50, repeat('x', 100000)), (2, 'two', NULL, NULL)")
+    sql("UPDATE tev SET v = 'ONE' WHERE id = 1")
+    sql("DELETE FROM tev WHERE id = 2")
+    sql("TRUNCATE tev")
+    local msgs = collect(r1, commits(4))
+    local evs, info = {}, { lsn = {}, lsn_text = {}, relid = {}, wal_end = 0 }
+    local deadline = pg.monotonic() + 20
+    local ncommits = 0
+    while ncommits < 4 and pg.monotonic() < deadline do
+      local got, inf = assert(r2:read(3, "events")) -- small reads: the arrays are per read
+      assert.is_table(inf); assert.equal("integer", math.type(inf.wal_end))
+      for i, m in ipairs(got) do
+        evs[#evs + 1] = m
+        info.lsn[#evs], info.lsn_text[#evs], info.relid[#evs] = inf.lsn[i], inf.lsn_text[i], inf.relid[i]
+        if m.kind == "commit" then ncommits = ncommits + 1 end
+        if m.kind == nil then assert.is_true(inf.wal_end >= inf.lsn[i]) end
+      end
+      if inf.wal_end > info.wal_end then info.wal_end = inf.wal_end end
+      if #got == 0 then core.poll({ r2:pollfd() }, 0.5) end
+    end
+    -- keepalives come when they come, on each slot: compared without them
+    local function drop_keepalives(list, inf)
+      local out, oi = {}, { lsn = {}, lsn_text = {}, relid = {} }
+      for i, m in ipairs(list) do
+        if m.kind ~= "keepalive" then
+          out[#out + 1] = m
+          if inf then oi.lsn[#out], oi.lsn_text[#out], oi.relid[#out] = inf.lsn[i], inf.lsn_text[i], inf.relid[i] end
+        end
+      end
+      oi.wal_end = inf and inf.wal_end
+      return out, oi
+    end
+    msgs = drop_keepalives(msgs)
+    evs, info = drop_keepalives(evs, info)
+    assert.equal(#msgs, #evs)
+    local nchanges = 0
+    for i, m in ipairs(msgs) do
+      local e = evs[i]
+      if m.op and m.kind ~= "truncate" then
+        nchanges = nchanges + 1
+        assert.is_nil(e.kind)
+        local keys = {}
+        for k in pairs(e) do keys[#keys + 1] = k end
+        table.sort(keys)
+        -- exactly the handler contract, nothing of the wire
+        assert.same(m.kind == "insert" and { "new", "op", "schema", "table" }
+          or m.kind == "delete" and { "old", "op", "schema", "table" }
+          or { "new", "old", "op", "schema", "table" }, keys)
+        assert.same({ op = m.op, schema = m.schema, table = m.table, new = m.new, old = m.old }, e)
+        assert.equal(m.lsn_int, info.lsn[i]); assert.equal(m.lsn, info.lsn_text[i])
+        assert.equal(m.relid, info.relid[i])
+      else
+        assert.equal(m.kind, e.kind)
+        assert.is_nil(info.lsn[i])
+        if m.kind == "commit" then assert.equal(m.end_lsn_int, e.end_lsn_int) end
+      end
+    end
+    assert.equal(4, nchanges)
+    assert.is_true(info.wal_end > 0)
+    r2:close()
+    H.eventually(function()
+      return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot2)) == "0"
+    end, 10)
+    sql(("SELECT pg_drop_replication_slot('%s')"):format(slot2))
+    drop(r1, slot)
+  end)
+
   it("decodes a relation altered mid-stream with its new shape", function()
     sql("CREATE TABLE t2 (id int PRIMARY KEY, a text)")
     local r, slot = stream("t2")

@@ -170,6 +170,21 @@ extern const char pgl_key_unchanged; /* sentinel for an unchanged TOASTed value 
  * Pushes the message table and returns 1, or pushes nil, message, returns 2.
  */
 int pgl_pgoutput_decode(lua_State *L, const char *buf, size_t len, int relidx);
+/*
+ * The same, for the replication source's reading: with mi->events set, a row
+ * change (Insert, Update, Delete) is pushed as the event itself, { op,
+ * schema, table, new, old }, without kind, relid and the XLogData fields, and
+ * mi->change is set; mi->lsn (the XLogData's start), mi->wal_end (its walEnd
+ * or the keepalive's) and mi->relid are filled in for every message.  Saves
+ * a table and a dozen fields per change.
+ */
+typedef struct pgl_msginfo {
+  int events, change;
+  uint64_t lsn, wal_end, relid;
+} pgl_msginfo;
+int pgl_pgoutput_decode_ex(lua_State *L, const char *buf, size_t len, int relidx, pgl_msginfo *mi);
+/* Pushes an LSN as the server prints it, "X/Y". */
+void pgl_push_lsn(lua_State *L, uint64_t lsn);
 /* Adds core.pgoutput_decode, core.unchanged, core.lsn_parse, core.lsn_format
  * to the table on top. */
 void pgl_pgoutput_open(lua_State *L);

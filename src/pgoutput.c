@@ -101,7 +101,7 @@ static char *put_hex(char *p, uint32_t v) {
 
 /* "X/Y", as the server prints an LSN (%X/%X).  By hand: it is done twice
  * for every change, and snprintf cost more than the rest of the message. */
-static void push_lsn(lua_State *L, uint64_t lsn) {
+void pgl_push_lsn(lua_State *L, uint64_t lsn) {
   char buf[20], *p = put_hex(buf, (uint32_t)(lsn >> 32));
   *p++ = '/';
   p = put_hex(p, (uint32_t)lsn);
@@ -110,7 +110,7 @@ static void push_lsn(lua_State *L, uint64_t lsn) {
 
 /* t[name] = "X/Y" and t[name_int] = the integer, t on top. */
 static void set_lsn2(lua_State *L, const char *name, const char *name_int, uint64_t lsn) {
-  push_lsn(L, lsn);
+  pgl_push_lsn(L, lsn);
   lua_setfield(L, -2, name);
   lua_pushinteger(L, (lua_Integer)lsn);
   lua_setfield(L, -2, name_int);
@@ -268,6 +268,8 @@ static int dec_copydata(lua_State *L, rd *r, int relidx) {
     t = (int)pgl_rd_u(r, 1);
     if (r->err[0])
       return 0;
+    if (r->mi)
+      r->mi->wal_end = end;
     pgl_new_msg(L, "keepalive", 5);
     set_lsn(L, "wal_end", end);
     set_time(L, "send_time", ts);
@@ -286,6 +288,12 @@ static int dec_copydata(lua_State *L, rd *r, int relidx) {
   ts = pgl_rd_u(r, 8);
   if (!dec_pgoutput(L, r, relidx))
     return 0;
+  if (r->mi) {
+    r->mi->lsn = start;
+    r->mi->wal_end = end;
+    if (r->mi->change)
+      return 1; /* the event alone: its position is in mi */
+  }
   /* wal_end as an integer only: the string would be made for every change
    * and nobody reads it (a keepalive has both) */
   set_lsn(L, "lsn", start);
@@ -295,8 +303,15 @@ static int dec_copydata(lua_State *L, rd *r, int relidx) {
 }
 
 int pgl_pgoutput_decode(lua_State *L, const char *buf, size_t len, int relidx) {
+  return pgl_pgoutput_decode_ex(L, buf, len, relidx, NULL);
+}
+
+int pgl_pgoutput_decode_ex(lua_State *L, const char *buf, size_t len, int relidx, pgl_msginfo *mi) {
   int base = lua_gettop(L);
   rd r;
+  r.mi = mi;
+  if (mi)
+    mi->change = 0, mi->lsn = mi->wal_end = mi->relid = 0;
   r.b = r.p = (const unsigned char *)buf;
   r.e = r.b + len;
   r.what = "XLogData";
@@ -346,7 +361,7 @@ static int core_lsn_parse(lua_State *L) {
 
 /* core.lsn_format(integer) -> "X/Y" */
 static int core_lsn_format(lua_State *L) {
-  push_lsn(L, (uint64_t)luaL_checkinteger(L, 1));
+  pgl_push_lsn(L, (uint64_t)luaL_checkinteger(L, 1));
   return 1;
 }
 

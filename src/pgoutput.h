@@ -14,6 +14,7 @@ typedef struct rd {
   const unsigned char *b, *p, *e; /* start, next byte, end */
   const char *what;               /* the message being read, for errors */
   char err[200];                  /* set on the first failure */
+  pgl_msginfo *mi;                /* NULL: a message table for everything */
 } rd;
 
 /* Records "truncated <what> message at byte N" unless an error is set. */

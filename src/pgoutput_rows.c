@@ -169,6 +169,18 @@ static int new_change(lua_State *L, rd *r, int relidx, const char *kind, const c
   if (!get_rel(L, r, relidx, relid))
     return 0;
   rel = lua_gettop(L);
+  if (r->mi && r->mi->events) { /* the event itself */
+    r->mi->change = 1;
+    r->mi->relid = relid;
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, op);
+    lua_setfield(L, -2, "op");
+    lua_getfield(L, rel, "schema");
+    lua_setfield(L, -2, "schema");
+    lua_getfield(L, rel, "table");
+    lua_setfield(L, -2, "table");
+    return rel;
+  }
   pgl_new_msg(L, kind, 13); /* + lsn, lsn_int, wal_end_int, send_time, new, old, old_kind */
   lua_pushstring(L, op);
   lua_setfield(L, -2, "op");
@@ -210,8 +222,10 @@ int pgl_dec_update_delete(lua_State *L, rd *r, int relidx, int update) {
     return 0;
   k = pgl_rd_u(r, 1);
   if (k == 'K' || k == 'O') {
-    lua_pushstring(L, k == 'K' ? "key" : "full");
-    lua_setfield(L, -2, "old_kind");
+    if (!(r->mi && r->mi->events)) {
+      lua_pushstring(L, k == 'K' ? "key" : "full");
+      lua_setfield(L, -2, "old_kind");
+    }
     if (!set_tuple(L, r, rel, "old"))
       return 0;
     if (update)

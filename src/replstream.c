@@ -61,18 +61,78 @@ static int end_of_stream(lua_State *L, pgl_repl *c) {
   return 2;
 }
 
+enum { READ_MESSAGES, READ_RAW, READ_EVENTS };
+
 /*
- * repl:read([max [, raw]]) -> { message, ... } | nil, err[, sqlstate]
+ * Decodes the CopyData payload at c->pending (len bytes) into messages[n]
+ * (stack: 3 the relation map, 4 the messages; in events mode 5 the info
+ * table and 6, 7, 8 its lsn, lsn_text and relid arrays).  Returns 1, or 0
+ * with nil, err pushed.
+ */
+static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n, uint64_t *wal_end) {
+  pgl_msginfo mi;
+  if (mode == READ_RAW) {
+    lua_pushlstring(L, c->pending, (size_t)len);
+  } else if (mode == READ_MESSAGES) {
+    if (pgl_pgoutput_decode(L, c->pending, (size_t)len, 3) != 1)
+      return 0;
+  } else {
+    mi.events = 1;
+    if (pgl_pgoutput_decode_ex(L, c->pending, (size_t)len, 3, &mi) != 1)
+      return 0;
+    if (mi.wal_end > *wal_end)
+      *wal_end = mi.wal_end;
+    if (mi.change) {
+      lua_pushinteger(L, (lua_Integer)mi.lsn);
+      lua_rawseti(L, 6, n);
+      pgl_push_lsn(L, mi.lsn);
+      lua_rawseti(L, 7, n);
+      lua_pushinteger(L, (lua_Integer)mi.relid);
+      lua_rawseti(L, 8, n);
+    }
+  }
+  lua_rawseti(L, 4, n);
+  return 1;
+}
+
+/* The results of a read: the messages, and in events mode the info. */
+static int read_result(lua_State *L, int mode, uint64_t wal_end) {
+  if (mode != READ_EVENTS) {
+    lua_settop(L, 4);
+    return 1;
+  }
+  lua_pushvalue(L, 6);
+  lua_setfield(L, 5, "lsn");
+  lua_pushvalue(L, 7);
+  lua_setfield(L, 5, "lsn_text");
+  lua_pushvalue(L, 8);
+  lua_setfield(L, 5, "relid");
+  lua_pushinteger(L, (lua_Integer)wal_end);
+  lua_setfield(L, 5, "wal_end");
+  lua_settop(L, 5);
+  return 2;
+}
+
+/*
+ * repl:read([max [, mode]]) -> { message, ... }[, info] | nil, err[, sqlstate]
  * Never blocks: the messages the socket has now, up to max (default 1000),
- * possibly none (the socket is read again while it gives more).  With raw, the CopyData payloads as strings, undecoded
- * (the relation map is then not updated).  A malformed message is an error: the stream must be
- * restarted from the last confirmed position.  At the end of the stream
- * the messages read before it come first, the error at the next call.
+ * possibly none (the socket is read again while it gives more).  mode true
+ * ("raw"): the CopyData payloads as strings, undecoded (the relation map is
+ * then not updated).  mode "events": a row change is its event { op,
+ * schema, table, new, old } (no kind), and info holds, at the same index,
+ * lsn[i] (the change's LSN), lsn_text[i] ("X/Y") and relid[i], and wal_end,
+ * the largest walEnd read (0: none).  A malformed message is an error: the
+ * stream must be restarted from the last confirmed position.  At the end of
+ * the stream the messages read before it come first, the error at the next
+ * call.
  */
 int pgl_repl_read(lua_State *L) {
   pgl_repl *c = pgl_repl_check(L, 1);
   lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
-  int raw = lua_toboolean(L, 3), fresh = 1; /* fresh: nothing taken since the last socket read */
+  int mode = lua_type(L, 3) == LUA_TSTRING && strcmp(lua_tostring(L, 3), "events") == 0 ? READ_EVENTS
+           : lua_toboolean(L, 3) ? READ_RAW : READ_MESSAGES;
+  int fresh = 1; /* nothing taken since the last socket read */
+  uint64_t wal_end = 0;
   lua_settop(L, 2);
   if (!c->copying) {
     if (c->end_msg)
@@ -81,12 +141,18 @@ int pgl_repl_read(lua_State *L) {
   }
   lua_getiuservalue(L, 1, 1); /* 3: the relation map */
   lua_newtable(L);            /* 4: the messages */
+  if (mode == READ_EVENTS) {
+    lua_createtable(L, 0, 4); /* 5: info, 6-8 its arrays */
+    lua_newtable(L);
+    lua_newtable(L);
+    lua_newtable(L);
+  }
   if (!PQconsumeInput(c->pg) && PQstatus(c->pg) == CONNECTION_BAD) {
     c->copying = 0;
     return pgl_repl_fail(L, c, "replication stream lost");
   }
   while (n < max) {
-    int len = PQgetCopyData(c->pg, &c->pending, 1);
+    int len = PQgetCopyData(c->pg, &c->pending, 1), ok;
     if (len == 0) {
       /* libpq's buffer is empty: read the socket again, without waiting,
        * so that a read takes what the socket already holds (libpq reads
@@ -99,28 +165,24 @@ int pgl_repl_read(lua_State *L) {
     fresh = 0;
     if (len == -1) {
       stream_ended(L, c);
-      return n > 0 ? 1 : end_of_stream(L, c);
+      return n > 0 ? read_result(L, mode, wal_end) : end_of_stream(L, c);
     }
     if (len < 0) {
       c->copying = 0;
       return pgl_repl_fail(L, c, "replication stream failed");
     }
-    if (raw)
-      lua_pushlstring(L, c->pending, (size_t)len);
-    else if (pgl_pgoutput_decode(L, c->pending, (size_t)len, 3) != 1) {
-      PQfreemem(c->pending);
-      c->pending = NULL;
-      return 2;
-    }
+    ok = take_one(L, c, len, mode, n + 1, &wal_end);
     PQfreemem(c->pending);
     c->pending = NULL;
-    lua_rawseti(L, 4, ++n);
+    if (!ok)
+      return 2;
+    n++;
   }
   if (n == 0 && PQstatus(c->pg) == CONNECTION_BAD) {
     c->copying = 0;
     return pgl_repl_fail(L, c, "replication stream lost");
   }
-  return 1;
+  return read_result(L, mode, wal_end);
 }
 
 /* Big-endian into p. */

@@ -101,15 +101,15 @@ function M:read()
   -- read on while the socket has more, up to FILL messages: a batch is
   -- filled from what the socket already holds, as for NOTIFY
   while n < M.FILL and room(self) do
-    local msgs, err, state = self.repl:read(M.READ)
+    local msgs, info, state = self.repl:read(M.READ, "events")
     if not msgs then
-      self:lost(err, state)
+      self:lost(info, state)
       return nil
     end
     local k = #msgs
     n = n + k
     self.more = k == M.READ
-    if k > 0 then self:take(msgs) end
+    if k > 0 then self:take(msgs, info) end
     if not self.more then break end
   end
   if self.broken and n == 0 then
@@ -160,13 +160,14 @@ end
 -- The stream
 ---------------------------------------------------------------------------
 
--- A change of a table some channel streams: an event and its note.
-function M:event(entry, op, schema, tbl, m, seq)
+-- A change of a table some channel streams: the event, and its note with
+-- the change's LSN (text and integer) and index in its transaction.
+function M:event(entry, ev, lsn_text, lsn, seq)
   local tx = self.tx or {}
   self.c.received = self.c.received + 1
   self.rt.stats.received = self.rt.stats.received + 1
-  self.apply:push(entry, { op = op, schema = schema, table = tbl, new = m.new, old = m.old },
-    { channel = entry.name, lsn = m.lsn, lsn_int = m.lsn_int, commit_lsn = tx.commit_lsn, xid = tx.xid,
+  self.apply:push(entry, ev,
+    { channel = entry.name, lsn = lsn_text, lsn_int = lsn, commit_lsn = tx.commit_lsn, xid = tx.xid,
       commit_time = tx.commit_time, received_at = pg.now(), seq = seq, slot = self.cfg.slot,
       system_id = self.system_id, database = self.database })
 end
@@ -201,33 +202,36 @@ end
 -- The channel of a change's table (false: none), cached by relation id
 -- until the next Relation message (a table renamed comes with one) and
 -- for the configuration it was found in (a reload makes a new one).
-local function route(cfg, m)
+local function route(cfg, relid, ev)
   local routes = cfg.routes
   if not routes then
     routes = {}
     cfg.routes = routes
   end
-  local entry = routes[m.relid]
+  local entry = routes[relid]
   if entry == nil then
-    entry = cfg.by_table[m.schema .. "." .. m.table] or false
-    routes[m.relid] = entry
+    entry = cfg.by_table[ev.schema .. "." .. ev.table] or false
+    routes[relid] = entry
   end
   return entry
 end
 
---- Queues the decoded messages: events, commit marks, keepalive marks.
-function M:take(msgs)
+--- Queues what repl:read(n, "events") returned: a row change comes as its
+-- event (no kind; its LSN and relation id in `info` at the same index),
+-- everything else as a message; commits and keepalives become marks.
+function M:take(msgs, info)
   local cfg = self.cfg
   local by = cfg.by_table
-  for _, m in ipairs(msgs) do
+  local lsns, texts, relids = info.lsn, info.lsn_text, info.relid
+  if info.wal_end > self.received then self.received = info.wal_end end
+  for i = 1, #msgs do
+    local m = msgs[i]
     local k = m.kind
-    local we = m.wal_end_int
-    if we and we > self.received then self.received = we end
-    if m.op and k ~= "truncate" then
+    if k == nil then -- Insert, Update, Delete: the event itself
       local seq = self:next_seq()
-      local entry = route(cfg, m)
+      local entry = route(cfg, relids[i], m)
       if entry then
-        self:event(entry, m.op, m.schema, m.table, m, seq)
+        self:event(entry, m, texts[i], lsns[i], seq)
       else
         self:unrouted(m.schema, m.table)
       end
@@ -243,7 +247,7 @@ function M:take(msgs)
         local seq = self:next_seq()
         local entry = by[rel.schema .. "." .. rel.table]
         if entry then
-          self:event(entry, "TRUNCATE", rel.schema, rel.table, m, seq)
+          self:event(entry, { op = "TRUNCATE", schema = rel.schema, table = rel.table }, m.lsn, m.lsn_int, seq)
         else
           self:unrouted(rel.schema, rel.table)
         end
