@@ -560,10 +560,18 @@ return {
     C.sql("BEGIN; INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 15000) g; COMMIT; "
       .. "INSERT INTO big SELECT g, 'w' || g FROM generate_series(15001, 40000) g", src)
     local want = C.digest(src, "big")
+    local killed = {}
+    local function walsender()
+      local pid = C.sql(("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot), src)
+      return pid ~= "" and not killed[pid] and pid or nil
+    end
     for k = 1, 3 do
       H.eventually(function() return tonumber(C.sql("SELECT count(*) FROM big", dst)) >= k * 9000 end, 30, 0.02)
-      C.sql(("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '%s' "
-        .. "AND active_pid IS NOT NULL"):format(slot))
+      -- the stream of the runner as it is now, not one the last kill already ended
+      local pid = H.eventually(walsender, 30, 0.02)
+      assert.truthy(pid, "no new walsender after kill " .. (k - 1))
+      killed[pid] = true
+      C.sql(("SELECT pg_terminate_backend(%s)"):format(pid), src)
     end
     local ok = H.eventually(function() return C.digest(dst, "big") == want end, 90, 0.3)
     assert.truthy(ok, C.digest(dst, "big") .. " vs " .. want .. "\n" .. p.stderr())
