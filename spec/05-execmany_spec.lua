@@ -332,7 +332,8 @@ describe("conn:execmany", function()
     end)
 
     it("raises for options that are not {savepoint = boolean}, a typo included", function()
-      assert.has_error(function() c:execmany(INS, { { 1, "a" } }, "fast") end)
+      assert.has_error(function() c:execmany(INS, { { 1, "a" } }, "fast") end,
+        "bad argument #3 to 'execmany' (table expected, got string)")
       assert.has_error(function() c:execmany(INS, { { 1, "a" } }, { savpoint = false }) end,
         "bad argument #3 to 'execmany' (unknown option savpoint; the option is savepoint)")
       assert.has_error(function() c:execmany(INS, { { 1, "a" } }, { savepoint = "no" }) end,

@@ -156,6 +156,23 @@ describe("pglisten.connect(conninfo, { lazy = true })", function()
     c:close()
   end)
 
+  it("raises for execmany options that are not {savepoint = boolean} before connecting", function()
+    -- nothing listens there: a check left to the connection would be an 08001 that retry retries for ever
+    local c = assert(pg.connect("host=127.0.0.1 port=1 connect_timeout=2", { lazy = true }))
+    local sql = "INSERT INTO t VALUES ($1)"
+    assert.has_error(function() c:execmany(sql, { { 1 } }, { savpoint = false }) end,
+      "bad argument #3 to 'execmany' (unknown option savpoint; the option is savepoint)")
+    assert.has_error(function() c:execmany(sql, { { 1 } }, "fast") end,
+      "bad argument #3 to 'execmany' (table expected, got string)")
+    assert.has_error(function() c:execmany(sql, { { 1 } }, { savepoint = "no" }) end,
+      "bad argument #3 to 'execmany' (option savepoint is a string, boolean expected)")
+    assert.has_error(function() c:execmany(sql, {}, { savpoint = false }) end)
+    assert.equal(0, c:execmany(sql, {}, { savepoint = false }))
+    local n, _, code = c:execmany(sql, { { 1 } }, { savepoint = false })
+    assert.is_nil(n); assert.equal("08001", code)
+    c:close()
+  end)
+
   it("a conninfo libpq cannot parse fails at connect time, without the network; no password in errors", function()
     local c, err = pg.connect("host=127.0.0.1 password=s3cret 'oops", { lazy = true })
     assert.is_nil(c)

@@ -265,7 +265,8 @@ static int savepoint_option(lua_State *L, int idx) {
   int t = lua_type(L, idx), v = 1;
   if (t == LUA_TNONE || t == LUA_TNIL)
     return 1;
-  luaL_checktype(L, idx, LUA_TTABLE);
+  if (t != LUA_TTABLE) /* #3: the caller's count, the connection being self */
+    return luaL_error(L, "bad argument #3 to 'execmany' (table expected, got %s)", luaL_typename(L, idx));
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     if (lua_type(L, -2) != LUA_TSTRING || strcmp(lua_tostring(L, -2), "savepoint") != 0)

@@ -152,10 +152,26 @@ function Lazy:exec(sql, ...)
   return c:exec(sql, ...)
 end
 
+-- execmany's options, as the connection checks them (pipeline.c).
+local function execmany_opts(opts)
+  if opts == nil then return end
+  if type(opts) ~= "table" then argerror(3, "execmany", "table expected, got " .. type(opts), 4) end
+  for k, v in pairs(opts) do
+    if k ~= "savepoint" then
+      argerror(3, "execmany", ("unknown option %s; the option is savepoint"):format(
+        type(k) == "string" and k or type(k)), 4)
+    end
+    if type(v) ~= "boolean" then
+      argerror(3, "execmany", "option savepoint is a " .. type(v) .. ", boolean expected", 4)
+    end
+  end
+end
+
 function Lazy:execmany(sql, list, opts)
   local s = state(self, 3)
   if type(sql) ~= "string" then argerror(1, "execmany", "string expected, got " .. type(sql)) end
   if type(list) ~= "table" then argerror(2, "execmany", "table expected, got " .. type(list)) end
+  execmany_opts(opts)
   if not s.conn and rawlen(list) == 0 then return 0 end -- sends nothing, as on a connection
   local c, err, code = session(s)
   if not c then return nil, err, code end
