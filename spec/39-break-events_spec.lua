@@ -209,6 +209,31 @@ describe("events mode, broken on purpose", function()
       assert.is_string(res[2])
       assert.matches("relation", res[2])
     end)
+
+  it("raises on a mode it does not know instead of reading raw bytes (\"event\" for \"events\")", function()
+    sql([[CREATE TABLE xm (id int PRIMARY KEY); CREATE PUBLICATION bevmode FOR TABLE xm]])
+    local r, slot = stream("bevmode")
+    finally(function() drop_slot(r, slot) end)
+    sql("INSERT INTO xm VALUES (1)")
+    pg.sleep(0.5)
+    for _, bad in ipairs({ "event", "EVENTS", 1, {} }) do
+      local ok, err = pcall(r.read, r, 10, bad)
+      assert.is_false(ok, "mode " .. tostring(bad) .. " was taken")
+      assert.matches("mode", err)
+    end
+    -- the known ones still read: raw CopyData payloads, then decoded events
+    local got = {}
+    local deadline = pg.monotonic() + 10
+    while #got == 0 and pg.monotonic() < deadline do
+      local raw = assert(r:read(1, "raw"))
+      for _, m in ipairs(raw) do got[#got + 1] = m end
+      if #got == 0 then core.poll({ r:pollfd() }, 0.3) end
+    end
+    assert.equal("string", type(got[1]))
+    assert.is_table((r:read(10, "events")))
+    assert.is_table((r:read(10, false)))
+    assert.is_table((r:read(10, true)))
+  end)
 end)
 
 describe("the replication source in events mode, broken on purpose", function()

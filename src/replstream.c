@@ -113,11 +113,34 @@ static int read_result(lua_State *L, int mode, uint64_t wal_end) {
   return 2;
 }
 
+/* The mode argument: nil/false, true or "raw", "events"; anything else is
+ * a programmer error ("event" must not read raw bytes). */
+static int read_mode(lua_State *L, int idx) {
+  const char *s;
+  switch (lua_type(L, idx)) {
+  case LUA_TNONE:
+  case LUA_TNIL:
+    return READ_MESSAGES;
+  case LUA_TBOOLEAN:
+    return lua_toboolean(L, idx) ? READ_RAW : READ_MESSAGES;
+  case LUA_TSTRING:
+    s = lua_tostring(L, idx);
+    if (strcmp(s, "events") == 0)
+      return READ_EVENTS;
+    if (strcmp(s, "raw") == 0)
+      return READ_RAW;
+    break;
+  default:
+    break;
+  }
+  return luaL_argerror(L, idx, "mode must be nil, false, true, \"raw\" or \"events\"");
+}
+
 /*
  * repl:read([max [, mode]]) -> { message, ... }[, info] | nil, err[, sqlstate]
  * Never blocks: the messages the socket has now, up to max (default 1000),
  * possibly none (the socket is read again while it gives more).  mode true
- * ("raw"): the CopyData payloads as strings, undecoded (the relation map is
+ * or "raw": the CopyData payloads as strings, undecoded (the relation map is
  * then not updated).  mode "events": a row change is its event { op,
  * schema, table, new, old } (no kind), and info holds, at the same index,
  * lsn[i] (the change's LSN), lsn_text[i] ("X/Y") and relid[i], and wal_end,
@@ -129,8 +152,7 @@ static int read_result(lua_State *L, int mode, uint64_t wal_end) {
 int pgl_repl_read(lua_State *L) {
   pgl_repl *c = pgl_repl_check(L, 1);
   lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
-  int mode = lua_type(L, 3) == LUA_TSTRING && strcmp(lua_tostring(L, 3), "events") == 0 ? READ_EVENTS
-           : lua_toboolean(L, 3) ? READ_RAW : READ_MESSAGES;
+  int mode = read_mode(L, 3);
   int fresh = 1; /* nothing taken since the last socket read */
   uint64_t wal_end = 0;
   lua_settop(L, 2);
