@@ -240,8 +240,9 @@ describe("the replication source in events mode, broken on purpose", function()
   it("gives each routed event its note LSN as pg prints it, skips an unrouted table with one warning (guard)",
     function()
       local src, _, slot = C.setup("bevr")
-      C.sql([[CREATE TABLE ra (id int PRIMARY KEY, v text); CREATE TABLE rb (id int PRIMARY KEY, v text)]], src)
-      C.sql(("CREATE PUBLICATION %s FOR TABLE ra, rb"):format(slot), src)
+      C.sql([[CREATE TABLE ra (id int PRIMARY KEY, v text); CREATE TABLE rb (id int PRIMARY KEY, v text);
+        CREATE TABLE rc (id int PRIMARY KEY)]], src)
+      C.sql(("CREATE PUBLICATION %s FOR TABLE ra, rb, rc"):format(slot), src)
       local peekslot = slot .. "_p"
       C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(peekslot), src)
       local path = H.script(([[
@@ -262,6 +263,9 @@ return {
           keys(pglisten.json.decode(pglisten.json.encode(ev))))
         if id == 2 and not seen[2] then seen[2] = true; error("once") end
       end },
+    ["public.rc"] = { source = "replication", handler = function(ev, note)
+      out("RC", ev.op, note.lsn, note.seq, note.commit_lsn, keys(ev))
+    end },
   },
 }
 ]]):format(slot))
@@ -274,8 +278,10 @@ return {
       C.sql("INSERT INTO ra VALUES (2, 'a')", src)
       C.sql([[BEGIN; UPDATE ra SET id = 10 WHERE id = 1; INSERT INTO rb VALUES (2, 'b');
         DELETE FROM ra WHERE id = 2; COMMIT]], src)
-      C.sql("TRUNCATE ra, rb", src)
-      local ok = H.eventually(function() return H.count_matches(p.stdout(), "EV ") >= 6 end, 20)
+      C.sql("TRUNCATE ra, rb, rc", src)
+      local ok = H.eventually(function()
+        return H.count_matches(p.stdout(), "EV ") >= 6 and H.count_matches(p.stdout(), "RC ") >= 1
+      end, 20)
       assert.is_truthy(ok, p.stdout() .. p.stderr())
       -- pg's LSN of every change of ra (I/U/D with ra's relid) and of the Truncate
       local want = C.sql(([[SELECT string_agg(lsn::text, ' ' ORDER BY ord) FROM (
@@ -308,6 +314,9 @@ return {
       assert.equal("t", C.sql(("SELECT bool_and(write_lsn <= sent_lsn AND flush_lsn <= write_lsn) FROM "
         .. "pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = '%s'")
         :format(slot), src))
+      -- one TRUNCATE of three tables: rc's event at the same LSN, third in its transaction
+      local rc = p.stdout():match("RC [^\n]*")
+      assert.matches("^RC TRUNCATE " .. w[6]:gsub("%p", "%%%0") .. " 3 %x+/%x+ op,schema,table$", rc)
       assert.equal(1, H.count_matches(p.stderr(), "no channel serves"), p.stderr())
       assert.truthy(p.stderr():find("public.rb", 1, true))
     end)
