@@ -5,9 +5,10 @@
 --               when single active), LISTEN, `on_connect`, then the session
 --               is put back to idle; failures wait `backoff.delay` (jittered).
 --               After a reconnect, `on_connect` waits until the notes
---               received on the lost connection are settled, and nothing is
---               read from the new one meanwhile: a resync is never followed
---               by an older note's write
+--               received on the lost connection are settled; the new
+--               connection's notes are read meanwhile but held (`hold`) and
+--               go to the lanes after it: a resync is never followed by an
+--               older note's write
 --   pollfd/events/pending/read -- the socket the loop polls, and reading:
 --               `conn:drain` into the dispatcher's lanes, up to `drain_max`
 --               notes a read and while the lanes hold fewer than `read_ahead`
@@ -26,6 +27,7 @@ local backoff = require "pglisten.backoff"
 local dispatch = require "pglisten.dispatch"
 local conninfo_lib = require "pglisten.conninfo"
 local stats = require "pglisten.services.stats"
+local Queue = require "pglisten.queue"
 
 local M = {}
 M.__index = M
@@ -89,21 +91,25 @@ end
 
 function M:pollfd()
   local c = self.conn
-  if c and not self.deferred and self.rt.dispatch:queued() < self.rt.settings.read_ahead then return c:pollfd() end
+  if c and not self:full() then return c:pollfd() end
 end
 function M:events() return self.conn and self.conn:events() or "r" end
 --- True when more notes may be there without waiting (the last read brought some).
 function M:pending()
-  return self.more and self.conn ~= nil and not self.deferred
-    and self.rt.dispatch:queued() < self.rt.settings.read_ahead
+  return self.more and self.conn ~= nil and not self:full()
 end
 
 --- Moves up to `max` notes libpq has (or the socket has, without waiting)
 -- into the lanes.  Returns the count, or nil when the connection is lost.
 function M:read(max)
   local conn = self.conn
-  if not conn or self.deferred then return 0 end -- not before on_connect (see connected)
+  if not conn then return 0 end
   max = max or self.rt.settings.drain_max
+  if self.deferred then -- held until on_connect has run (see connected), bounded alike
+    local room = self.rt.settings.read_ahead - self:backlog()
+    if room <= 0 then return 0 end
+    if max > room then max = room end
+  end
   local batch, err, code = conn:drain(max, self.buf)
   if not batch then
     self:lost(err .. (code and (" (" .. code .. ")") or ""))
@@ -115,7 +121,7 @@ function M:read(max)
   self.more = n > 0
   if n > 0 then
     stats.received(self.stats, batch, n)
-    self.rt.dispatch:append(batch, n)
+    if self.deferred then self:hold(batch, n) else self.rt.dispatch:append(batch, n) end
     self.last_io = now()
     self.stats.received = self.stats.received + n
   end
@@ -126,17 +132,52 @@ end
 -- limit), for a reload.  A ping first: a note committed before now may not
 -- have reached the socket yet (its backend runs late on a loaded machine),
 -- and the server sends it before the ping's answer.  No ping while the
--- lanes are full (see `full`) or on_connect waits (see `connected`).
+-- lanes are full (see `full`).  While on_connect waits the notes are held
+-- (see `hold`), stamped before the reload all the same.
 function M:read_arrived()
   local limit = self.rt.settings.read_ahead
-  if self.conn and not self.deferred and not self:full() then
+  if self.conn and not self:full() then
     local ok, err = self.conn:ping(self.rt.settings.heartbeat_timeout)
     if not ok then return self:lost("ping before reload failed: " .. tostring(err)) end
     self.last_io = now()
   end
   repeat
     local n = self:read()
-  until not n or n < self.rt.settings.drain_max or self.rt.dispatch:queued() >= limit
+  until not n or n < self.rt.settings.drain_max or self:backlog() >= limit
+end
+
+local NONE = Queue.new() -- no wake-ups behind one that is held back
+
+--- While on_connect waits: keeps the new connection's notes (batch[1..n])
+-- for after it.  An outbox wake-up goes to the outbox at once: durable
+-- events do not depend on NOTIFY order, and must not wait for a retry.
+function M:hold(batch, n)
+  local held = self.held or { n = 0 }
+  self.held = held
+  local wake = self.rt.dispatch.routes[outbox.WAKEUP_CHANNEL]
+  for i = 1, n do
+    local note = batch[i]
+    if wake and note.channel == outbox.WAKEUP_CHANNEL then
+      wake(note, NONE)
+    else
+      held.n = held.n + 1
+      held[held.n] = note
+    end
+  end
+end
+
+-- The held notes to the lanes, in server order: after on_connect, or when
+-- their connection is lost (they were received before the loss).
+function M:release()
+  local held = self.held
+  if not held then return end
+  self.held = nil
+  self.rt.dispatch:append(held, held.n)
+end
+
+-- Notes read and not handled yet: the lanes' and the held ones.
+function M:backlog()
+  return self.rt.dispatch:queued() + (self.held and self.held.n or 0)
 end
 
 -- Everything libpq has parsed, before the connection goes.
@@ -154,6 +195,7 @@ end
 --- The connection is gone: deliver what was parsed, close, reconnect soon.
 function M:lost(err)
   if not self.conn then return end
+  self:release()
   self:drain_all()
   self.log.warn("connection lost", { error = err, queued = self.rt.dispatch:queued() })
   if self.rt.leader then self.rt.leader:lost() end
@@ -162,13 +204,14 @@ function M:lost(err)
   self.lost_at, self.next_connect, self.attempt = now(), now(), 0
 end
 
--- True while the lanes hold the read-ahead limit: nothing is read, and the
--- heartbeat waits too, since a ping reads every note the server has sent
--- before its answer into libpq's own queue (200 MB in 6 s of a stall at
--- five pings a second), which is what the limit is there to prevent.  A
--- connection lost meanwhile is found when reading resumes.
+-- True while the lanes (and the held notes) hold the read-ahead limit:
+-- nothing is read, and the heartbeat waits too, since a ping reads every
+-- note the server has sent before its answer into libpq's own queue
+-- (200 MB in 6 s of a stall at five pings a second), which is what the
+-- limit is there to prevent.  A connection lost meanwhile is found when
+-- reading resumes.
 function M:full()
-  return self.rt.dispatch:queued() >= self.rt.settings.read_ahead
+  return self:backlog() >= self.rt.settings.read_ahead
 end
 
 function M:timeout(t)
@@ -187,6 +230,7 @@ function M:tick(t)
     local info = self.deferred
     self.deferred, self.more = nil, true
     self:call_on_connect(info)
+    self:release() -- (lost already released them when on_connect lost the connection)
     if not self.conn then return end
   end
   local s = self.rt.settings
@@ -269,8 +313,9 @@ function M:connected(conn)
   -- up after their retries): an on_connect that resyncs a target must not
   -- be followed by an older note that writes a stale value over it.  The
   -- lanes hold only this source's notes, so they are these; tick calls
-  -- on_connect once they are settled, and until then nothing is read from
-  -- the new connection, so its notes still come after on_connect
+  -- on_connect once they are settled, and until then what the new
+  -- connection brings is held (see `hold`), so its notes still come after
+  -- on_connect, and a second loss, a reload or the heartbeat work as ever
   local queued = self.rt.dispatch:queued()
   if self.rt.spec.on_connect and queued > 0 then
     self.deferred = info
