@@ -255,3 +255,102 @@ describe("a reload's ping", function()
     c:close()
   end)
 end)
+
+describe("on_connect waiting, other shapes", function()
+  local p, q
+  after_each(function()
+    if p then p.stop() end
+    if q then q.stop() end
+    p, q = nil, nil
+  end)
+
+  -- GUARD (passes at once): without on_connect nothing waits
+  it("a script without on_connect: the new connection's notes are handled while an old one retries", function()
+    local db, ci, c = installed_db("bnone")
+    p = start(script([[return {
+  ordering = "channel",
+  reconnect = { min = 0.05, max = 0.2 },
+  channels = {
+    g = { retry = { attempts = 2, backoff = 6 }, handler = function(row) error("target down " .. row.i) end },
+    a = function(row) out("a", row.k) end,
+  },
+  on_error = function(err, note) out("gave up", note.payload) end,
+}]]), { "--db", ci })
+    assert(c:notify("g", { i = 1 }))
+    assert(H.eventually(function() return p.stderr():find("handler failed; retrying", 1, true) end, 10), p.stderr())
+    local pid = H.runner_backend(db)
+    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+    assert(H.eventually(function() return p.stderr():find("reconnected", 1, true) end, 10), p.stderr())
+    assert(c:notify("a", { k = 1 }))
+    assert(H.eventually(function() return p.stdout():find("a 1", 1, true) end, 3), p.stdout() .. p.stderr())
+    assert.is_nil(p.stdout():find("gave up", 1, true), p.stdout())
+    assert.is_nil(p.stderr():find("on_connect waits", 1, true), p.stderr())
+    c:close()
+  end)
+
+  -- GUARD (passes at once): a batch that waits to retry is not topped up
+  -- from the new connection; its notes come after on_connect, batched
+  it("a batch channel: the retried batch keeps its notes, the new ones come after on_connect", function()
+    local db, ci, c = installed_db("bbat")
+    p = start(script([[
+local fails = 1
+return {
+  reconnect = { min = 0.05, max = 0.2 },
+  channels = {
+    b = { batch = 10, retry = { attempts = 2, backoff = 3 }, handler = function(rows)
+      local ks = {}
+      for i, r in ipairs(rows) do ks[i] = r.k end
+      if fails > 0 then fails = fails - 1; error("target down") end
+      out("b", table.concat(ks, ","))
+    end },
+  },
+  on_connect = function(db, info) out("on_connect", info.reconnect) end,
+}]]), { "--db", ci })
+    assert(c:exec("SELECT pg_notify('b', json_build_object('k', g)::text) FROM generate_series(1, 3) g"))
+    assert(H.eventually(function() return p.stderr():find("handler failed; retrying", 1, true) end, 10), p.stderr())
+    lose(c, db, p, 1)
+    assert(c:exec("SELECT pg_notify('b', json_build_object('k', g)::text) FROM generate_series(4, 5) g"))
+    assert(H.eventually(function() return p.stdout():find("b 4,5", 1, true) end, 10), p.stdout() .. p.stderr())
+    assert.same({ "on_connect false", "b 1,2,3", "on_connect true", "b 4,5" }, lines(p.stdout()))
+    c:close()
+  end)
+
+  -- GUARD (passes at once): two single-active runners; the leader loses
+  -- its connection while an old note retries; one leader at a time, and
+  -- the new leader's on_connect runs once
+  it("single_active: two runners, the leader's connection lost while an old note retries", function()
+    local db, ci, c = installed_db("blead")
+    local path = script([[return {
+  single_active = true,
+  reconnect = { min = 0.05, max = 0.2 },
+  channels = {
+    g = { retry = { attempts = 2, backoff = 3 }, handler = function(row) error("target down " .. row.i) end },
+    a = function(row) out("a", row.k) end,
+  },
+  on_error = function(err, note) out("gave up", note.payload) end,
+  on_connect = function(db, info) out("on_connect", info.reconnect, info.leader) end,
+}]])
+    p = start(path, { "--db", ci })
+    q = start(path, { "--db", ci })
+    assert(H.eventually(function() return q.stderr():find("standing by", 1, true) end, 10), q.stderr())
+    assert(c:notify("g", { i = 1 }))
+    assert(H.eventually(function() return p.stderr():find("handler failed; retrying", 1, true) end, 10), p.stderr())
+    local pid = H.runner_backend(db)
+    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+    -- whoever leads next runs on_connect once (p after the old note settled)
+    assert(H.eventually(function()
+      return p.stdout():find("on_connect true", 1, true) or q.stdout():find("on_connect", 1, true)
+    end, 15), p.stdout() .. p.stderr() .. q.stdout() .. q.stderr())
+    H.sleep(0.5)
+    assert(c:notify("a", { k = 1 }))
+    assert(H.eventually(function() return (p.stdout() .. q.stdout()):find("a 1", 1, true) end, 10),
+      p.stdout() .. q.stdout())
+    H.sleep(0.5)
+    local all = p.stdout() .. q.stdout()
+    assert.equal(2, count(all, "on_connect"), all)
+    assert.equal(1, count(all, "a 1"), all)
+    local po = lines(p.stdout())
+    if po[3] == "on_connect true true" then assert.equal('gave up {"i":1}', po[2], p.stdout()) end
+    c:close()
+  end)
+end)
