@@ -58,6 +58,25 @@ describe("a number key and a string key that are the same JSON key", function()
   end)
 end)
 
+describe("pglisten.unchanged (a TOASTed value the server did not send)", function()
+  it("refuses to become JSON or a parameter, rather than arrive as {} in the target", function()
+    assert.has_error(function() encode({ id = 1, bio = pg.unchanged }) end)
+    local s, err = pg.json.safe.encode({ id = 1, bio = pg.unchanged })
+    assert.is_nil(s)
+    assert.matches("cannot encode pglisten.unchanged", err, 1, true)
+    assert.matches("leave the column out", err, 1, true)
+    local c = H.connect()
+    finally(function() c:close() end)
+    local ok, perr = pcall(c.exec, c, "SELECT $1::text AS bio", pg.unchanged)
+    assert.is_false(ok); assert.matches("pglisten.unchanged", perr, 1, true)
+    ok = pcall(c.execmany, c, "SELECT $1::text", { { "a" }, { pg.unchanged } })
+    assert.is_false(ok)
+    assert.equal("idle", c:txstatus())
+    -- other tables with a metatable encode as before
+    assert.equal("[1,2]", encode(setmetatable({ 1, 2 }, {})))
+  end)
+end)
+
 ---------------------------------------------------------------------------
 -- Another locale: a child lua5.4 with LOCPATH pointing at locales that
 -- localedef builds here, de_DE (',') and ps_AF (a two-byte decimal point).

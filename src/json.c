@@ -137,6 +137,19 @@ static lua_Integer array_length(lua_State *L, int idx) {
   return (n > 0 && n == max) ? n : -1;
 }
 
+/* Whether the table at idx is pglisten.unchanged (a table with a metatable:
+ * an empty object, were it encoded, would alter the value in silence). */
+static int is_unchanged(lua_State *L, int idx) {
+  int is;
+  if (!lua_getmetatable(L, idx))
+    return 0; /* the usual case: no metatable, no lookup */
+  lua_pop(L, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_unchanged);
+  is = lua_rawequal(L, idx, -1);
+  lua_pop(L, 1);
+  return is;
+}
+
 static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx);
 
 /* The table at idx, whose keys are exactly 1..n, as a JSON array. */
@@ -212,6 +225,9 @@ static void encode(lua_State *L, jbuf *b, int idx, int depth, int nullidx) {
     }
     break;
   case LUA_TTABLE:
+    if (is_unchanged(L, idx))
+      luaL_error(L, "cannot encode pglisten.unchanged as JSON (a TOASTed value the UPDATE did not touch, "
+                    "which the server did not send: leave the column out, or use REPLICA IDENTITY FULL)");
     encode_table(L, b, idx, depth, nullidx);
     return;
   default:
