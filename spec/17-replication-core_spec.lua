@@ -211,6 +211,14 @@ describe("replication core", function()
     local slot2 = slot .. "_ev"
     assert(r2:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot2)))
     assert(r2:start(slot2, 0, { publication = slot }))
+    finally(function() -- (one finally: busted keeps the last one only)
+      if not r2:isclosed() then r2:close() end
+      H.eventually(function()
+        return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot2)) == "0"
+      end, 10)
+      sql(("SELECT pg_drop_replication_slot('%s')"):format(slot2))
+      drop(r1, slot)
+    end)
     sql("INSERT INTO tev VALUES (1, 'one', 1.50, repeat('x', 100000)), (2, 'two', NULL, NULL)")
     sql("UPDATE tev SET v = 'ONE' WHERE id = 1")
     sql("DELETE FROM tev WHERE id = 2")
@@ -231,11 +239,13 @@ describe("replication core", function()
       if inf.wal_end > info.wal_end then info.wal_end = inf.wal_end end
       if #got == 0 then core.poll({ r2:pollfd() }, 0.5) end
     end
-    -- keepalives come when they come, on each slot: compared without them
+    -- keepalives come when they come on each slot, and a walsender may send a
+    -- relation's description again when it likes (an invalidation): both
+    -- streams are compared without them
     local function drop_keepalives(list, inf)
       local out, oi = {}, { lsn = {}, lsn_text = {}, relid = {} }
       for i, m in ipairs(list) do
-        if m.kind ~= "keepalive" then
+        if m.kind ~= "keepalive" and m.kind ~= "relation" then
           out[#out + 1] = m
           if inf then oi.lsn[#out], oi.lsn_text[#out], oi.relid[#out] = inf.lsn[i], inf.lsn_text[i], inf.relid[i] end
         end
@@ -245,7 +255,12 @@ describe("replication core", function()
     end
     msgs = drop_keepalives(msgs)
     evs, info = drop_keepalives(evs, info)
-    assert.equal(#msgs, #evs)
+    local function kinds(list)
+      local k = {}
+      for i, m in ipairs(list) do k[i] = m.kind or m.op end
+      return table.concat(k, " ")
+    end
+    assert.equal(kinds(msgs):gsub("insert", "INSERT"):gsub("update", "UPDATE"):gsub("delete", "DELETE"), kinds(evs))
     local nchanges = 0
     for i, m in ipairs(msgs) do
       local e = evs[i]
@@ -270,12 +285,6 @@ describe("replication core", function()
     end
     assert.equal(4, nchanges)
     assert.is_true(info.wal_end > 0)
-    r2:close()
-    H.eventually(function()
-      return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot2)) == "0"
-    end, 10)
-    sql(("SELECT pg_drop_replication_slot('%s')"):format(slot2))
-    drop(r1, slot)
   end)
 
   it("decodes a relation altered mid-stream with its new shape", function()
