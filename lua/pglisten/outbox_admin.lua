@@ -6,30 +6,16 @@
 -- `nil, err, sqlstate`; wrong argument types raise.
 -- @module pglisten.outbox_admin
 
-local pg = require "pglisten"
+local util = require "pglisten.outbox_util"
 
 local M = {}
 
-local null, mtype, concat = pg.null, math.type, table.concat
+local mtype, concat = math.type, table.concat
+local check_conn, argerror, nonull = util.check_conn, util.argerror, util.nonull
 
-local function check_conn(conn, fname)
-  local t = type(conn)
-  if (t ~= "userdata" and t ~= "table") or type(conn.exec) ~= "function" then
-    error(("bad argument #1 to '%s' (pglisten connection expected, got %s)"):format(fname, t), 3)
-  end
-end
-
-local function argerror(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
-end
-
+-- (not util.opt_string: the operator's commands word it without a name)
 local function opt_string(v, n, fname)
   if v ~= nil and type(v) ~= "string" then argerror(n, fname, "string or nil expected, got " .. type(v)) end
-  return v
-end
-
-local function nonull(v)
-  if v == null then return nil end
   return v
 end
 
