@@ -224,7 +224,7 @@ describe("replication core", function()
     sql("DELETE FROM tev WHERE id = 2")
     sql("TRUNCATE tev")
     local msgs = collect(r1, commits(4))
-    local evs, info = {}, { lsn = {}, lsn_text = {}, relid = {}, wal_end = 0 }
+    local evs, info = {}, { lsn = {}, relid = {}, wal_end = 0 }
     local deadline = pg.monotonic() + 20
     local ncommits = 0
     while ncommits < 4 and pg.monotonic() < deadline do
@@ -232,7 +232,7 @@ describe("replication core", function()
       assert.is_table(inf); assert.equal("integer", math.type(inf.wal_end))
       for i, m in ipairs(got) do
         evs[#evs + 1] = m
-        info.lsn[#evs], info.lsn_text[#evs], info.relid[#evs] = inf.lsn[i], inf.lsn_text[i], inf.relid[i]
+        info.lsn[#evs], info.relid[#evs] = inf.lsn[i], inf.relid[i]
         if m.kind == "commit" then ncommits = ncommits + 1 end
         if m.kind == nil then assert.is_true(inf.wal_end >= inf.lsn[i]) end
       end
@@ -243,11 +243,11 @@ describe("replication core", function()
     -- relation's description again when it likes (an invalidation): both
     -- streams are compared without them
     local function drop_keepalives(list, inf)
-      local out, oi = {}, { lsn = {}, lsn_text = {}, relid = {} }
+      local out, oi = {}, { lsn = {}, relid = {} }
       for i, m in ipairs(list) do
         if m.kind ~= "keepalive" and m.kind ~= "relation" then
           out[#out + 1] = m
-          if inf then oi.lsn[#out], oi.lsn_text[#out], oi.relid[#out] = inf.lsn[i], inf.lsn_text[i], inf.relid[i] end
+          if inf then oi.lsn[#out], oi.relid[#out] = inf.lsn[i], inf.relid[i] end
         end
       end
       oi.wal_end = inf and inf.wal_end
@@ -275,7 +275,7 @@ describe("replication core", function()
           or m.kind == "delete" and { "old", "op", "schema", "table" }
           or { "new", "old", "op", "schema", "table" }, keys)
         assert.same({ op = m.op, schema = m.schema, table = m.table, new = m.new, old = m.old }, e)
-        assert.equal(m.lsn_int, info.lsn[i]); assert.equal(m.lsn, info.lsn_text[i])
+        assert.equal(m.lsn_int, info.lsn[i]); assert.equal(m.lsn, core.lsn_format(info.lsn[i]))
         assert.equal(m.relid, info.relid[i])
       else
         assert.equal(m.kind, e.kind)

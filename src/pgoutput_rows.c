@@ -16,14 +16,50 @@
 /* Relations and tuples                                                */
 /* ------------------------------------------------------------------ */
 
+/* The columns of a Relation message (natts of them, on top of the
+ * relation table): `columns`, { key, name, type, typmod } each, and the
+ * same names and types as two flat arrays, `names` and `types`, which the
+ * tuples are decoded with (two array reads per value, not a table and two
+ * field lookups). */
+static void dec_columns(lua_State *L, rd *r, uint64_t natts) {
+  int rel = lua_gettop(L), cols, names, types;
+  uint64_t i;
+  size_t len;
+  const char *s;
+  lua_createtable(L, (int)natts, 0);
+  lua_createtable(L, (int)natts, 0);
+  lua_createtable(L, (int)natts, 0);
+  cols = rel + 1, names = rel + 2, types = rel + 3;
+  for (i = 1; i <= natts; i++) {
+    lua_Integer type;
+    lua_createtable(L, 0, 4);
+    lua_pushboolean(L, (int)(pgl_rd_u(r, 1) & 1));
+    lua_setfield(L, -2, "key");
+    s = pgl_rd_str(r, &len);
+    lua_pushlstring(L, s, len);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, names, (lua_Integer)i);
+    lua_setfield(L, -2, "name");
+    type = (lua_Integer)pgl_rd_u(r, 4);
+    lua_pushinteger(L, type);
+    lua_rawseti(L, types, (lua_Integer)i);
+    pgl_set_int(L, "type", type);
+    pgl_set_int(L, "typmod", (lua_Integer)(int32_t)(uint32_t)pgl_rd_u(r, 4));
+    lua_rawseti(L, cols, (lua_Integer)i);
+  }
+  lua_setfield(L, rel, "types");
+  lua_setfield(L, rel, "names");
+  lua_setfield(L, rel, "columns");
+}
+
 /* Relation: relid, namespace, relname, replica identity, natts columns
  * (flags, name, type oid, typmod).  Stored in the map under relid. */
 int pgl_dec_relation(lua_State *L, rd *r, int relidx) {
-  uint64_t relid = pgl_rd_u(r, 4), ident, natts, i;
+  uint64_t relid = pgl_rd_u(r, 4), ident, natts;
   size_t len;
   const char *s;
   char id;
-  pgl_new_msg(L, "relation", 6);
+  pgl_new_msg(L, "relation", 8);
   pgl_set_int(L, "relid", (lua_Integer)relid);
   s = pgl_rd_str(r, &len);
   pgl_set_str(L, "schema", s, len);
@@ -38,18 +74,7 @@ int pgl_dec_relation(lua_State *L, rd *r, int relidx) {
     pgl_rd_truncated(r);
   if (r->err[0])
     return 0;
-  lua_createtable(L, (int)natts, 0);
-  for (i = 1; i <= natts; i++) {
-    lua_createtable(L, 0, 4);
-    lua_pushboolean(L, (int)(pgl_rd_u(r, 1) & 1));
-    lua_setfield(L, -2, "key");
-    s = pgl_rd_str(r, &len);
-    pgl_set_str(L, "name", s, len);
-    pgl_set_int(L, "type", (lua_Integer)pgl_rd_u(r, 4));
-    pgl_set_int(L, "typmod", (lua_Integer)(int32_t)(uint32_t)pgl_rd_u(r, 4));
-    lua_rawseti(L, -2, (lua_Integer)i);
-  }
-  lua_setfield(L, -2, "columns");
+  dec_columns(L, r, natts);
   if (r->err[0])
     return 0;
   lua_pushvalue(L, -1);
@@ -71,15 +96,11 @@ static int get_rel(lua_State *L, rd *r, int relidx, uint64_t relid) {
   return 1;
 }
 
-/* One 't' value of column `col` (a table on top), pushed typed. */
-static int push_text(lua_State *L, rd *r) {
+/* One 't' value of a column of type `type`, pushed typed. */
+static int push_text(lua_State *L, rd *r, Oid type) {
   uint64_t n = pgl_rd_u(r, 4);
-  Oid type;
   if (!pgl_rd_need(r, (size_t)n))
     return 0;
-  lua_getfield(L, -1, "type");
-  type = (Oid)lua_tointeger(L, -1);
-  lua_pop(L, 1);
   if (n < 64 && pgl_text_converts(type)) { /* a number, a boolean: no string made first */
     char buf[64];
     memcpy(buf, r->p, (size_t)n);
@@ -99,8 +120,8 @@ static int push_text(lua_State *L, rd *r) {
   return 1;
 }
 
-/* Pushes the value of the next column, col (a table) on top. */
-static int push_column(lua_State *L, rd *r) {
+/* Pushes the value of the next column, of type `type`. */
+static int push_column(lua_State *L, rd *r, Oid type) {
   int kind = (int)pgl_rd_u(r, 1);
   if (r->err[0])
     return 0;
@@ -112,7 +133,7 @@ static int push_column(lua_State *L, rd *r) {
     lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_unchanged);
     return 1;
   case 't':
-    return push_text(L, r);
+    return push_text(L, r, type);
   case 'b':
     snprintf(r->err, sizeof r->err, "pgoutput: binary column value in %s message (binary mode "
              "is not supported)", r->what);
@@ -128,12 +149,21 @@ static int push_column(lua_State *L, rd *r) {
  * keyed by column name. */
 static int push_tuple(lua_State *L, rd *r, int rel) {
   uint64_t natts = pgl_rd_u(r, 2), ncols, i;
-  int cols;
+  int names, types;
   if (r->err[0])
     return 0;
-  lua_getfield(L, rel, "columns");
-  cols = lua_gettop(L);
-  ncols = (uint64_t)lua_rawlen(L, cols);
+  names = lua_gettop(L) + 1, types = names + 1;
+  if (lua_getfield(L, rel, "names") != LUA_TTABLE || lua_getfield(L, rel, "types") != LUA_TTABLE) {
+    snprintf(r->err, sizeof r->err, "pgoutput: %s message for a relation without names and types",
+             r->what);
+    return 0;
+  }
+  ncols = (uint64_t)lua_rawlen(L, names);
+  if (ncols != (uint64_t)lua_rawlen(L, types)) {
+    snprintf(r->err, sizeof r->err, "pgoutput: %s message for a relation whose names and types differ",
+             r->what);
+    return 0;
+  }
   if (natts != ncols) {
     snprintf(r->err, sizeof r->err, "pgoutput: %s message has %" PRIu64 " columns, its relation %"
              PRIu64, r->what, natts, ncols);
@@ -145,15 +175,22 @@ static int push_tuple(lua_State *L, rd *r, int rel) {
     return 0;
   lua_createtable(L, 0, (int)natts);
   for (i = 1; i <= natts; i++) {
-    lua_rawgeti(L, cols, (lua_Integer)i);
-    lua_getfield(L, -1, "name");
-    lua_insert(L, -2);
-    if (!push_column(L, r))
+    Oid type;
+    lua_rawgeti(L, names, (lua_Integer)i);
+    lua_rawgeti(L, types, (lua_Integer)i);
+    type = (Oid)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      snprintf(r->err, sizeof r->err, "pgoutput: %s message for a relation whose column %" PRIu64
+               " has no name", r->what, i);
       return 0;
-    lua_remove(L, -2); /* the column table */
+    }
+    if (!push_column(L, r, type))
+      return 0;
     lua_rawset(L, -3);
   }
-  lua_remove(L, cols);
+  lua_replace(L, names);
+  lua_settop(L, names);
   return 1;
 }
 

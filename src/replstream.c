@@ -66,8 +66,8 @@ enum { READ_MESSAGES, READ_RAW, READ_EVENTS };
 /*
  * Decodes the CopyData payload at c->pending (len bytes) into messages[n]
  * (stack: 3 the relation map, 4 the messages; in events mode 5 the info
- * table and 6, 7, 8 its lsn, lsn_text and relid arrays).  Returns 1, or 0
- * with nil, err pushed.
+ * table and 6, 7 its lsn and relid arrays).  Returns 1, or 0 with nil, err
+ * pushed.
  */
 static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n, uint64_t *wal_end) {
   pgl_msginfo mi;
@@ -85,10 +85,8 @@ static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n,
     if (mi.change) {
       lua_pushinteger(L, (lua_Integer)mi.lsn);
       lua_rawseti(L, 6, n);
-      pgl_push_lsn(L, mi.lsn);
-      lua_rawseti(L, 7, n);
       lua_pushinteger(L, (lua_Integer)mi.relid);
-      lua_rawseti(L, 8, n);
+      lua_rawseti(L, 7, n);
     }
   }
   lua_rawseti(L, 4, n);
@@ -104,8 +102,6 @@ static int read_result(lua_State *L, int mode, uint64_t wal_end) {
   lua_pushvalue(L, 6);
   lua_setfield(L, 5, "lsn");
   lua_pushvalue(L, 7);
-  lua_setfield(L, 5, "lsn_text");
-  lua_pushvalue(L, 8);
   lua_setfield(L, 5, "relid");
   lua_pushinteger(L, (lua_Integer)wal_end);
   lua_setfield(L, 5, "wal_end");
@@ -143,8 +139,8 @@ static int read_mode(lua_State *L, int idx) {
  * or "raw": the CopyData payloads as strings, undecoded (the relation map is
  * then not updated).  mode "events": a row change is its event { op,
  * schema, table, new, old } (no kind), and info holds, at the same index,
- * lsn[i] (the change's LSN), lsn_text[i] ("X/Y") and relid[i], and wal_end,
- * the largest walEnd read (0: none).  A malformed message is an error: the
+ * lsn[i] (the change's LSN, an integer: core.lsn_format makes its "X/Y")
+ * and relid[i], and wal_end, the largest walEnd read (0: none).  A malformed message is an error: the
  * stream must be restarted from the last confirmed position.  At the end of
  * the stream the messages read before it come first, the error at the next
  * call.
@@ -154,6 +150,7 @@ int pgl_repl_read(lua_State *L) {
   lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
   int mode = read_mode(L, 3);
   int fresh = 1; /* nothing taken since the last socket read */
+  int presize;
   uint64_t wal_end = 0;
   lua_settop(L, 2);
   if (!c->copying) {
@@ -162,12 +159,12 @@ int pgl_repl_read(lua_State *L) {
     luaL_error(L, "replication connection is not streaming: start() it first");
   }
   lua_getiuservalue(L, 1, 1); /* 3: the relation map */
-  lua_newtable(L);            /* 4: the messages */
+  presize = max < 1 ? 0 : max > 1024 ? 1024 : (int)max; /* the arrays are made once, at their size */
+  lua_createtable(L, presize, 0); /* 4: the messages */
   if (mode == READ_EVENTS) {
-    lua_createtable(L, 0, 4); /* 5: info, 6-8 its arrays */
-    lua_newtable(L);
-    lua_newtable(L);
-    lua_newtable(L);
+    lua_createtable(L, 0, 3); /* 5: info, 6-7 its arrays */
+    lua_createtable(L, presize, 0);
+    lua_createtable(L, presize, 0);
   }
   if (!PQconsumeInput(c->pg) && PQstatus(c->pg) == CONNECTION_BAD) {
     c->copying = 0;

@@ -2,10 +2,17 @@
 -- handlers, and the position that may be reported as flushed.
 --
 -- The queue holds, in the order the server sent them, events (a change of
--- a table some channel streams: its note in `q`, its channel entry in `qe`
--- and its event in `qv`, three arrays rather than one more table per
--- change) and marks (`{ lsn, time }` in `q`, false in `qe`: a commit's end,
--- or a keepalive's walEnd outside a transaction).
+-- a table some channel streams: its channel entry in `qe`, its event in
+-- `qv`, its LSN in `ql`, its index in the transaction in `qs` and its
+-- transaction -- `{ xid, commit_lsn, commit_time, received_at, slot,
+-- system_id, database }`, one table for all its changes -- in `q`: arrays,
+-- not one more table per change) and marks (`{ lsn, time }` in `q`, false
+-- in `qe`: a commit's end, or a keepalive's walEnd outside a transaction).
+-- A change's note is made from these when something can see it: the
+-- handler, if it takes a second parameter (or `...`); `on_error`,
+-- the log and pglisten.dead when it fails.  Measured on a 50,000-row
+-- backlog into a batch handler that takes only the events, notes made for
+-- every change cost 4.9 k of the runner's 30.6 k instructions per change.
 -- Handling takes the head: a mark moves `flushed` to its LSN (every event
 -- before it is handled); an event becomes a job -- one event, or for a
 -- `batch = N` channel the run of up to N events of that channel at the
@@ -33,6 +40,21 @@ M.__index = M
 local now = pg.monotonic
 local invoke, errstring = dispatch.invoke, dispatch.errstring
 local unchanged = pg.core.unchanged
+local lsn_format = pg.core.lsn_format
+
+-- Whether a handler can see its second argument (the notes): a Lua
+-- function declaring two parameters or `...`, or anything else that can be
+-- called.  Kept per function.
+local takes_notes = setmetatable({}, { __mode = "k" })
+local function wants_notes(fn)
+  local w = takes_notes[fn]
+  if w == nil then
+    local info = type(fn) == "function" and debug.getinfo(fn, "u")
+    w = not info or info.isvararg or info.nparams >= 2
+    takes_notes[fn] = w
+  end
+  return w
+end
 
 --- An applier for runtime `rt`; `counters` is the source's; `sql()`
 -- returns a plain connection to the source database (for pglisten.dead).
@@ -44,15 +66,35 @@ end
 
 --- Forgets everything queued (the stream is restarted from `flushed`).
 function M:reset()
-  self.q, self.qe, self.qv, self.head, self.tail, self.events = {}, {}, {}, 1, 0, 0
+  self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail, self.events = {}, {}, {}, {}, {}, 1, 0, 0
   self.job, self.wait_until = nil, nil
 end
 
---- Appends an event: its channel entry, the event and its note.
-function M:push(entry, ev, note)
+--- Appends an event: its channel entry, the event, its LSN (an integer),
+-- its index in its transaction and the transaction's table (see above).
+function M:push(entry, ev, lsn, seq, tx)
   local t = self.tail + 1
-  self.q[t], self.qe[t], self.qv[t], self.tail = note, entry, ev, t
+  self.q[t], self.qe[t], self.qv[t], self.ql[t], self.qs[t], self.tail = tx, entry, ev, lsn, seq, t
   self.events = self.events + 1
+end
+
+--- The note of the event at queue index i.
+function M:note(i)
+  local tx, lsn = self.q[i], self.ql[i]
+  return { channel = self.qe[i].name, lsn = lsn_format(lsn), lsn_int = lsn, commit_lsn = tx.commit_lsn,
+    xid = tx.xid, commit_time = tx.commit_time, received_at = tx.received_at, seq = self.qs[i], slot = tx.slot,
+    system_id = tx.system_id, database = tx.database }
+end
+
+-- A job's notes, made now if they were not (the handler does not take them).
+local function notes_of(self, job)
+  local notes = job.notes
+  if not notes then
+    notes = {}
+    for k, i in ipairs(job.at) do notes[k] = self:note(i) end
+    job.notes = notes
+  end
+  return notes
 end
 
 --- Appends a mark: every event before it is handled once it is reached;
@@ -80,22 +122,25 @@ function M:oldest_commit()
   end
 end
 
--- The job at the head: its events, notes, and the last queue item it covers.
+-- The job at the head: its events, their queue indexes (`at`), the notes
+-- if the handler takes them, and the last queue item it covers.
 function M:next_job()
-  local q, qe, qv, j, tail = self.q, self.qe, self.qv, self.head, self.tail
+  local qe, qv, j, tail = self.qe, self.qv, self.head, self.tail
   local entry = qe[j]
   local want = entry.batch or 1
-  local events, notes, k = {}, {}, 0
+  local events, at, k = {}, {}, 0
   while j <= tail do
     local e = qe[j]
     if e then
       if e ~= entry or k >= want then break end
       k = k + 1
-      events[k], notes[k] = qv[j], q[j]
+      events[k], at[k] = qv[j], j
     end
     j = j + 1
   end
-  return { entry = entry, events = events, notes = notes, last = j - 1, attempt = 0 }
+  local job = { entry = entry, events = events, at = at, last = j - 1, attempt = 0 }
+  if wants_notes(entry.handler) then notes_of(self, job) end
+  return job
 end
 
 local function advance(self, it)
@@ -105,11 +150,11 @@ end
 
 -- A settled job: its items leave the queue, its marks move `flushed`.
 function M:done(job)
-  local q, qe, qv = self.q, self.qe, self.qv
+  local q, qe, qv, ql, qs = self.q, self.qe, self.qv, self.ql, self.qs
   if job.last then
     for i = self.head, job.last do
       if not qe[i] then advance(self, q[i]) end
-      q[i], qe[i], qv[i] = nil, nil, nil
+      q[i], qe[i], qv[i], ql[i], qs[i] = nil, nil, nil, nil, nil
     end
     self.head = job.last + 1
     self.events = self.events - #job.events
@@ -143,7 +188,9 @@ function M:handle(budget)
     end
     if host.pending() then break end
   end
-  if self.head > self.tail and not self.job then self.q, self.qe, self.qv, self.head, self.tail = {}, {}, {}, 1, 0 end
+  if self.head > self.tail and not self.job then
+    self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail = {}, {}, {}, {}, {}, 1, 0
+  end
 end
 
 -- Runs a job once.  True when it is settled (handled, or buried in
@@ -155,7 +202,7 @@ function M:attempt(job)
   if entry.batch then
     ok, err = invoke(entry.handler, events, notes)
   else
-    ok, err = invoke(entry.handler, events[1], notes[1])
+    ok, err = invoke(entry.handler, events[1], notes and notes[1])
   end
   if ok then
     self.c.handled = self.c.handled + #events
@@ -168,14 +215,14 @@ end
 -- Settles a failure: a retry later, or (spent) the log, on_error, and
 -- pglisten.dead or the blocked queue.
 function M:failed(job, err, tb)
-  local entry, n = job.entry, #job.events
+  local entry, n, notes = job.entry, #job.events, notes_of(self, job)
   local attempts = entry.retry and entry.retry.attempts or 1
   local wait = backoff.delay(job.attempt, backoff.of(entry))
   local msg = errstring(err)
   self.c.failed_handler = self.c.failed_handler + n
   self.rt.stats.failed_handler = self.rt.stats.failed_handler + n
   local fields = { channel = entry.name, error = msg, attempt = job.attempt, of = attempts,
-    lsn = job.notes[1].lsn, count = n > 1 and n or nil }
+    lsn = notes[1].lsn, count = n > 1 and n or nil }
   if job.attempt < attempts then
     self.c.retries = self.c.retries + 1
     self.rt.stats.retries = self.rt.stats.retries + 1
@@ -194,8 +241,8 @@ function M:failed(job, err, tb)
     end
     local info = { kind = "handler", channel = entry.name, attempts = job.attempt, traceback = tb,
       replication = true, final = true, dead = buried or nil, blocked = not buried or nil,
-      batch = entry.batch and job.notes or nil }
-    for _, note in ipairs(job.notes) do self.rt.dispatch:on_error(err, note, info) end
+      batch = entry.batch and notes or nil }
+    for _, note in ipairs(notes) do self.rt.dispatch:on_error(err, note, info) end
     if buried then
       self.c.dead = self.c.dead + n
       return self:done(job)

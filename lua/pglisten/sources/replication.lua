@@ -51,7 +51,7 @@ M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
 -- change of taking 256 (the decoded tables of a turn no longer fit the
 -- cache), for fewer instructions.
 M.READ = 256
-M.FILL = 256
+M.FILL = tonumber(os.getenv("XFILL") or "") or 256
 M.HANDLE = 1000         -- events handled per turn of the loop
 
 --- The source's counters.
@@ -160,27 +160,27 @@ end
 -- The stream
 ---------------------------------------------------------------------------
 
--- A change of a table some channel streams: the event, and its note with
--- the change's LSN (text and integer) and index in its transaction.
-function M:event(entry, ev, lsn_text, lsn, seq)
-  local tx = self.tx or {}
-  self.c.received = self.c.received + 1
-  self.rt.stats.received = self.rt.stats.received + 1
-  self.apply:push(entry, ev,
-    { channel = entry.name, lsn = lsn_text, lsn_int = lsn, commit_lsn = tx.commit_lsn, xid = tx.xid,
-      commit_time = tx.commit_time, received_at = pg.now(), seq = seq, slot = self.cfg.slot,
-      system_id = self.system_id, database = self.database })
+-- The transaction of a change: the one begun, or (a change outside any,
+-- which pgoutput does not send) one made for it alone.
+function M:tx_of(at)
+  return self.tx or { seq = 0, received_at = at, slot = self.cfg.slot, system_id = self.system_id,
+    database = self.database }
 end
 
--- The index of the next change in the transaction (every change the
--- publication sends counts, routed or not, so that a transaction sent again
--- numbers its changes alike): with commit_lsn, a change's exact position
--- (pglisten.apply).
-function M:next_seq()
-  local tx = self.tx
-  if not tx then return 0 end
-  tx.seq = (tx.seq or 0) + 1
-  return tx.seq
+-- A TRUNCATE's events, one per table, those no channel serves skipped.
+function M:truncate(m, at)
+  local tx, by, n = self:tx_of(at), self.cfg.by_table, 0
+  for _, rel in ipairs(m.relations) do
+    tx.seq = tx.seq + 1 -- every change the publication sends counts (see take)
+    local entry = by[rel.schema .. "." .. rel.table]
+    if entry then
+      n = n + 1
+      self.apply:push(entry, { op = "TRUNCATE", schema = rel.schema, table = rel.table }, m.lsn_int, tx.seq, tx)
+    else
+      self:unrouted(rel.schema, rel.table)
+    end
+  end
+  return n
 end
 
 -- A change of a table the publication sends but no channel serves: it is
@@ -203,61 +203,60 @@ end
 -- until the next Relation message (a table renamed comes with one) and
 -- for the configuration it was found in (a reload makes a new one).
 local function route(cfg, relid, ev)
-  local routes = cfg.routes
-  if not routes then
-    routes = {}
-    cfg.routes = routes
-  end
-  local entry = routes[relid]
-  if entry == nil then
-    entry = cfg.by_table[ev.schema .. "." .. ev.table] or false
-    routes[relid] = entry
-  end
+  local entry = cfg.by_table[ev.schema .. "." .. ev.table] or false
+  cfg.routes[relid] = entry
   return entry
 end
+
+local push = Apply.push
 
 --- Queues what repl:read(n, "events") returned: a row change comes as its
 -- event (no kind; its LSN and relation id in `info` at the same index),
 -- everything else as a message; commits and keepalives become marks.
+-- A change's index in its transaction counts every change the publication
+-- sends, routed or not, so that a transaction sent again numbers its
+-- changes alike: with commit_lsn, a change's exact position (pglisten.apply).
 function M:take(msgs, info)
-  local cfg = self.cfg
-  local by = cfg.by_table
-  local lsns, texts, relids = info.lsn, info.lsn_text, info.relid
+  local cfg, apply, at, n = self.cfg, self.apply, pg.now(), 0
+  local routes = cfg.routes or {}
+  cfg.routes = routes
+  local lsns, relids = info.lsn, info.relid
   if info.wal_end > self.received then self.received = info.wal_end end
   for i = 1, #msgs do
     local m = msgs[i]
     local k = m.kind
     if k == nil then -- Insert, Update, Delete: the event itself
-      local seq = self:next_seq()
-      local entry = route(cfg, relids[i], m)
+      local tx = self.tx or self:tx_of(at)
+      local seq = tx.seq + 1
+      tx.seq = seq
+      local relid = relids[i]
+      local entry = routes[relid]
+      if entry == nil then entry = route(cfg, relid, m) end
       if entry then
-        self:event(entry, m, texts[i], lsns[i], seq)
+        n = n + 1
+        push(apply, entry, m, lsns[i], seq, tx)
       else
         self:unrouted(m.schema, m.table)
       end
     elseif k == "relation" then
-      cfg.routes = nil
+      routes = {}
+      cfg.routes = routes
     elseif k == "begin" then
-      self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time }
+      self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time, received_at = at, seq = 0,
+        slot = cfg.slot, system_id = self.system_id, database = self.database }
     elseif k == "commit" then
-      self.apply:mark(m.end_lsn_int, m.commit_time)
+      apply:mark(m.end_lsn_int, m.commit_time)
       self.tx = nil
     elseif k == "truncate" then
-      for _, rel in ipairs(m.relations) do
-        local seq = self:next_seq()
-        local entry = by[rel.schema .. "." .. rel.table]
-        if entry then
-          self:event(entry, { op = "TRUNCATE", schema = rel.schema, table = rel.table }, m.lsn, m.lsn_int, seq)
-        else
-          self:unrouted(rel.schema, rel.table)
-        end
-      end
+      n = n + self:truncate(m, at)
     elseif k == "keepalive" then
       if m.reply_requested then self.reply_now = true end
       -- outside a transaction, everything up to walEnd has been sent
-      if not self.tx and m.wal_end_int then self.apply:mark(m.wal_end_int) end
+      if not self.tx and m.wal_end_int then apply:mark(m.wal_end_int) end
     end
   end
+  self.c.received = self.c.received + n
+  self.rt.stats.received = self.rt.stats.received + n
 end
 
 --- A Standby Status Update: written up to what was received, flushed and
