@@ -104,7 +104,7 @@ describe("example 01-sync-table", function()
     -- batches of 100: the resync takes several of them
     local p = H.spawn({ H.runner, "--db", sci, "examples/01-sync-table/handler.lua" },
       { SOURCE_URL = sci, TARGET_URL = tci, RESYNC_BATCH = "100" })
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     assert(wait_log(p, " listening ", 10), p.stderr())
     local src, tgt = H.connect(sci), H.connect(tci)
     assert.equal(250, assert_synced(src, tgt, 20, p))
@@ -115,7 +115,7 @@ describe("example 01-sync-table", function()
     H.psql("ALTER TABLE users DISABLE TRIGGER USER; DELETE FROM users; ALTER TABLE users ENABLE TRIGGER USER", sname)
     term(p)
     local p2 = start_sync(sci, tci)
-    finally(function() p2.stop() end)
+    H.finally(function() p2.stop() end)
     assert.equal(0, assert_synced(src, tgt, 20, p2))
     term(p2)
     src:close(); tgt:close()
@@ -125,7 +125,7 @@ describe("example 01-sync-table", function()
     local sname, sci, _, tci = sync_setup()
     H.psql(SEED:format(1, 50), sname)
     local p = start_sync(sci, tci)
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     local src, tgt = H.connect(sci), H.connect(tci)
     assert_synced(src, tgt, 20, p)
     -- what the trigger sends, seen by a listener of our own
@@ -210,7 +210,7 @@ describe("example 01-sync-table", function()
     H.psql(SEED:format(1, 200), sname)
     local p = start_sync(sci, tci)
     local src, tgt = H.connect(sci), H.connect(tci)
-    finally(function()
+    H.finally(function()
       p.stop()
       H.psql("ALTER DATABASE " .. sname .. " WITH ALLOW_CONNECTIONS true")
     end)
@@ -289,7 +289,7 @@ describe("example 02-fan-out-accounts", function()
 
   it("applies every account change to both client databases", function()
     local p = start(("dbname=%s  dbname=%s"):format(c1, c2))
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     H.psql([[INSERT INTO accounts (id, name, plan, balance) VALUES
                (1, 'Ada', 'pro', 1234.56), (2, 'Bob', 'free', 0.10), (9007199254740993, 'Big', 'free', 1)]], central)
     H.psql("UPDATE accounts SET plan = 'team', balance = balance + 0.01 WHERE id = 1", central)
@@ -304,7 +304,7 @@ describe("example 02-fan-out-accounts", function()
   it("raises for a client that fails, retries, and reports it to on_error", function()
     local dead = "postgresql://postgres@127.0.0.1:1/nowhere"
     local p = start(("dbname=%s %s dbname=%s"):format(c1, dead, c2))
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     H.psql("INSERT INTO accounts (id, name) VALUES (42, 'Zed')", central)
     -- the clients that work have it at once, whatever the dead one does
     same_everywhere(p)
@@ -328,7 +328,7 @@ describe("example 03-routing", function()
     local db, ci = H.createdb("ex03")
     load_sql(db, "03-routing/schema.sql")
     local p = H.spawn({ H.runner, "--db", ci, "examples/03-routing/handler.lua" }, { TARGET_URL = ci })
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     assert(wait_log(p, " listening ", 10), p.stderr())
     local c = H.connect(ci)
 
@@ -411,7 +411,7 @@ describe("example 04-cdc", function()
     local slot = "ex04_" .. os.time() % 100000
     local env = { TARGET_URL = tci, CDC_SLOT = slot }
     local p = H.start(EX .. "/04-cdc/handler.lua", { "--db", sci }, env, false)
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     assert(wait_log(p, "streaming", 60), p.stderr())
     assert.equal(H.psql(CDC_DUMP, sname), H.psql(CDC_DUMP, tname))
     -- the source position lives in the target (pglisten.apply): each change applied once
@@ -439,7 +439,7 @@ describe("example 04-cdc", function()
       INSERT INTO orders SELECT i, i - 10000, 1, 'new', now() FROM generate_series(10001, 12000) i;
       DELETE FROM orders WHERE id <= 100]], sname)
     local p2 = H.start(EX .. "/04-cdc/handler.lua", { "--db", sci }, env, false)
-    finally(function() p2.stop() end)
+    H.finally(function() p2.stop() end)
     assert(wait_log(p2, "streaming", 60), p2.stderr())
     assert.no_matches("initial snapshot", p2.stderr()) -- the slot exists: no second snapshot
     assert(H.eventually(function() return H.psql(CDC_DUMP, sname) == H.psql(CDC_DUMP, tname) end, 30),
@@ -480,7 +480,7 @@ describe("example 5: a durable queue", function()
     load_sql(name, "05-durable-queue/schema.sql") -- idempotent
     local env = { MAIL_URL = ci, MAX_ATTEMPTS = "3", BACKOFF = "0.2" }
     local p = H.start(EX .. "/05-durable-queue/handler.lua", { "--db", ci }, env)
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     H.psql("INSERT INTO emails (to_addr, subject) VALUES ('a@example.com', 'hello')", name)
     assert(H.eventually(function() return H.psql("SELECT count(*) FROM sent_mail", name) == "1" end, 10),
       p.stderr())
@@ -544,7 +544,7 @@ describe("example 6: an SQLite target", function()
     local path = H.dir .. "/ex06-" .. name .. ".db"
     local env = { SQLITE_PATH = path }
     local p = H.start(EX .. "/06-sqlite-target/handler.lua", { "--db", ci }, env)
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     local bf = H.spawn({ H.runner, "backfill", "--db", ci, "--table", "public.orders", "--channel", "orders",
       "--batch", "100", EX .. "/06-sqlite-target/handler.lua" }, env)
     -- live changes meanwhile: new orders, updates, deletes of rows the backfill has passed

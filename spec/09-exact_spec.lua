@@ -352,7 +352,7 @@ end
 describe("a table synced through notify_trigger, the runner and exec", function()
   it("lands equal, bit for bit, with the default settings ('notify')", function()
     local c, p = sync("notify")
-    finally(function() p.stop(); c:close() end)
+    H.finally(function() p.stop(); c:close() end)
     check_synced(c, p)
     assert.matches("applied 4 string", p.stdout())
     assert.matches("applied 1 float", p.stdout())
@@ -360,7 +360,7 @@ describe("a table synced through notify_trigger, the runner and exec", function(
 
   it("lands equal, bit for bit, through the outbox ('durable')", function()
     local c, p = sync("durable")
-    finally(function() p.stop(); c:close() end)
+    H.finally(function() p.stop(); c:close() end)
     check_synced(c, p)
   end)
 end)

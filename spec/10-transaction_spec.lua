@@ -283,7 +283,7 @@ end
 describe("the statement cache decides on SQLSTATE, not on message text", function()
   it("re-runs a stale statement unnamed when the server's messages are German", function()
     local conninfo, stop = german_server()
-    finally(stop)
+    H.finally(stop)
     local c = H.connect(conninfo)
     local _, err = c:exec("SELECT 1/0")
     assert.matches("Division durch Null", err)                -- the server speaks German

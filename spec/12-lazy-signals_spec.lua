@@ -16,7 +16,7 @@ end
 describe("pglisten.connect(conninfo, { lazy = true })", function()
   it("returns at once without touching the network, connects on first use, tries again on the next", function()
     local s = silent_server()
-    finally(s.close)
+    H.finally(s.close)
     local t0 = pg.monotonic()
     local c, err = pg.connect(s.conninfo, { lazy = true, timeout = 0.5 })
     local dt = pg.monotonic() - t0
@@ -141,7 +141,7 @@ describe("pglisten.connect(conninfo, { lazy = true })", function()
     local tc = H.connect(H.conninfo2())
     tc:close()
     local down = false
-    finally(function() if down then H.server2("start") end end)
+    H.finally(function() if down then H.server2("start") end end)
     H.server2("stop")
     down = true
     local c = assert(pg.connect(H.conninfo2(), { lazy = true, timeout = 3 }))
@@ -210,7 +210,7 @@ return { channels = { lazy_sync = { retry = { attempts = 8, backoff = 0.25 }, ha
   out("synced", row.i)
 end } } }]]):format(H.conninfo2()))
     local down1, down2 = false, false
-    finally(function()
+    H.finally(function()
       if down1 then H.server("start") end
       if down2 then H.server2("start") end
     end)
@@ -331,7 +331,7 @@ return { channels = {
   it("USR1 during a script's connect lets the connect finish, and the runner still logs the statistics", function()
     local srv = assert(socket.bind("127.0.0.1", 0))
     local _, port = srv:getsockname()
-    finally(function() srv:close() end)
+    H.finally(function() srv:close() end)
     p = start(script(([[
 local c = assert(pglisten.connect(%q))
 out("connected", c:status(), c:exec("SELECT 7 AS v")[1].v)
@@ -339,14 +339,14 @@ return { channels = { x = function() end } }]]):format(("host=127.0.0.1 port=%d 
       { "--db", source() }, nil, false)
     srv:settimeout(10)
     local client = assert(srv:accept())
-    finally(function() client:close() end)
+    H.finally(function() client:close() end)
     H.sleep(0.3)
     p.kill("USR1")
     H.sleep(0.3)
     assert.is_true(p.running(), p.stderr())
     -- now relay to the real server until the script has its connection
     local up = assert(socket.connect("127.0.0.1", tonumber(os.getenv("PGPORT"))))
-    finally(function() up:close() end)
+    H.finally(function() up:close() end)
     client:settimeout(0)
     up:settimeout(0)
     local deadline = pg.monotonic() + 10

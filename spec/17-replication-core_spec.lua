@@ -211,7 +211,7 @@ describe("replication core", function()
     local slot2 = slot .. "_ev"
     assert(r2:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot2)))
     assert(r2:start(slot2, 0, { publication = slot }))
-    finally(function() -- (one finally: busted keeps the last one only)
+    H.finally(function() -- (one finally: busted keeps the last one only)
       if not r2:isclosed() then r2:close() end
       H.eventually(function()
         return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot2)) == "0"

@@ -179,7 +179,7 @@ describe("a lazy connection at its edges", function()
 
   it("ping(t) and wait(t) before the first connect are bounded by t, not by the connect timeout", function()
     local s = silent_server()
-    finally(s.close)
+    H.finally(s.close)
     local c = assert(pg.connect(s.conninfo, { lazy = true, timeout = 4 }))
     for _, call in ipairs({ function() return c:ping(0.3) end, function() return c:wait(0.3) end }) do
       local t0 = pg.monotonic()
@@ -246,7 +246,7 @@ describe("a lazy connection at its edges", function()
     local done = H.dir .. "/brk-restart.done"
     os.remove(done)
     assert(os.execute(("(%s restart >/dev/null 2>&1; touch %s) &"):format(H.ctl2, H.q(done))))
-    finally(function()
+    H.finally(function()
       H.eventually(function() return io.open(done) end, 60)
       if not pcall(H.connect, H.conninfo2()) then H.server2("start") end
     end)
@@ -291,7 +291,7 @@ describe("a lazy connection at its edges", function()
 
   it("no secret in the error of a first use that times out or is refused, in any conninfo form", function()
     local s = silent_server()
-    finally(s.close)
+    H.finally(s.close)
     for _, ci in ipairs({
       ("postgresql://app:s3cret@127.0.0.1:%d/app"):format(s.port),
       ("host=127.0.0.1 port=%d password='s3 cret' sslpassword=s3cret"):format(s.port),
@@ -386,7 +386,7 @@ describe("stop signals during a connect, at the edges", function()
     local srv = assert(socket.bind("127.0.0.1", 0, 0))
     local _, port = srv:getsockname()
     local fillers = {}
-    finally(function()
+    H.finally(function()
       for _, f in ipairs(fillers) do f:close() end
       srv:close()
     end)
@@ -460,7 +460,7 @@ return { channels = { heal = function() out("pid", target:pid()); out("heal", ta
     assert(outbox.install(oc))
     oc:close()
     local r = relay(1) -- the listening connection passes, the outbox's is held
-    finally(r.close)
+    H.finally(r.close)
     p = start(script([[return { channels = { jobs = { durable = true, handler = function() end } } }]]),
       { "--db", (r.conninfo:gsub("dbname=postgres", "dbname=" .. name)) }, nil, false)
     assert(pump_until(r, function() return r.held() > 0 end, 15), p.stderr())
@@ -476,9 +476,9 @@ return { channels = { heal = function() out("pid", target:pid()); out("heal", ta
   it("SIGTERM while a single-active standby reconnects: exit 0 < 0.5 s", function()
     local path = script([[return { single_active = "brk-standby", channels = { x = function() end } }]])
     local leader = start(path, { "--db", source() })
-    finally(leader.stop)
+    H.finally(leader.stop)
     local r = relay(1)
-    finally(r.close)
+    H.finally(r.close)
     p = start(path, { "--db", r.conninfo }, nil, false)
     assert(pump_until(r, function() return p.stderr():find("standing by", 1, true) end, 15), p.stderr())
     r.cut(1) -- the standby's connection dies; its next try connects again, and is held
@@ -578,7 +578,7 @@ return { single_active = "brk-down", reconnect = { min = 0.1, max = 0.5 }, poll_
     local down1, down2 = true, true
     H.server("stop")
     H.server2("stop")
-    finally(function()
+    H.finally(function()
       if down1 then H.server("start") end
       if down2 then H.server2("start") end
     end)
@@ -626,7 +626,7 @@ return { channels = { x = function() end } }]]):format(H.dir .. "/brk-reload-fla
     p = start(path, { "--db", source() })
     local flag = assert(io.open(H.dir .. "/brk-reload-flag", "w")) -- the next load connects to the silent server
     flag:close()
-    finally(function() os.remove(H.dir .. "/brk-reload-flag") end)
+    H.finally(function() os.remove(H.dir .. "/brk-reload-flag") end)
     p.kill("HUP")
     assert(H.eventually(function() return s.accepted(0) > 0 end, 10), p.stderr())
     H.sleep(0.3)

@@ -27,7 +27,7 @@ return {
 }
 ]]):format(slot))
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       -- 60 transactions; the same row changed by several of them
       local stmts = {}
       for i = 1, 60 do
@@ -86,7 +86,7 @@ return {
 ]]):format(slot))
     local p = C.start(path, src)
     local procs = { p }
-    finally(function() C.cleanup(procs, src, slot) end)
+    H.finally(function() C.cleanup(procs, src, slot) end)
     p.kill("TERM")
     assert.equal(0, p.wait(10))
     C.sql("INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 10000) g", src)
@@ -119,7 +119,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO docs VALUES (1, 'one', repeat('é', 300000) || repeat('x', 500000))", src)
     C.sql("UPDATE docs SET title = 'ONE' WHERE id = 1", src)
     C.sql("ALTER TABLE docs ADD COLUMN extra int DEFAULT 5", src)
@@ -161,7 +161,7 @@ return {
     -- killed after the first page of the snapshot
     local first = H.start(path, { "--db", "dbname=" .. src }, { SLOW = "1" }, false)
     local procs = { first }
-    finally(function() C.cleanup(procs, src, slot) end)
+    H.finally(function() C.cleanup(procs, src, slot) end)
     assert.truthy(H.eventually(function() return first.stdout():find("snapshot", 1, true) end, 20), first.stderr())
     first.kill("KILL")
     first.wait(5)
@@ -192,7 +192,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     local before = pg.core.lsn_parse(C.confirmed(slot))
     local t0 = H.now()
     local ok = H.eventually(function()
@@ -223,7 +223,7 @@ return {
     assert.equal(0, crc)
     assert.equal("public.a\treplication table=public.a\n", cout)
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     assert.equal("public.a", C.sql(("SELECT string_agg(schemaname || '.' || tablename, ',') FROM "
       .. "pg_publication_tables WHERE pubname = '%s'"):format(slot), src))
     -- the reload adds table b to the publication

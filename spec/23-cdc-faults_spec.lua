@@ -48,7 +48,7 @@ describe("replication source faults", function()
     local path = items_script(dst, slot)
     C.sql("ALTER SYSTEM SET wal_level = replica")
     H.server("restart")
-    finally(function()
+    H.finally(function()
       C.sql("ALTER SYSTEM SET wal_level = logical") -- with-pg.sh sets it in postgresql.auto.conf too
       H.server("restart")
     end)
@@ -103,7 +103,7 @@ return { replication = { slot = %q, create = false },
     C.sql(("DROP PUBLICATION %s"):format(slot), src)
     C.sql("DROP ROLE IF EXISTS cdc_norepl; CREATE ROLE cdc_norepl LOGIN")
     C.sql("GRANT ALL ON SCHEMA public TO cdc_norepl; GRANT ALL ON ALL TABLES IN SCHEMA public TO cdc_norepl", src)
-    finally(function()
+    H.finally(function()
       C.sql("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM cdc_norepl; REVOKE ALL ON SCHEMA public FROM cdc_norepl",
         src)
       C.sql("DROP ROLE IF EXISTS cdc_norepl")
@@ -115,7 +115,7 @@ return { replication = { slot = %q, create = false },
     local max = tonumber(C.sql("SHOW max_replication_slots"))
     local used = tonumber(C.sql("SELECT count(*) FROM pg_replication_slots"))
     local fill = {}
-    finally(function()
+    H.finally(function()
       for _, s in ipairs(fill) do C.sql(("SELECT pg_drop_replication_slot('%s')"):format(s)) end
     end)
     for i = 1, max - used do
@@ -134,7 +134,7 @@ return { replication = { slot = %q, create = false },
       C.sql(ITEMS, src); C.sql(ITEMS, dst)
       local path = items_script(dst, slot, "retry = { attempts = 3, backoff = 0.05 },")
       local procs = { C.start(path, src) }
-      finally(function() C.cleanup(procs, src, slot) end)
+      H.finally(function() C.cleanup(procs, src, slot) end)
       write(src, 1, 40, 100)
       assert.truthy(H.eventually(function() return #H.lines(procs[1].stdout()) >= 5 end, 20))
       procs[1].kill("KILL")
@@ -157,7 +157,7 @@ return { replication = { slot = %q, create = false },
       C.sql(ITEMS, src); C.sql(ITEMS, dst)
       local path = items_script(dst, slot, "retry = { attempts = 20, backoff = 0.1, max_backoff = 0.5 },")
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       write(src, 1, 5, 100)
       local pid = assert(H.eventually(function() return walsender(slot) end, 10))
       C.sql(("SELECT pg_terminate_backend(%d)"):format(pid))
@@ -183,7 +183,7 @@ return { replication = { slot = %q, create = false },
     local path = items_script(dst, slot)
     local a = C.start(path, src)
     local procs = { a }
-    finally(function() C.cleanup(procs, src, slot) end)
+    H.finally(function() C.cleanup(procs, src, slot) end)
     local b = C.start(path, src, nil, "standing by")
     procs[2] = b
     write(src, 1, 5, 100)
@@ -221,7 +221,7 @@ return {
 }
 ]]):format(slot, flag))
       local p = C.start(path, src, { "--stats-interval", "1" })
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       for i = 1, 5 do C.sql(("INSERT INTO items VALUES (%d, %d, 'x')"):format(i, i), src) end
       assert.truthy(H.eventually(function() return p.stdout():find("on_error public.items blocked", 1, true) end, 10))
       H.sleep(1.5)
@@ -260,7 +260,7 @@ return {
     local rc, _, ierr = H.run_runner({ "--install", "--db", "dbname=" .. src })
     assert.equal(0, rc, ierr)
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     for i = 1, 5 do C.sql(("INSERT INTO items VALUES (%d, %d, 'x')"):format(i, i), src) end
     assert.truthy(H.eventually(function()
       return C.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM items", dst) == "1,2,4,5"

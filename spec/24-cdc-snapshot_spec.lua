@@ -167,7 +167,7 @@ SELECT pg_sleep(0.005);]]):format(50000 + i, i, i, (i * 37) % 50000 + 1, (i * 10
     end
     local wf = H.file("writer.sql", table.concat(w, "\n") .. "\n")
     local writer = H.spawn({ "psql", "-qtAX", "-v", "ON_ERROR_STOP=1", "-d", dbname, "-f", wf })
-    finally(function() writer.stop() end)
+    H.finally(function() writer.stop() end)
     assert(H.eventually(function() return tonumber(sql("SELECT count(*) FROM users WHERE id > 50000")) >= 20 end, 20))
 
     local slot = newname("users")
@@ -269,7 +269,7 @@ print("finished"); io.stdout:flush()
     local p = H.spawn({ "lua5.4", child }, {
       LUA_PATH = H.root .. "/lua/?.lua;" .. H.root .. "/lua/?/init.lua;;",
       LUA_CPATH = H.root .. "/" .. H.build .. "/?.so;;" })
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     assert(H.eventually(function()
       return not p.running() or tonumber(H.psql("SELECT count(*) FROM users", dst)) >= 3000
     end, 60), p.stderr())
@@ -408,12 +408,12 @@ DELETE FROM items WHERE id = %d; COMMIT; SELECT pg_sleep(0.005);]]):format(50000
     end
     local writer = H.spawn({ "psql", "-qtAX", "-v", "ON_ERROR_STOP=1", "-d", src, "-f",
       H.file("rwriter.sql", table.concat(w, "\n") .. "\n") })
-    finally(function() writer.stop() end)
+    H.finally(function() writer.stop() end)
     assert(H.eventually(function()
       return tonumber(H.psql("SELECT count(*) FROM items WHERE id > 50000", src)) >= 10
     end, 20))
     local p = H.start(items_script(slot, dst_ci_of(dst), 0.02), { "--db", src_ci }, {}, false)
-    finally(function() stop_runner(p, src, slot) end)
+    H.finally(function() stop_runner(p, src, slot) end)
     assert(H.eventually(function() return p.stderr():find("initial snapshot done", 1, true) end, 90), p.stderr())
     assert(writer.wait(90) == 0, writer.stderr())
     assert(H.eventually(function() return H.psql(DIGEST, src) == H.psql(DIGEST, dst) end, 60), p.stderr())
@@ -430,7 +430,7 @@ DELETE FROM items WHERE id = %d; COMMIT; SELECT pg_sleep(0.005);]]):format(50000
     local slot = newname("rkill")
     local path = items_script(slot, dst_ci_of(dst), 0.1)
     local p = H.start(path, { "--db", src_ci }, {}, false)
-    finally(function() p.stop() end)
+    H.finally(function() p.stop() end)
     assert(H.eventually(function() return tonumber(H.psql("SELECT count(*) FROM items", dst)) >= 3000 end, 60),
       p.stderr())
     assert.is_nil(p.stderr():find("initial snapshot done", 1, true))
@@ -438,7 +438,7 @@ DELETE FROM items WHERE id = %d; COMMIT; SELECT pg_sleep(0.005);]]):format(50000
     -- rows the half snapshot copied are deleted or changed meanwhile
     H.psql("DELETE FROM items WHERE id <= 1000; UPDATE items SET v = 'changed' WHERE id BETWEEN 1001 AND 1500", src)
     local p2 = H.start(path, { "--db", src_ci }, {}, false)
-    finally(function() stop_runner(p2, src, slot) end)
+    H.finally(function() stop_runner(p2, src, slot) end)
     assert(H.eventually(function() return p2.stderr():find("initial snapshot done", 1, true) end, 90), p2.stderr())
     H.psql("INSERT INTO items VALUES (-1, 'after')", src)
     assert(H.eventually(function() return H.psql(DIGEST, src) == H.psql(DIGEST, dst) end, 60), p2.stderr())

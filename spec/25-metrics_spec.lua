@@ -56,7 +56,7 @@ return { channels = {
 } }
 ]])
     local p = H.start(path, { "--metrics", "127.0.0.1:0" })
-    finally(p.stop)
+    H.finally(p.stop)
     local url = "http://" .. address(p) .. "/metrics"
     local c = H.connect()
     -- the load: 4 transactions of 500 (about a second of handler time)
@@ -118,7 +118,7 @@ return { channels = {
   it("answers 404 for other paths, 405 for other methods, 431 for an endless head", function()
     local path = script("return { channels = { m25p = function() end } }")
     local p = H.start(path, { "--metrics", "127.0.0.1:0" })
-    finally(p.stop)
+    H.finally(p.stop)
     local base = "http://" .. address(p)
     assert.equal(404, (curl(base .. "/")))
     assert.equal(404, (curl(base .. "/metricsx")))
@@ -138,7 +138,7 @@ return { channels = {
 return { channels = { m25lat = function(p) out("handled", p.i) end } }
 ]])
     local p = H.start(path, { "--metrics", "127.0.0.1:0" })
-    finally(p.stop)
+    H.finally(p.stop)
     local host, port = address(p):match("^(.*):(%d+)$")
     local idle = {}
     for i = 1, 3 do idle[i] = assert(socket.connect(host, tonumber(port))) end
@@ -174,7 +174,7 @@ return { channels = { m25lat = function(p) out("handled", p.i) end } }
     local port = free_port()
     local path = script(("return { metrics = '127.0.0.1:%d', channels = { m25s = function() end } }"):format(port))
     local p = H.start(path)
-    finally(p.stop)
+    H.finally(p.stop)
     assert.equal("127.0.0.1:" .. port, address(p))
     assert.equal(200, (curl(("http://127.0.0.1:%d/metrics"):format(port))))
     -- the port is taken now: a second runner cannot serve it
@@ -194,7 +194,7 @@ return { channels = {
 } }
 ]])
     local p = H.start(path, { "--db", db, "--metrics", "127.0.0.1:0" })
-    finally(p.stop)
+    H.finally(p.stop)
     local url = "http://" .. address(p) .. "/metrics"
     assert(c:exec([[SELECT pglisten.publish('m25wait', '{"i":1}'), pglisten.publish('m25wait', '{"i":2}'),
       pglisten.publish('m25dead', '{}')]]))
@@ -218,7 +218,7 @@ describe("--metrics-file", function()
     os.remove(file)
     local path = script("return { channels = { m25f = function() end } }")
     local p = H.start(path, { "--metrics-file", file, "--stats-interval", "1" })
-    finally(p.stop)
+    H.finally(p.stop)
     assert(H.eventually(function() return sample(H.read(file), "lua_pglisten_up") == 1 end, 10), H.read(file))
     local c = H.connect()
     assert(c:exec([[SELECT pg_notify('m25f', '{"i":' || i || '}') FROM generate_series(1, 7) i]]))
@@ -243,7 +243,7 @@ describe("the stats line", function()
   it("has JSON numbers with --log-format json", function()
     local path = script("return { channels = { m25j = function() end } }")
     local p = H.start(path, { "--log-format", "json", "--stats-interval", "0.5" })
-    finally(p.stop)
+    H.finally(p.stop)
     local c = H.connect()
     assert(c:exec([[SELECT pg_notify('m25j', '{"i":' || i || '}') FROM generate_series(1, 3) i]]))
     c:close()

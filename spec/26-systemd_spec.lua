@@ -49,14 +49,14 @@ end
 describe("sd_notify", function()
   it("READY once listening, RELOADING then READY around SIGHUP, STATUS, STOPPING, and the watchdog", function()
     local sd = systemd()
-    finally(sd.close)
+    H.finally(sd.close)
     local path = script([[
 return { channels = { s26 = function(p)
   if p.wedge then local t = pglisten.monotonic() + 1.5; while pglisten.monotonic() < t do end end
 end } }
 ]])
     local p = H.start(path, nil, { NOTIFY_SOCKET = sd.path, WATCHDOG_USEC = "400000" }, false)
-    finally(p.stop)
+    H.finally(p.stop)
     assert(sd.collect(15, function() return sd.find("READY=1") end), dump(sd) .. p.stderr())
     local _, ready = sd.find("READY=1")
     assert.truthy(p.stderr():find("listening", 1, true), "READY before the listening line: " .. p.stderr())
@@ -107,11 +107,11 @@ end } }
 
   it("sends STATUS when the summary changes", function()
     local sd = systemd()
-    finally(sd.close)
+    H.finally(sd.close)
     local path = script("return { channels = { s26st = function() end } }")
     -- a changed summary goes out within STATUS_EVERY (10 s)
     local p = H.start(path, nil, { NOTIFY_SOCKET = sd.path }, false)
-    finally(p.stop)
+    H.finally(p.stop)
     assert(sd.collect(15, function() return sd.find("READY=1") end), dump(sd))
     local c = H.connect()
     assert(c:exec([[SELECT pg_notify('s26st', '{"i":' || i || '}') FROM generate_series(1, 3) i]]))
@@ -140,11 +140,11 @@ with open(sys.argv[1], "a") as f:
         f.write(m.replace("\n", "|") + "\n"); f.flush()
         if "STOPPING=1" in m: break
 ]]):format(name), out })
-    finally(listener.stop)
+    H.finally(listener.stop)
     assert(H.eventually(function() return H.read(out):find("bound", 1, true) end, 10), listener.stderr())
     local path = script("return { channels = { s26ab = function() end } }")
     local p = H.start(path, nil, { NOTIFY_SOCKET = "@" .. name })
-    finally(p.stop)
+    H.finally(p.stop)
     assert(H.eventually(function() return H.read(out):find("READY=1", 1, true) end, 10),
       H.read(out) .. listener.stderr())
     p.kill("TERM")
@@ -156,7 +156,7 @@ with open(sys.argv[1], "a") as f:
   it("logs once, and runs on, when the socket is not there", function()
     local path = script("return { channels = { s26gone = function(p) print('handled') end } }")
     local p = H.start(path, nil, { NOTIFY_SOCKET = H.dir .. "/no-such.sock", WATCHDOG_USEC = "200000" })
-    finally(p.stop)
+    H.finally(p.stop)
     H.sleep(0.5)
     local _, n = p.stderr():gsub("sd_notify failed", "")
     assert.equal(1, n, p.stderr())

@@ -38,7 +38,7 @@ return { channels = { c27lib = function(p) io.stdout:write(mylib.greet(p.who), "
     assert.equal(0, p.wait(20), p.stderr())
     assert.equal("c27lib\n", p.stdout())
     local r = spawn_in_root({ H.runner, dir .. "/main.lua" })
-    finally(r.stop)
+    H.finally(r.stop)
     assert(H.eventually(function() return r.stderr():find("listening", 1, true) or not r.running() end, 15),
       r.stderr())
     assert.truthy(r.running(), r.stderr())
@@ -74,7 +74,7 @@ out("checking", tostring(pglisten.checking))
 return { channels = { c27run = function() end } }
 ]])
     local p = H.start(path)
-    finally(p.stop)
+    H.finally(p.stop)
     assert.truthy(p.stdout():find("checking false", 1, true) or p.stdout():find("checking nil", 1, true),
       p.stdout())
   end)
@@ -106,7 +106,7 @@ return { channels = {
 } }
 ]])
     local p = H.start(path, { "--tap", "c27tap" })
-    finally(p.stop)
+    H.finally(p.stop)
     notify("c27tap", '{"id":1,"name":"a\\"b","n":null}')
     notify("c27tap", '{"id":2}')
     notify("c27other", '{"id":3}')
@@ -133,7 +133,7 @@ return { channels = {
 return { channels = { c27dur = { durable = true, handler = function(p) out("HANDLER CALLED") end } } }
 ]])
     local p = H.start(path, { "--db", db, "--tap", "c27dur" })
-    finally(p.stop)
+    H.finally(p.stop)
     assert(c:exec("SELECT pglisten.publish('c27dur', '{\"id\":7}')"))
     assert(H.eventually(function() return #lines(p.stdout()) >= 1 end, 10), p.stdout() .. p.stderr())
     local e = assert(pg.json.decode(lines(p.stdout())[1]))
@@ -159,7 +159,7 @@ return { channels = { c27retry = { retry = { attempts = 5, backoff = 0.01 }, han
 end } } }
 ]])
     local p = H.start(path)
-    finally(p.stop)
+    H.finally(p.stop)
     notify("c27retry", "{}")
     assert(H.eventually(function() return p.stdout():find("done after 3", 1, true) end, 10), p.stderr())
     H.sleep(0.2)
@@ -178,7 +178,7 @@ end } } }
 return { channels = { c27slow = function() os.execute("sleep 2") end } }
 ]])
     local p = H.start(path, { "--log-format", "json" })
-    finally(p.stop)
+    H.finally(p.stop)
     local c = H.connect()
     -- one transaction: all five arrive together
     assert(c:exec([[SELECT pg_notify('c27slow', '{"i":' || i || '}') FROM generate_series(1, 5) i]]))
@@ -217,7 +217,7 @@ return { channels = { c27slow = function() os.execute("sleep 2") end } }
 return { channels = { c27plain = function() end, c27durable = { durable = true, handler = function() end } } }
 ]])
     local p = H.start(path, { "--db", db })
-    finally(p.stop)
+    H.finally(p.stop)
     local line
     for _, l in ipairs(lines(p.stderr())) do if l:find("listening", 1, true) then line = l end end
     assert.truthy(line:find("c27durable", 1, true), line)

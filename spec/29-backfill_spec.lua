@@ -180,7 +180,7 @@ end } } }
       local argv = { H.runner, "backfill", "--db", ci, "--table", "public.users", "--channel", "users",
         "--batch", "100", script }
       local p = H.spawn(argv)
-      finally(function() p.stop() end)
+      H.finally(function() p.stop() end)
       assert.truthy(H.eventually(function()
         local r = c:exec("SELECT rows_done FROM pglisten.backfill")
         return r and r[1] and r[1].rows_done >= 700
@@ -237,7 +237,7 @@ return { channels = { users = { durable = true, handler = function(ev, note)
 end } } }
 ]]):format(tci))
     local runner = H.start(script, { "--db", ci })
-    finally(function() runner.stop() end)
+    H.finally(function() runner.stop() end)
     local p = H.spawn({ H.runner, "backfill", "--db", ci, "--table", "users", "--channel", "users",
       "--batch", "50", script })
     local w = connect(ci)

@@ -39,7 +39,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g", src)
     assert.is_true(C.same(src, dst, "items") and true or false)
     pg.sleep(1.5) -- idle: everything handled and confirmed
@@ -76,7 +76,7 @@ return {
 }
 ]]):format(slot))
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       C.sql("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 500) g", src)
       -- mid-drain: some handled, many pending
       assert.truthy(H.eventually(function() return tonumber(C.sql("SELECT count(*) FROM items", dst)) >= 20 end, 20))

@@ -27,7 +27,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO w VALUES (2, convert_from('\\xe9'::bytea, 'LATIN1'))", src)
     local ok = H.eventually(function() return #H.lines(p.stdout()) >= 2 end, 15)
     assert.is_true(ok, p.stdout() .. p.stderr())
@@ -49,7 +49,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO r VALUES (1)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
     C.sql("ALTER TABLE r RENAME TO r2; INSERT INTO r2 VALUES (2)", src)
@@ -70,7 +70,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO g VALUES (1)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
     -- the walsender killed and the slot dropped while the runner is stopped
@@ -103,7 +103,7 @@ return {
     local db = src .. " options=-cwal_sender_timeout=3s"
     local a = C.start(path, db)
     local procs = { a }
-    finally(function()
+    H.finally(function()
       a.kill("CONT")
       C.cleanup(procs, src, slot)
     end)
@@ -142,7 +142,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO a.t VALUES (1, 10); INSERT INTO b.t VALUES (1, 20)", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 2 end, 15), p.stderr())
     C.sql("ALTER TABLE a.t ALTER COLUMN n TYPE text USING n::text; INSERT INTO a.t VALUES (2, 'x y');"
@@ -163,7 +163,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO q VALUES (1)", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15), p.stderr())
     C.sql(("DROP PUBLICATION %s; INSERT INTO q VALUES (2)"):format(slot), src)
@@ -201,7 +201,7 @@ return {
     local asan = os.getenv("ASAN_OPTIONS")
     local env = asan and { ASAN_OPTIONS = asan .. ":quarantine_size_mb=1" } or nil
     local p = C.start(path, src, nil, nil, env)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     local function hwm()
       local f = io.open("/proc/" .. p.pid .. "/status")
       local kb = f and f:read("a"):match("VmHWM:%s*(%d+)")
@@ -234,7 +234,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO f VALUES (1, 0, repeat(md5('a'), 1000)); UPDATE f SET n = 1 WHERE id = 1", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15), p.stderr())
     assert.same({ "UPDATE unchanged 32000" }, H.lines(p.stdout()))
@@ -255,7 +255,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO k VALUES (repeat(md5('k'), 78), 1); UPDATE k SET n = 2; DELETE FROM k", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 3 end, 15), p.stderr())
     assert.same({ "INSERT 2496", "UPDATE 2496", "DELETE 2496" }, H.lines(p.stdout()))

@@ -56,7 +56,7 @@ describe("replication core, broken on purpose (b48ada5)", function()
 
   it("formats every LSN as the server prints it, high part > 0 included, and parses it back", function()
     local c = H.connect("dbname=" .. dbname)
-    finally(function() c:close() end)
+    H.finally(function() c:close() end)
     local cases = { 0, 1, 0xF, 0x10, 0xFFFFFFFF, 1 << 32, (1 << 32) | 0xABC, 0x123456789ABCDEF0,
       math.maxinteger, math.mininteger, -1, 0x0000000100000000 + 0xFFFFFFFF, 0x10 << 32 }
     for _, v in ipairs(cases) do
@@ -72,7 +72,7 @@ describe("replication core, broken on purpose (b48ada5)", function()
   end)
   it("sends integer parameters as the server reads them: 0, -1, the extremes, every digit count", function()
     local c = H.connect("dbname=" .. dbname)
-    finally(function() c:close() end)
+    H.finally(function() c:close() end)
     local cases = { 0, -1, 1, 9, 10, -9, -10, 99, 100, math.maxinteger, math.mininteger, math.mininteger + 1,
       math.maxinteger - 1 }
     for d = 1, 18 do cases[#cases + 1] = 10 ^ d // 1 | 0; cases[#cases + 1] = -(10 ^ d // 1 | 0) + 1 end
@@ -92,7 +92,7 @@ describe("replication core, broken on purpose (b48ada5)", function()
     sql("CREATE TABLE vals (id int PRIMARY KEY, n numeric, j json, jb jsonb, b bool, i8 bigint, f float8, s text)")
     local r, slot = stream("vals")
     local c = H.connect("dbname=" .. dbname)
-    finally(function() -- (busted keeps one finally per test)
+    H.finally(function()
       c:close()
       drop(r, slot)
     end)
@@ -134,7 +134,7 @@ describe("replication core, broken on purpose (b48ada5)", function()
   it("fills a read up to max from a backlog the socket holds, in order, nothing twice", function()
     sql("CREATE TABLE back (id int PRIMARY KEY, v text)")
     local r, slot = stream("back")
-    finally(function() drop(r, slot) end)
+    H.finally(function() drop(r, slot) end)
     for t = 0, 5 do
       sql(("INSERT INTO back SELECT g, 'v' || g FROM generate_series(%d, %d) g"):format(t * 2000 + 1, t * 2000 + 2000))
     end
@@ -306,7 +306,7 @@ return {
 ]]):format(read, slot))
       C.sql("CREATE TABLE r2 (id int PRIMARY KEY)", src) -- so that the publication has r2 when it starts
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       C.sql("DROP TABLE r2", src)
       C.sql("INSERT INTO r VALUES (1)", src)
       C.sql("BEGIN; INSERT INTO r VALUES (2); ALTER TABLE r RENAME TO r2; INSERT INTO r2 VALUES (3); COMMIT", src)
@@ -337,7 +337,7 @@ return {
 ]]
     local path = C.script(dst, body:format(slot, ""))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql(("ALTER PUBLICATION %s ADD TABLE b"):format(slot), src)
     C.sql("INSERT INTO b VALUES (1); INSERT INTO a VALUES (1)", src)
     assert.truthy(H.eventually(function() return p.stderr():find("no channel serves", 1, true) end, 15), p.stderr())
@@ -372,7 +372,7 @@ return {
 }
 ]]):format(slot))
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       C.sql([[BEGIN;
         INSERT INTO a VALUES (1);
         INSERT INTO b SELECT g FROM generate_series(1, 2500) g;
@@ -448,7 +448,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("INSERT INTO h VALUES (0)", src)
     assert.truthy(H.eventually(function() return C.sql("SELECT count(*) FROM h", dst) == "1" end, 15), p.stderr())
     local l1 = core.lsn_parse(C.sql("BEGIN; INSERT INTO h SELECT g FROM generate_series(1, 20000) g; "
@@ -505,7 +505,7 @@ return {
 ]]):format(slot))
     local p = C.start(path, src)
     local procs = { p }
-    finally(function() C.cleanup(procs, src, slot) end)
+    H.finally(function() C.cleanup(procs, src, slot) end)
     p.kill("TERM")
     assert.equal(0, p.wait(10))
     for t = 0, 2 do
@@ -556,7 +556,7 @@ return {
 }
 ]]):format(slot))
     local p = C.start(path, src)
-    finally(function() C.cleanup({ p }, src, slot) end)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
     C.sql("BEGIN; INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 15000) g; COMMIT; "
       .. "INSERT INTO big SELECT g, 'w' || g FROM generate_series(15001, 40000) g", src)
     local want = C.digest(src, "big")
@@ -604,7 +604,7 @@ return {
 }
 ]]):format(slot))
       local p = C.start(path, src)
-      finally(function() C.cleanup({ p }, src, slot) end)
+      H.finally(function() C.cleanup({ p }, src, slot) end)
       C.sql("BEGIN; INSERT INTO d SELECT g FROM generate_series(1, 100) g; COMMIT", src)
       C.sql("INSERT INTO d VALUES (1000)", src)
       assert.truthy(H.eventually(function() return C.sql("SELECT count(*) FROM d WHERE id = 1000", dst) == "1" end,
@@ -631,7 +631,7 @@ return {
   it("execmany with savepoint = false: a query_timeout mid-batch inside a transaction commits nothing", function()
     local _, ci = H.createdb("b37to")
     local c = H.connect(ci)
-    finally(function() c:close() end)
+    H.finally(function() c:close() end)
     assert(c:exec("CREATE TABLE em (id int PRIMARY KEY)"))
     local rows = {}
     for i = 1, 50 do rows[i] = { i } end
@@ -765,7 +765,7 @@ describe("execmany with savepoint = false, broken on purpose (895e040)", functio
   it("a lazy connection passes the option on: no subtransaction, a typo raises, a refusal aborts the block",
     function()
       local lz = assert(pg.connect(ci, { lazy = true }))
-      finally(function() lz:close() end)
+      H.finally(function() lz:close() end)
       assert.has_error(function() lz:execmany(INS, list(1), { savepiont = false }) end)
       local res = table.pack(lz:transaction(function(conn)
         assert.equal(3, conn:execmany(INS, list(3), NOSAVE))

@@ -64,6 +64,53 @@ function H.eventually(fn, timeout, step)
   return fn()
 end
 
+--- Registers `fn` to run when the current test ends, however it ends.
+-- busted keeps only the last `finally` of a test (an earlier one is dropped
+-- in silence), so specs call H.finally instead: the first call of a test
+-- registers the one `finally`, which runs every cleanup of that test in
+-- reverse order, each in pcall, and then fails with the errors of those
+-- that failed.
+-- busted's finally of a test -> its cleanups.  In the registry, so that a
+-- spec requiring this module as "helpers" and, through cdc_helpers, as
+-- "spec.helpers" (two copies) still has one list per test.
+local registry = debug.getregistry()
+registry["pglisten spec cleanups"] = registry["pglisten spec cleanups"] or setmetatable({}, { __mode = "k" })
+local cleanups = registry["pglisten spec cleanups"]
+-- The environment busted runs the spec files in: a proxy that looks a name
+-- up in the running test's context, where `finally` is that test's own.
+-- This module's globals are the plain _G, so the proxy is taken from the
+-- spec file that requires this module (its main chunk is on the stack).
+local function spec_env()
+  for level = 2, 40 do
+    local info = debug.getinfo(level, "f")
+    if not info then break end
+    for i = 1, math.huge do
+      local name, env = debug.getupvalue(info.func, i)
+      if not name then break end
+      if name == "_ENV" and env ~= _ENV and type(env) == "table" then return env end
+    end
+  end
+end
+local busted_env = spec_env()
+function H.finally(fn)
+  assert(type(fn) == "function", "H.finally takes a function")
+  local fin = assert(busted_env and busted_env.finally, "H.finally: no running busted test")
+  local list = cleanups[fin]
+  if not list then
+    list = {}
+    cleanups[fin] = list
+    fin(function()
+      local errs = {}
+      for i = #list, 1, -1 do
+        local ok, err = pcall(list[i])
+        if not ok then errs[#errs + 1] = tostring(err) end
+      end
+      if #errs > 0 then error("cleanup failed: " .. table.concat(errs, "; "), 0) end
+    end)
+  end
+  list[#list + 1] = fn
+end
+
 --- Server control: H.server("restart"|"stop"|"start").
 function H.server(action)
   assert(H.ctl, "PGL_TEST_CTL is not set")
