@@ -51,7 +51,7 @@ M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
 -- change of taking 256 (the decoded tables of a turn no longer fit the
 -- cache), for fewer instructions.
 M.READ = 256
-M.FILL = tonumber(os.getenv("XFILL") or "") or 256
+M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
 
 --- The source's counters.
