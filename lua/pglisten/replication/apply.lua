@@ -5,9 +5,10 @@
 -- a table some channel streams: its channel entry in `qe`, its event in
 -- `qv`, its LSN in `ql`, its index in the transaction in `qs` and its
 -- transaction -- `{ xid, commit_lsn, commit_time, received_at, slot,
--- system_id, database }`, one table for all its changes -- in `q`: arrays,
--- not one more table per change) and marks (`{ lsn, time }` in `q`, false
--- in `qe`: a commit's end, or a keepalive's walEnd outside a transaction).
+-- system_id, database }`, one table for its changes of one read -- in
+-- `q`: arrays, not one more table per change) and marks (`{ lsn, time }`
+-- in `q`, false in `qe`: a commit's end, or a keepalive's walEnd outside a
+-- transaction).
 -- A change's note is made from these when something can see it: the
 -- handler, if it takes a second parameter (or `...`); `on_error`,
 -- the log and pglisten.dead when it fails.  Measured on a 50,000-row

@@ -216,10 +216,17 @@ local push = Apply.push
 -- A change's index in its transaction counts every change the publication
 -- sends, routed or not, so that a transaction sent again numbers its
 -- changes alike: with commit_lsn, a change's exact position (pglisten.apply).
+-- A change's received_at is the time of the read that brought it (a
+-- transaction read over many turns gets a table per read).
 function M:take(msgs, info)
   local cfg, apply, at, n = self.cfg, self.apply, pg.now(), 0
   local routes = cfg.routes or {}
   cfg.routes = routes
+  local begun = self.tx
+  if begun then -- begun in an earlier read: its changes read now were received now
+    self.tx = { xid = begun.xid, commit_lsn = begun.commit_lsn, commit_time = begun.commit_time, received_at = at,
+      seq = begun.seq, slot = begun.slot, system_id = begun.system_id, database = begun.database }
+  end
   local lsns, relids = info.lsn, info.relid
   if info.wal_end > self.received then self.received = info.wal_end end
   for i = 1, #msgs do
