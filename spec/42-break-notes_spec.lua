@@ -281,4 +281,62 @@ return {
     assert.equal(2, #lsns, p.stderr())
     assert.equal(lsns[1], lsns[2])
   end)
+
+  it("apply exactly once through pglisten.apply from a vararg handler across walsender kills and a SIGKILL",
+    function()
+      local body = [[
+local target = assert(pglisten.connect(TARGET))
+local UPSERT = "INSERT INTO ap (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
+local function sync(events, notes)
+  assert(pglisten.apply(target, events, notes, function(conn, evs)
+    local list = {}
+    for i, ev in ipairs(evs) do list[i] = { ev.new.id, ev.new.v } end
+    assert(conn:execmany(UPSERT, list, { savepoint = false }))
+  end))
+  pglisten.sleep(0.01)
+end
+return {
+  replication = { slot = "SLOT" },
+  channels = {
+    ["public.ap"] = { source = "replication", batch = 150, retry = { attempts = 1000, backoff = 0.05 },
+      handler = function(...) return sync(...) end },
+  },
+}
+]]
+      local p, src, dst, slot, path = runner("apv", body, { "CREATE TABLE ap (id int PRIMARY KEY, v int)",
+        "CREATE TABLE noise (id int PRIMARY KEY)" })
+      C.sql([[CREATE TABLE ap (id int PRIMARY KEY, v int); CREATE TABLE apps (id int, v int);
+        CREATE FUNCTION count_app() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO apps VALUES (NEW.id, NEW.v); RETURN NEW; END $$;
+        CREATE TRIGGER count_app AFTER INSERT OR UPDATE ON ap FOR EACH ROW EXECUTE FUNCTION count_app()]], dst)
+      -- transactions whose unrouted changes lie between routed ones, so seq has gaps
+      for t = 0, 3 do
+        C.sql(("BEGIN; INSERT INTO ap SELECT g, %d FROM generate_series(%d, %d) g;"
+          .. " INSERT INTO noise SELECT g FROM generate_series(%d, %d) g;"
+          .. " UPDATE ap SET v = v + 100 WHERE id %% 7 = 0 AND id BETWEEN %d AND %d; COMMIT"):format(
+          t, t * 3000 + 1, t * 3000 + 3000, t * 3000 + 1, t * 3000 + 500, t * 3000 + 1, t * 3000 + 3000), src)
+      end
+      local function walsender()
+        C.sql(("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
+      end
+      local function applied() return tonumber(C.sql("SELECT count(*) FROM apps", dst)) or 0 end
+      assert.truthy(H.eventually(function() return applied() > 1500 end, 30), p.stderr())
+      walsender()
+      local function lost(q) return q.stderr():find("replication stream lost", 1, true) end
+      assert.truthy(H.eventually(function() return lost(p) end, 30), p.stderr())
+      assert.truthy(H.eventually(function() return applied() > 5000 end, 30), p.stderr())
+      p.kill("KILL")
+      p.wait(5)
+      local p2 = C.start(path, src)
+      H.finally(function() p2.stop() end)
+      assert.truthy(H.eventually(function() return applied() > 8000 end, 30), p2.stderr())
+      walsender()
+      local ok, want, got = C.same(src, dst, "ap", 60)
+      assert.is_true(ok, ("source %s, target %s\n%s"):format(want, got, p2.stderr()))
+      -- every row version was applied once
+      assert.equal("0", C.sql("SELECT count(*) FROM (SELECT id, v FROM apps GROUP BY 1, 2 HAVING count(*) > 1) d",
+        dst))
+      assert.equal(C.sql("SELECT 12000 + count(*) FROM ap WHERE id % 7 = 0", src), C.sql("SELECT count(*) FROM apps",
+        dst))
+    end)
 end)
