@@ -219,7 +219,10 @@ end } } }]]):format(H.conninfo2()))
     H.server2("stop")
     down2 = true
     p = start(path, { "--db", source(), "--reconnect-max", "0.5" }, nil, false)
-    H.sleep(5)
+    -- it has tried and failed, then goes on trying (every 0.5 s at most) for 2 s more
+    assert(H.eventually(function() return p.stderr():find("cannot connect yet", 1, true) or not p.running() end, 10),
+      p.stderr())
+    H.sleep(2)
     assert.is_true(p.running(), p.stderr())
     assert.is_nil(p.stderr():find("listening", 1, true), p.stderr())
     H.server("start")

@@ -297,10 +297,14 @@ describe("a runner that waits", function()
     for x in s:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = x end
     return (tonumber(fields[12]) + tonumber(fields[13])) / 100
   end
-  local function idle_cpu(p, secs)
-    local c0 = cpu(p.pid)
+  -- CPU seconds each of `procs` (name -> process) uses in the same `secs`
+  local function idle_cpu(procs, secs)
+    local c0 = {}
+    for name, p in pairs(procs) do c0[name] = cpu(p.pid) end
     H.sleep(secs)
-    return cpu(p.pid) - c0
+    local used = {}
+    for name, p in pairs(procs) do used[name] = cpu(p.pid) - c0[name] end
+    return used
   end
 
   it("uses almost no CPU while it cannot connect, stands by, or waits to retry", function()
@@ -316,8 +320,7 @@ describe("a runner that waits", function()
       local c = H.connect(ci)
       assert(c:notify("a", "{}"))
       assert(H.eventually(function() return leader.stderr():find("retrying", 1, true) end, 5), leader.stderr())
-      for name, p in pairs({ down = down, leader = leader, standby = standby }) do
-        local used = idle_cpu(p, 2)
+      for name, used in pairs(idle_cpu({ down = down, leader = leader, standby = standby }, 2)) do
         assert.is_true(used < 0.1, ("%s runner used %.2f s of CPU in 2 s"):format(name, used))
       end
     end)

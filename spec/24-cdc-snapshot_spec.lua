@@ -437,7 +437,8 @@ DELETE FROM items WHERE id = %d; COMMIT; SELECT pg_sleep(0.005);]]):format(50000
     p.kill("KILL"); p.wait(10)
     -- rows the half snapshot copied are deleted or changed meanwhile
     H.psql("DELETE FROM items WHERE id <= 1000; UPDATE items SET v = 'changed' WHERE id BETWEEN 1001 AND 1500", src)
-    local p2 = H.start(path, { "--db", src_ci }, {}, false)
+    -- the second run at full speed: only the first needs to be slow to be killed mid-snapshot
+    local p2 = H.start(items_script(slot, dst_ci_of(dst), 0), { "--db", src_ci }, {}, false)
     H.finally(function() stop_runner(p2, src, slot) end)
     assert(H.eventually(function() return p2.stderr():find("initial snapshot done", 1, true) end, 90), p2.stderr())
     H.psql("INSERT INTO items VALUES (-1, 'after')", src)

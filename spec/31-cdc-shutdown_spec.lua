@@ -66,7 +66,10 @@ return {
     ["public.items"] = { source = "replication", batch = 5, retry = { attempts = 1000, backoff = 0.2, max_backoff = 1 },
       handler = function(events, notes)
         assert(pglisten.apply(target, events, notes, function(c, evs)
-          assert(c:exec("SELECT pg_sleep(0.2)"))
+          -- slow for the first 100 rows, so that the shutdown (at about row
+          -- 20) finds a handler waiting on the target and 480 events pending;
+          -- the rest drains at full speed once the server is back
+          if evs[1].new.id <= 100 then assert(c:exec("SELECT pg_sleep(0.2)")) end
           for _, ev in ipairs(evs) do
             assert(c:exec("INSERT INTO items VALUES ($1, $2)", ev.new.id, ev.new.v))
           end

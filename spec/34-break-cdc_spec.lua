@@ -170,9 +170,9 @@ return {
     -- the walsender fails on the change after the drop at every start: the
     -- runner backs off instead of reconnecting 100 times a second, and says
     -- what to do
-    H.sleep(5)
+    H.sleep(3)
     local _, lost = p.stderr():gsub("replication stream lost", "")
-    assert.is_true(lost >= 1 and lost <= 12, "streams lost in 5 s: " .. tostring(lost))
+    assert.is_true(lost >= 1 and lost <= 8, "streams lost in 3 s: " .. tostring(lost))
     assert.truthy(p.stderr():find("drop the slot", 1, true), p.stderr())
     assert.truthy(p.running())
   end)

@@ -115,7 +115,7 @@ describe("events mode, broken on purpose", function()
       TRUNCATE ea, eb;
       COMMIT]])
     sql("INSERT INTO eb VALUES (5, 'b5')")
-    pg.sleep(1) -- both transactions in the socket: one read takes them
+    C.wait_sent({ slot, slot2 }) -- both transactions in the socket: one read takes them
     local got = read_events(r, 2, 1000)
     local small = read_events(r2, 2, 2)
     local function positions(list)
@@ -196,7 +196,7 @@ describe("events mode, broken on purpose", function()
       H.finally(function() drop_slot(r, slot) end)
       -- Begin, Relation xa, Insert xa, Relation xb, Insert xb, Insert xa, Commit
       sql("BEGIN; INSERT INTO xa VALUES (1); INSERT INTO xb VALUES (1); INSERT INTO xa VALUES (2); COMMIT")
-      pg.sleep(1)
+      C.wait_sent({ slot })
       -- read raw (the relation map is not updated) up to and including xa's Insert
       local seen = ""
       local deadline = pg.monotonic() + 20
@@ -219,7 +219,7 @@ describe("events mode, broken on purpose", function()
     local r, slot = stream("bevmode")
     H.finally(function() drop_slot(r, slot) end)
     sql("INSERT INTO xm VALUES (1)")
-    pg.sleep(0.5)
+    C.wait_sent({ slot }, 0.5)
     for _, bad in ipairs({ "event", "EVENTS", 1, {} }) do
       local ok, err = pcall(r.read, r, 10, bad)
       assert.is_false(ok, "mode " .. tostring(bad) .. " was taken")

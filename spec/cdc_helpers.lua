@@ -83,6 +83,20 @@ function C.same(src, dst, tbl, timeout)
   return ok, want, C.digest(dst, tbl)
 end
 
+--- Waits until the walsenders of `slots` (names) have sent all WAL flushed
+-- so far, so that what they stream sits in the clients' sockets; at most
+-- `limit` s (default 1: the fixed wait this replaces), then goes on anyway.
+function C.wait_sent(slots, limit)
+  local names = {}
+  for i, s in ipairs(slots) do names[i] = "'" .. s .. "'" end
+  local lsn = C.sql("SELECT pg_current_wal_flush_lsn()")
+  H.eventually(function()
+    return C.sql(("SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid "
+      .. "WHERE s.slot_name IN (%s) AND r.sent_lsn >= '%s'"):format(table.concat(names, ", "), lsn)) == tostring(#names)
+  end, limit or 1, 0.02)
+  H.sleep(0.05) -- from the walsender's send to the client's socket
+end
+
 function C.confirmed(slot)
   return C.sql(("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
 end
