@@ -60,7 +60,7 @@ function H.createdb(prefix)
   local out, ok = H.sh("psql -qtAX -c " .. H.q(TAKE:format(lit, lit)))
   local taken, spares = out:match("^(%d) (%d+)%s*$")
   if not (ok and taken == "1") then H.psql("CREATE DATABASE " .. name) end
-  if not ok or tonumber(spares) < SPARES then
+  if (tonumber(spares) or 0) < SPARES then
     -- a unique number: H.file's paths are never used twice in a run
     local n = H.file("spare", ""):match("/(%d+)%-spare$")
     os.execute(("psql -qtAX -c 'CREATE DATABASE pgl_spare_%s' >/dev/null 2>&1 &"):format(n))
