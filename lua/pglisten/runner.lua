@@ -132,7 +132,7 @@ function Runner:signals()
   local sig = host.signals()
   if sig.TERM and not self.stop_at then
     self.stop_at = now()
-    self.log.info("stopping: signal received", { queued = self.dispatch:queued() })
+    self.log.info("stopping: signal received", { queued = self.notify:backlog() })
     if self.sdnotify then self.sdnotify:stopping() end
   end
   if sig.HUP and not self.stop_at then
@@ -232,16 +232,16 @@ function Runner:reload()
 end
 
 --- The line a second stop signal writes as it exits (the host cannot call
--- Lua then): how many received notes it drops.
+-- Lua then): how many received notes it drops (those held for on_connect too).
 function Runner:last_words()
-  local n = self.dispatch:queued()
+  local n = self.notify:backlog()
   if n == self.last_words_n or not self.log.render then return end
   self.last_words_n = n
   host.last_words(self.log.render("warn", "second stop signal: exiting at once", { dropped = n }) .. "\n")
 end
 
 function Runner:shutdown()
-  local left = self.dispatch:queued()
+  local left = self.notify:backlog() -- the lanes' and those held for on_connect
   if left > 0 then
     self.log.warn("stopped with notifications received but not handled", { count = left })
   end

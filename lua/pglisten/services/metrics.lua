@@ -137,7 +137,7 @@ function M:source_families(w)
   w.sample({ "source", "notify" }, rt.notify.conn and 1 or 0)
   if repl then w.sample({ "source", "replication" }, repl.streaming and 1 or 0) end
   w.family("queue_length", "gauge", "Notes received and not yet handled.")
-  w.sample({ "source", "notify" }, d:queued())
+  w.sample({ "source", "notify" }, rt.notify:backlog()) -- held for on_connect too
   if repl then w.sample({ "source", "replication" }, tonumber(repl.queued) or 0) end
   w.family("oldest_unhandled_age_seconds", "gauge", "Age of the oldest note received and not yet handled.")
   local oldest = d:oldest()

@@ -84,7 +84,7 @@ function M:figures()
   return {
     received = s.received, handled = s.handled, failed_decode = s.failed_decode,
     failed_handler = s.failed_handler, retries = s.retries, reconnects = s.reconnects,
-    unrouted = s.unrouted, queued = d:queued(),
+    unrouted = s.unrouted, queued = self.rt.notify:backlog(), -- held for on_connect too
     oldest_unhandled_age = oldest and ms(math.max(0, pg.now() - oldest)) or 0,
     uptime = math.floor(now() - self.started),
   }

@@ -175,7 +175,7 @@ function M:release()
   self.rt.dispatch:append(held, held.n)
 end
 
--- Notes read and not handled yet: the lanes' and the held ones.
+--- Notes read and not handled yet: the lanes' and the held ones.
 function M:backlog()
   return self.rt.dispatch:queued() + (self.held and self.held.n or 0)
 end
