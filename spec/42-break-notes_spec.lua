@@ -11,10 +11,16 @@ local H = require "spec.helpers"
 
 local C = require "spec.cdc_helpers"
 
--- Starts a runner on `body` (after TARGET and out()), cleaned up at the end.
-local function runner(tag, body, tables)
+-- Starts a runner on `body` (after TARGET and out()) once the SQL of
+-- `tables` ran (SLOT in either: the slot's name, also the publication's),
+-- cleaned up at the end.
+local function runner(tag, body, tables, install)
   local src, dst, slot = C.setup(tag)
-  for _, t in ipairs(tables or {}) do C.sql(t, src) end
+  for _, t in ipairs(tables or {}) do C.sql((t:gsub("SLOT", slot)), src) end
+  if install then
+    local rc, _, ierr = H.run_runner({ "--install", "--db", "dbname=" .. src })
+    assert.equal(0, rc, ierr)
+  end
   local path = C.script(dst, (body:gsub("SLOT", slot)))
   local p = C.start(path, src)
   H.finally(function() C.cleanup({ p }, src, slot) end)
@@ -307,7 +313,7 @@ return {
 }
 ]]
       local p, src, dst, slot, path = runner("apv", body, { "CREATE TABLE ap (id int PRIMARY KEY, v int)",
-        "CREATE TABLE noise (id int PRIMARY KEY)" })
+        "CREATE TABLE noise (id int PRIMARY KEY)", "CREATE PUBLICATION SLOT FOR TABLE ap, noise" })
       C.sql([[CREATE TABLE ap (id int PRIMARY KEY, v int); CREATE TABLE apps (id int, v int);
         CREATE FUNCTION count_app() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN INSERT INTO apps VALUES (NEW.id, NEW.v); RETURN NEW; END $$;
@@ -342,4 +348,103 @@ return {
       assert.equal(C.sql("SELECT 12000 + count(*) FROM ap WHERE id % 7 = 0", src), C.sql("SELECT count(*) FROM apps",
         dst))
     end)
+
+  it("count seq over 40 tables of one transaction, half unrouted, for handlers of either arity and on_error",
+    function()
+      local tables, chans, all = {}, {}, {}
+      for k = 1, 40 do
+        tables[k], all[k] = ("CREATE TABLE m%d (id int PRIMARY KEY)"):format(k), "m" .. k
+        if k % 4 == 1 then
+          chans[#chans + 1] = ([[["public.m%d"] = { source = "replication", batch = 20,
+    handler = function(events, notes)
+      for i, ev in ipairs(events) do
+        local n = notes[i]
+        if n.seq ~= %d + ev.new.id or n.channel ~= "public.m%d" then out("BAD", %d, ev.new.id, n.seq) end
+      end
+      out("OK", %d, #events)
+    end },]]):format(k, (k - 1) * 50, k, k, k)
+        elseif k % 4 == 3 then
+          chans[#chans + 1] = ([[["public.m%d"] = { source = "replication", batch = 10, on_failure = "dead",
+      retry = { attempts = 1 }, handler = function(events)
+        for _, ev in ipairs(events) do if ev.new.id == 50 then error("no 50") end end
+        out("OK", %d, #events)
+      end },]]):format(k, k)
+        end
+      end
+      -- the publication sends every table; only the odd ones have a channel
+      tables[#tables + 1] = "CREATE PUBLICATION SLOT FOR TABLE " .. table.concat(all, ", ")
+      local p, src = runner("many", [[
+return {
+  replication = { slot = "SLOT" },
+  on_error = function(err, note) out("ERR", note.channel, note.seq) end,
+  channels = {
+    ]] .. table.concat(chans, "\n    ") .. [[
+
+  },
+}
+]], tables, true)
+      local ins = {}
+      for k = 1, 40 do ins[k] = ("INSERT INTO m%d SELECT generate_series(1, 50);"):format(k) end
+      C.sql("BEGIN; " .. table.concat(ins, " ") .. " COMMIT", src)
+      -- the last failure: m39's id 50, the transaction's change 1950
+      assert.truthy(H.eventually(function() return p.stdout():find("ERR public.m39 1950\n", 1, true) end, 30),
+        p.stderr())
+      local out = p.stdout()
+      assert.is_nil(out:find("BAD"), out:match("BAD[^\n]*"))
+      local ok = {}
+      for k, n in out:gmatch("OK (%d+) (%d+)") do ok[tonumber(k)] = (ok[tonumber(k)] or 0) + tonumber(n) end
+      local errs = 0
+      for k = 1, 40, 2 do
+        if k % 4 == 1 then
+          assert.equal(50, ok[k], "m" .. k)
+        else
+          -- on_error: the notes of the failed batch (the run queued with id 50), their seq counting the
+          -- unrouted tables' changes before them too
+          local seqs = {}
+          for q in out:gmatch("ERR public%.m" .. k .. " (%d+)") do seqs[#seqs + 1] = tonumber(q) end
+          assert.is_true(#seqs >= 1, "m" .. k)
+          assert.equal(50, (ok[k] or 0) + #seqs, "m" .. k)
+          for i = 1, #seqs do assert.equal((k - 1) * 50 + 50 - #seqs + i, seqs[i], "m" .. k) end
+          errs = errs + #seqs
+        end
+      end
+      assert.equal(tostring(errs), C.sql("SELECT count(*) FROM pglisten.dead", src))
+    end)
+
+  it("are whole and counted again after the source server crashes mid-transaction and restarts", function()
+    local p, src = runner("restart", CHECK .. [[
+return {
+  replication = { slot = "SLOT" },
+  channels = {
+    ["public.rr"] = { source = "replication", batch = 500, handler = function(events, notes)
+      for i, ev in ipairs(events) do check("R", ev, notes[i]) end
+      out("R", #events, events[1].new.id, events[#events].new.id)
+      pglisten.sleep(0.02)
+    end },
+  },
+}
+]], { "CREATE TABLE rr (id int PRIMARY KEY)" })
+    C.sql("INSERT INTO rr SELECT g FROM generate_series(1, 30000) g", src)
+    assert.truthy(H.eventually(function() return select(2, spans(p.stdout(), { R = true })) > 3000 end, 30),
+      p.stderr())
+    H.server("crash") -- immediate: a fast shutdown waits until the runner confirmed what it was sent
+    H.server("start")
+    local got
+    assert.truthy(H.eventually(function()
+      got = spans(p.stdout(), { R = true })
+      return #got > 0 and got[#got][3] == 30000
+    end, 60), p.stdout() .. p.stderr())
+    -- from the restart on, the transaction came again from its first row
+    local restarted
+    for i = 2, #got do
+      if got[i][2] ~= got[i - 1][3] + 1 then
+        assert.equal(1, got[i][2], "the transaction resent from its start")
+        restarted = i
+      end
+    end
+    assert.truthy(restarted, "the restart came after the whole transaction was handled: " .. p.stdout()
+      .. p.stderr())
+    for i = restarted + 1, #got do assert.equal(got[i - 1][3] + 1, got[i][2]) end
+    assert.is_nil(p.stdout():find("BAD"), p.stdout():match("BAD[^\n]*"))
+  end)
 end)
