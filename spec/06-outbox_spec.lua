@@ -11,20 +11,12 @@ local json = pg.json
 -- Connections opened by the running test, closed after it.  A query that
 -- blocks (a lock wait where SKIP LOCKED should skip) fails after 10 s
 -- instead of hanging the run.
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 10 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(10)
+local connect = conns.connect
+after_each(conns.close)
 
 -- A fresh database with the schema installed: conn, conninfo, dbname.
-local function fresh()
-  local name, conninfo = H.createdb("outbox")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo, name
-end
+local function fresh() return H.outbox_db(connect, "outbox") end
 
 local function one(conn, sql, ...)
   local rows = assert(conn:exec(sql, ...))
@@ -42,13 +34,6 @@ local function publish_n(conn, channel, n)
   for i = 1, n do ids[i] = assert(outbox.publish(conn, channel, "event " .. i)) end
   return ids
 end
-
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
 
 describe("pglisten.schema", function()
   it("is plain SQL with a version and a usage header", function()

@@ -2,11 +2,14 @@
 -- connection streaming a logical slot with pgoutput, decoded into Lua tables,
 -- against the real test server (wal_level = logical in scripts/with-pg.sh).
 local H = require "spec.helpers"
+local C = require "spec.cdc_helpers"
 local pg = H.pg
 local core = pg.core
 
 local dbname, conninfo = H.createdb("repl")
-local slotseq = 0
+local R = C.core(dbname, conninfo, "s")
+local stream, drop, collect = R.stream, R.drop, R.collect
+local count, commits = C.count, C.commits
 
 local function connect()
   return assert(core.replication_connect(conninfo, 20))
@@ -14,59 +17,6 @@ end
 
 local function sql(s)
   return H.psql(s, dbname)
-end
-
---- A new slot and publication over `tables`; returns repl (streaming), slot name.
-local function stream(tables, opts)
-  slotseq = slotseq + 1
-  local slot = ("s%d_%d"):format(os.time() % 100000, slotseq)
-  sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables))
-  local r = connect()
-  local rows = assert(r:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot)))
-  assert.equal(slot, rows[1].slot_name)
-  assert.matches("^%x+/%x+$", rows[1].consistent_point)
-  local o = { publication = slot }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  assert(r:start(slot, 0, o))
-  return r, slot
-end
-
-local function drop(r, slot)
-  if r and not r:isclosed() then r:close() end
-  H.eventually(function()
-    return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
-  end, 10)
-  sql(("SELECT pg_drop_replication_slot('%s')"):format(slot))
-  sql(("DROP PUBLICATION %s"):format(slot))
-end
-
---- Reads messages until `want` row changes/commit kinds are seen (or timeout).
-local function collect(r, until_fn, timeout)
-  local got = {}
-  local deadline = pg.monotonic() + (timeout or 20)
-  while pg.monotonic() < deadline do
-    local msgs, err, state = r:read(1000)
-    if not msgs then return got, err, state end
-    for _, m in ipairs(msgs) do
-      got[#got + 1] = m
-    end
-    if until_fn(got) then return got end
-    if r:pollfd() >= 0 then core.poll({ r:pollfd() }, 0.5) else pg.sleep(0.1) end
-  end
-  return got, "timeout"
-end
-
-local function count(kind)
-  return function(got)
-    local n = 0
-    for _, m in ipairs(got) do if m.kind == kind then n = n + 1 end end
-    return n
-  end
-end
-
-local function commits(n)
-  local c = count("commit")
-  return function(got) return c(got) >= n end
 end
 
 local function changes(got)
@@ -144,6 +94,7 @@ describe("replication core", function()
       s text, j json, jb jsonb, big text, z text)]])
     sql("ALTER TABLE t1 ALTER COLUMN big SET STORAGE EXTERNAL")
     local r, slot = stream("t1")
+    H.finally(function() drop(r, slot) end)
     local bigval = ("é"):rep(300000) .. ("x"):rep(500000) -- > 1 MB
     sql([[BEGIN;
       INSERT INTO t1 VALUES (1, 9007199254740993, 12345678901234567890.5, 0.1, true, 'héllo ✓',
@@ -198,7 +149,6 @@ describe("replication core", function()
     assert.equal(rel, r:relations()[rel.relid])
     assert.equal(ch[1].relid, rel.relid)
     r:close()
-    drop(nil, slot)
   end)
 
   it("in events mode hands a row change as its event, its position beside it", function()
@@ -207,18 +157,9 @@ describe("replication core", function()
     sql("ALTER TABLE tev REPLICA IDENTITY FULL")
     -- two slots on one publication: one read as messages, one as events
     local r1, slot = stream("tev")
-    local r2 = connect()
-    local slot2 = slot .. "_ev"
-    assert(r2:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot2)))
-    assert(r2:start(slot2, 0, { publication = slot }))
-    H.finally(function() -- (one finally: busted keeps the last one only)
-      if not r2:isclosed() then r2:close() end
-      H.eventually(function()
-        return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot2)) == "0"
-      end, 10)
-      sql(("SELECT pg_drop_replication_slot('%s')"):format(slot2))
-      drop(r1, slot)
-    end)
+    H.finally(function() drop(r1, slot) end)
+    local r2, slot2 = R.stream_on(slot)
+    H.finally(function() drop(r2, slot2) end)
     sql("INSERT INTO tev VALUES (1, 'one', 1.50, repeat('x', 100000)), (2, 'two', NULL, NULL)")
     sql("UPDATE tev SET v = 'ONE' WHERE id = 1")
     sql("DELETE FROM tev WHERE id = 2")
@@ -290,6 +231,7 @@ describe("replication core", function()
   it("decodes a relation altered mid-stream with its new shape", function()
     sql("CREATE TABLE t2 (id int PRIMARY KEY, a text)")
     local r, slot = stream("t2")
+    H.finally(function() drop(r, slot) end)
     sql("INSERT INTO t2 VALUES (1, 'x')")
     sql("CREATE TYPE mood AS ENUM ('ok', 'sad')")
     sql("ALTER TABLE t2 ADD COLUMN c int DEFAULT 7, ADD COLUMN m mood")
@@ -314,12 +256,12 @@ describe("replication core", function()
     assert.equal(2, rels)
     assert.equal(4, #r:relations()[ch[2].relid].columns)
     r:close()
-    drop(nil, slot)
   end)
 
   it("sends keepalives, confirm advances confirmed_flush_lsn, finish ends cleanly", function()
     sql("CREATE TABLE t3 (id int PRIMARY KEY)")
     local r, slot = stream("t3")
+    H.finally(function() drop(r, slot) end)
     sql("INSERT INTO t3 VALUES (1)")
     local got = collect(r, commits(1))
     local commit
@@ -343,12 +285,12 @@ describe("replication core", function()
     assert.is_nil(v); assert.equal("replication stream ended", err)
     assert.equal(1, assert(r:command("SELECT 1 AS one"))[1].one) -- usable again
     r:close()
-    drop(nil, slot)
   end)
 
   it("reports a terminated walsender clearly from read", function()
     sql("CREATE TABLE t4 (id int PRIMARY KEY)")
     local r, slot = stream("t4")
+    H.finally(function() drop(r, slot) end)
     local pid = r:pid()
     sql(("SELECT pg_terminate_backend(%d)"):format(pid))
     local got, err, state = collect(r, function() return false end, 20)
@@ -358,7 +300,6 @@ describe("replication core", function()
     assert.is_truthy(state == "57P01" or state == "08006", state)
     assert.is_false(r:streaming())
     r:close()
-    drop(nil, slot)
   end)
 end)
 

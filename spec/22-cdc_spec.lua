@@ -14,20 +14,12 @@ describe("replication source", function()
       local src, dst, slot = C.setup("order")
       local ddl = "CREATE TABLE items (id int PRIMARY KEY, n int, s text, ok bool, j jsonb)"
       C.sql(ddl, src); C.sql(ddl, dst)
-      local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+      local p = C.run(src, dst, slot, [[
     ["public.items"] = { source = "replication", handler = function(ev, note)
       upsert("items", ev)
       out(ev.op, ev.schema, ev.table, ev.new and ev.new.id or "-", ev.old and ev.old.id or "-",
         ev.new and ev.new.n or "-", note.channel, note.xid, note.lsn, note.commit_lsn, type(note.commit_time))
-    end },
-  },
-}
-]]):format(slot))
-      local p = C.start(path, src)
-      H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
       -- 60 transactions; the same row changed by several of them
       local stmts = {}
       for i = 1, 60 do
@@ -105,21 +97,13 @@ return {
     C.sql("CREATE TABLE docs (id int PRIMARY KEY, title text, body text)", src)
     C.sql("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL", src)
     C.sql("CREATE TABLE docs (id int PRIMARY KEY, title text, body text, extra int DEFAULT 5)", dst)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+    local p = C.run(src, dst, slot, [[
     docs = { source = "replication", table = "public.docs", handler = function(ev, note)
       upsert("docs", ev)
       local b = ev.new and ev.new.body
       out(ev.op, ev.new and ev.new.id or "-", b == pglisten.unchanged and "UNCHANGED" or (b and #tostring(b) or "-"),
         ev.new and ev.new.extra or "-", note.channel)
-    end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
     C.sql("INSERT INTO docs VALUES (1, 'one', repeat('é', 300000) || repeat('x', 500000))", src)
     C.sql("UPDATE docs SET title = 'ONE' WHERE id = 1", src)
     C.sql("ALTER TABLE docs ADD COLUMN extra int DEFAULT 5", src)

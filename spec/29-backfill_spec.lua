@@ -2,30 +2,15 @@
 -- handler as INSERT events, in keyset pages, resumable after a real SIGKILL,
 -- next to a runner that goes on handling live events.
 local H = require "helpers"
-local outbox = require "pglisten.outbox"
 
 local json = H.pg.json
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 30 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(30)
+local connect = conns.connect
+after_each(conns.close)
 
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
-
-local function fresh()
-  local name, ci = H.createdb("backfill")
-  local c = connect(ci)
-  assert(outbox.install(c))
-  return c, ci, name
-end
+-- A fresh database with the schema installed: conn, conninfo, dbname.
+local function fresh() return H.outbox_db(connect, "backfill") end
 
 local function one(c, sql, ...) return assert(c:exec(sql, ...))[1] end
 

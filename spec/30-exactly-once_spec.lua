@@ -388,15 +388,22 @@ local function check_target(src, dst_ci, procs)
   return t
 end
 
+-- A seeded run: the seed (printed by the test), the source database with
+-- SOURCE, the target's conninfo with TARGET, a slot name.
+local function dbs(prefix)
+  local seed = os.time()
+  math.randomseed(seed)
+  local src = H.createdb(prefix .. "s")
+  local _, dst_ci = T.createdb(prefix .. "t")
+  local slot = ("%s_%d_%d"):format(prefix, os.time() % 100000, math.random(1e6))
+  C.sql(SOURCE, src); T.sql(TARGET, dst_ci)
+  return seed, src, dst_ci, slot
+end
+
 describe("pglisten.apply under the runner", function()
   it("SIGKILL of the runner at random points, 6 times in one run: the target equals the source, no change "
     .. "applied twice, no foreign key failure", function()
-    local seed = os.time()
-    math.randomseed(seed)
-    local src = H.createdb("eos")
-    local _, dst_ci = T.createdb("eot")
-    local slot = ("eo_%d_%d"):format(os.time() % 100000, math.random(1e6))
-    C.sql(SOURCE, src); T.sql(TARGET, dst_ci)
+    local seed, src, dst_ci, slot = dbs("eo")
     local path = script(dst_ci, slot, { slow = true })
     local w = W.new(src)
     local procs = {}
@@ -431,12 +438,7 @@ describe("pglisten.apply under the runner", function()
 
   it("walsender terminated, source server crashed (-m immediate) and restarted, target down and back, all "
     .. "mid-stream: the target equals the source, nothing applied twice", function()
-    local seed = os.time()
-    math.randomseed(seed)
-    local src = H.createdb("eof")
-    local _, dst_ci = T.createdb("eoft")
-    local slot = ("eof_%d_%d"):format(os.time() % 100000, math.random(1e6))
-    C.sql(SOURCE, src); T.sql(TARGET, dst_ci)
+    local seed, src, dst_ci, slot = dbs("eof")
     local path = script(dst_ci, slot, { slow = true })
     local p = C.start(path, src)
     local procs = { p }
@@ -483,12 +485,7 @@ describe("pglisten.apply under the runner", function()
 
   it("a snapshot interrupted by SIGKILL, then done again, and a runner killed after it: no snapshot row "
     .. "overwrites a newer streamed value", function()
-    local seed = os.time()
-    math.randomseed(seed)
-    local src = H.createdb("eosn")
-    local _, dst_ci = T.createdb("eosnt")
-    local slot = ("eosn_%d_%d"):format(os.time() % 100000, math.random(1e6))
-    C.sql(SOURCE, src); T.sql(TARGET, dst_ci)
+    local seed, src, dst_ci, slot = dbs("eosn")
     C.sql("INSERT INTO users SELECT g, 'u' || g, 1 FROM generate_series(1, 2000) g; "
       .. "INSERT INTO orders SELECT g, 1 + g % 2000, g, 1 FROM generate_series(2001, 4000) g", src)
     local path = script(dst_ci, slot, { slow = true, snapshot = true })

@@ -26,20 +26,12 @@ describe("a fast shutdown of the source server with the runner connected", funct
   it("completes within 5 s when the runner is idle", function()
     local src, dst, slot = C.setup("shut")
     C.sql(ITEMS, src); C.sql(ITEMS, dst)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+    local p = C.run(src, dst, slot, [[
     ["public.items"] = { source = "replication", batch = 100, handler = function(events, notes)
       assert(pglisten.apply(target, events, notes, function(c, evs)
         for _, ev in ipairs(evs) do assert(c:exec("INSERT INTO items VALUES ($1, $2)", ev.new.id, ev.new.v)) end
       end))
-    end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
     C.sql("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g", src)
     assert.is_true(C.same(src, dst, "items") and true or false)
     pg.sleep(1.5) -- idle: everything handled and confirmed
@@ -59,10 +51,7 @@ return {
     function()
       local src, dst, slot = C.setup("shutsame")
       C.sql(ITEMS, src); C.sql(ITEMS, dst)
-      local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+      local p = C.run(src, dst, slot, [[
     ["public.items"] = { source = "replication", batch = 5, retry = { attempts = 1000, backoff = 0.2, max_backoff = 1 },
       handler = function(events, notes)
         assert(pglisten.apply(target, events, notes, function(c, evs)
@@ -74,12 +63,7 @@ return {
             assert(c:exec("INSERT INTO items VALUES ($1, $2)", ev.new.id, ev.new.v))
           end
         end))
-      end },
-  },
-}
-]]):format(slot))
-      local p = C.start(path, src)
-      H.finally(function() C.cleanup({ p }, src, slot) end)
+      end },]])
       C.sql("INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 500) g", src)
       -- mid-drain: some handled, many pending
       assert.truthy(H.eventually(function() return tonumber(C.sql("SELECT count(*) FROM items", dst)) >= 20 end, 20))

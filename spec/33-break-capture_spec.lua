@@ -3,30 +3,15 @@
 -- that must arrive exact, and the NOTIFY size boundary.
 -- Against a real server, a database of its own per test.
 local H = require "helpers"
-local outbox = require "pglisten.outbox"
 local pg = H.pg
 local json = pg.json
 
-local opened = {}
-local function connect(conninfo)
-  local c = H.connect(conninfo, { query_timeout = 60 })
-  opened[#opened + 1] = c
-  return c
-end
+local conns = H.conns(60)
+local connect = conns.connect
+after_each(conns.close)
 
-local function fresh()
-  local _, conninfo = H.createdb("brkcap")
-  local c = connect(conninfo)
-  assert(outbox.install(c))
-  return c, conninfo
-end
-
-after_each(function()
-  for i = #opened, 1, -1 do
-    if not opened[i]:isclosed() then opened[i]:close() end
-    opened[i] = nil
-  end
-end)
+-- A fresh database with the schema installed: conn, conninfo, dbname.
+local function fresh() return H.outbox_db(connect, "brkcap") end
 
 local function payloads(c, channel)
   local rows = assert(c:exec("SELECT payload FROM pglisten.outbox WHERE channel = $1 ORDER BY id", channel))

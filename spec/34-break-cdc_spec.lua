@@ -40,16 +40,8 @@ return {
   it("says so when a served table is renamed mid-stream instead of dropping its changes in silence", function()
     local src, dst, slot = C.setup("ren")
     C.sql("CREATE TABLE r (id int PRIMARY KEY)", src)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
-    ["public.r"] = { source = "replication", handler = function(ev) out(ev.op, ev.table, ev.new.id) end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    local p = C.run(src, dst, slot, [[
+    ["public.r"] = { source = "replication", handler = function(ev) out(ev.op, ev.table, ev.new.id) end },]])
     C.sql("INSERT INTO r VALUES (1)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
     C.sql("ALTER TABLE r RENAME TO r2; INSERT INTO r2 VALUES (2)", src)
@@ -61,16 +53,8 @@ return {
   it("says at ERROR that a slot dropped by hand while streaming lost the changes in between", function()
     local src, dst, slot = C.setup("gone")
     C.sql("CREATE TABLE g (id int PRIMARY KEY)", src)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
-    ["public.g"] = { source = "replication", handler = function(ev) out(ev.op, ev.new.id) end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    local p = C.run(src, dst, slot, [[
+    ["public.g"] = { source = "replication", handler = function(ev) out(ev.op, ev.new.id) end },]])
     C.sql("INSERT INTO g VALUES (1)", src)
     assert.is_true(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15))
     -- the walsender killed and the slot dropped while the runner is stopped
@@ -154,16 +138,8 @@ return {
   it("backs off and says what to do when the publication was dropped by hand while streaming", function()
     local src, dst, slot = C.setup("pub")
     C.sql("CREATE TABLE q (id int PRIMARY KEY)", src)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
-    ["public.q"] = { source = "replication", handler = function(ev) out(ev.op, ev.new.id) end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    local p = C.run(src, dst, slot, [[
+    ["public.q"] = { source = "replication", handler = function(ev) out(ev.op, ev.new.id) end },]])
     C.sql("INSERT INTO q VALUES (1)", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15), p.stderr())
     C.sql(("DROP PUBLICATION %s; INSERT INTO q VALUES (2)"):format(slot), src)
@@ -220,21 +196,13 @@ return {
     local src, dst, slot = C.setup("full")
     C.sql("CREATE TABLE f (id int PRIMARY KEY, n int, big text); ALTER TABLE f REPLICA IDENTITY FULL; "
       .. "ALTER TABLE f ALTER COLUMN big SET STORAGE EXTERNAL", src)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+    local p = C.run(src, dst, slot, [[
     ["public.f"] = { source = "replication", handler = function(ev)
       if ev.op == "UPDATE" then
         out(ev.op, ev.new.big == pglisten.unchanged and "unchanged" or #ev.new.big, type(ev.old.big) == "string"
           and #ev.old.big or tostring(ev.old.big))
       end
-    end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
     C.sql("INSERT INTO f VALUES (1, 0, repeat(md5('a'), 1000)); UPDATE f SET n = 1 WHERE id = 1", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 1 end, 15), p.stderr())
     assert.same({ "UPDATE unchanged 32000" }, H.lines(p.stdout()))
@@ -243,19 +211,11 @@ return {
   it("a DELETE of a row whose key is TOASTed carries the whole key in old", function()
     local src, dst, slot = C.setup("tkey")
     C.sql("CREATE TABLE k (id text PRIMARY KEY, n int); ALTER TABLE k ALTER COLUMN id SET STORAGE EXTERNAL", src)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+    local p = C.run(src, dst, slot, [[
     ["public.k"] = { source = "replication", handler = function(ev)
       local row = ev.old or ev.new
       out(ev.op, type(row.id) == "string" and #row.id or tostring(row.id))
-    end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
     C.sql("INSERT INTO k VALUES (repeat(md5('k'), 78), 1); UPDATE k SET n = 2; DELETE FROM k", src)
     assert.truthy(H.eventually(function() return #H.lines(p.stdout()) >= 3 end, 15), p.stderr())
     assert.same({ "INSERT 2496", "UPDATE 2496", "DELETE 2496" }, H.lines(p.stdout()))

@@ -14,43 +14,16 @@ local core = pg.core
 
 describe("replication core, broken on purpose (b48ada5)", function()
   local dbname, conninfo = H.createdb("brk37")
-  local slotseq = 0
+  local R = C.core(dbname, conninfo, "b37_")
+  local stream, drop = R.stream, R.drop
   local function sql(s) return H.psql(s, dbname) end
-
-  local function stream(tables)
-    slotseq = slotseq + 1
-    local slot = ("b37_%d_%d"):format(os.time() % 100000, slotseq)
-    sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables))
-    local r = assert(core.replication_connect(conninfo, 20))
-    assert(r:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot)))
-    assert(r:start(slot, 0, { publication = slot }))
-    return r, slot
-  end
-
-  local function drop(r, slot)
-    if r and not r:isclosed() then r:close() end
-    H.eventually(function()
-      return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
-    end, 10)
-    sql(("SELECT pg_drop_replication_slot('%s')"):format(slot))
-    sql(("DROP PUBLICATION %s"):format(slot))
-  end
 
   -- Reads (max per read) until `ncommits` commits came; returns the messages
   -- and the size of every non-empty read.
-  local function collect(r, ncommits, max, timeout)
-    local got, sizes, commits = {}, {}, 0
-    local deadline = pg.monotonic() + (timeout or 30)
-    while pg.monotonic() < deadline and commits < ncommits do
-      local msgs = assert(r:read(max))
-      assert.is_true(#msgs <= max, "read(" .. max .. ") gave " .. #msgs)
-      if #msgs > 0 then sizes[#sizes + 1] = #msgs end
-      for _, m in ipairs(msgs) do
-        got[#got + 1] = m
-        if m.kind == "commit" then commits = commits + 1 end
-      end
-      if #msgs == 0 then core.poll({ r:pollfd() }, 0.2) end
-    end
+  local function collect(r, ncommits, max)
+    local got, err, _, sizes = R.collect(r, C.commits(ncommits), 30, max)
+    assert.is_nil(err)
+    for _, n in ipairs(sizes) do assert.is_true(n <= max, "read(" .. max .. ") gave " .. n) end
     return got, sizes
   end
 
@@ -357,22 +330,14 @@ return {
     function()
       local src, dst, slot = C.setup("b37mix")
       C.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)", src)
-      local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+      local p = C.run(src, dst, slot, [[
     ["public.a"] = { source = "replication", handler = function(ev, note) out("a", ev.new.id, note.seq) end },
     ["public.b"] = { source = "replication", batch = 1000, handler = function(evs, notes)
       assert(#evs <= 1000 and #evs == #notes)
       local ids = {}
       for i, ev in ipairs(evs) do ids[i] = ev.new.id .. ":" .. notes[i].seq end
       out("b", table.concat(ids, ","))
-    end },
-  },
-}
-]]):format(slot))
-      local p = C.start(path, src)
-      H.finally(function() C.cleanup({ p }, src, slot) end)
+    end },]])
       C.sql([[BEGIN;
         INSERT INTO a VALUES (1);
         INSERT INTO b SELECT g FROM generate_series(1, 2500) g;
@@ -535,10 +500,7 @@ describe("replication source under faults, broken on purpose (b48ada5)", functio
     local src, dst, slot = C.setup("b37ws")
     C.sql("CREATE TABLE big (id int PRIMARY KEY, v text)", src)
     C.sql("CREATE TABLE big (id int PRIMARY KEY, v text)", dst)
-    local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+    local p = C.run(src, dst, slot, [[
     ["public.big"] = { source = "replication", batch = 700,
       retry = { attempts = 1000, backoff = 0.05, max_backoff = 0.2 },
       handler = function(evs, notes)
@@ -551,12 +513,7 @@ return {
           return true
         end)
         if not ok then error(err, 0) end
-      end },
-  },
-}
-]]):format(slot))
-    local p = C.start(path, src)
-    H.finally(function() C.cleanup({ p }, src, slot) end)
+      end },]])
     C.sql("BEGIN; INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 15000) g; COMMIT; "
       .. "INSERT INTO big SELECT g, 'w' || g FROM generate_series(15001, 40000) g", src)
     local want = C.digest(src, "big")
@@ -586,10 +543,7 @@ return {
       C.sql("CREATE TABLE d (id int PRIMARY KEY)", dst)
       local rc, _, ierr = H.run_runner({ "--install", "--db", "dbname=" .. src })
       assert.equal(0, rc, ierr)
-      local path = C.script(dst, ([[
-return {
-  replication = { slot = %q },
-  channels = {
+      local p = C.run(src, dst, slot, [[
     ["public.d"] = { source = "replication", batch = 10, on_failure = "dead", retry = { attempts = 2, backoff = 0.05 },
       handler = function(evs)
         local rows = {}
@@ -599,12 +553,7 @@ return {
         end
         assert(target:execmany("INSERT INTO d VALUES ($1)", rows))
         out(#evs)
-      end },
-  },
-}
-]]):format(slot))
-      local p = C.start(path, src)
-      H.finally(function() C.cleanup({ p }, src, slot) end)
+      end },]])
       local l100 = core.lsn_parse(C.sql("BEGIN; INSERT INTO d SELECT g FROM generate_series(1, 100) g; "
         .. "SELECT pg_current_wal_insert_lsn(); COMMIT", src))
       C.sql("INSERT INTO d VALUES (1000)", src)

@@ -7,30 +7,12 @@ local pg = H.pg
 local core = pg.core
 
 local dbname, conninfo = H.createdb("bev")
-local seq = 0
 local function sql(s) return H.psql(s, dbname) end
 
-local function slotname()
-  seq = seq + 1
-  return ("bev%d_%d"):format(os.time() % 100000, seq)
-end
-
--- A replication connection streaming a new slot on publication `pub`.
-local function stream(pub)
-  local slot = slotname()
-  local r = assert(core.replication_connect(conninfo, 20))
-  assert(r:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot)))
-  assert(r:start(slot, 0, { publication = pub }))
-  return r, slot
-end
-
-local function drop_slot(r, slot)
-  if r and not r:isclosed() then r:close() end
-  H.eventually(function()
-    return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
-  end, 10)
-  sql(("SELECT pg_drop_replication_slot('%s')"):format(slot))
-end
+-- Raw replication connections: stream(pub) streams a new slot on
+-- publication `pub`; drop_slot(r, slot) closes r and drops the slot.
+local R = C.core(dbname, conninfo, "bev")
+local slotname, stream, drop_slot = R.slotname, R.stream_on, R.drop
 
 -- Every read's alignment: info.lsn/relid hold exactly the indices
 -- of the row changes (no kind), nothing else, and nothing past #msgs.

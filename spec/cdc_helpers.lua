@@ -1,6 +1,7 @@
--- Shared by the replication-source specs (22, 23): databases, the handler
--- script with the README's upsert, starting the runner until it streams,
--- cleaning up slots, comparing source and target.
+-- Shared by the replication-source specs (22, 23, ...): databases, the
+-- handler script with the README's upsert, starting the runner until it
+-- streams, cleaning up slots, comparing source and target; and for the specs
+-- of the replication core (17, 37, 39) raw replication connections (C.core).
 local H = require "spec.helpers"
 
 local C = {}
@@ -58,6 +59,18 @@ function C.start(path, src, args, want, env)
   return p
 end
 
+--- Starts the runner on a C.script (target `dst`) that streams `slot` from
+-- `src` to `channels` (Lua text: the entries of its channels table) and
+-- waits until it streams; C.cleanup stops it and drops the slot when the
+-- test ends.  Returns the process and the script's path.
+function C.run(src, dst, slot, channels)
+  local path = C.script(dst, ("return {\n  replication = { slot = %q },\n  channels = {\n%s\n  },\n}\n")
+    :format(slot, channels))
+  local p = C.start(path, src)
+  H.finally(function() C.cleanup({ p }, src, slot) end)
+  return p, path
+end
+
 --- Stops the runner, drops the slot and the publication.
 function C.cleanup(procs, src, slot)
   for _, p in ipairs(procs) do p.stop() end
@@ -99,6 +112,92 @@ end
 
 function C.confirmed(slot)
   return C.sql(("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
+end
+
+--- A function of a list of messages: how many are of `kind`.
+function C.count(kind)
+  return function(got)
+    local n = 0
+    for _, m in ipairs(got) do if m.kind == kind then n = n + 1 end end
+    return n
+  end
+end
+
+--- A function of a list of messages: true once `n` commits are in it.
+function C.commits(n)
+  local c = C.count("commit")
+  return function(got) return c(got) >= n end
+end
+
+--- Raw replication connections (pglisten.core) to database `dbname`
+-- (`conninfo`), their slots named `prefix`N_M:
+--   R.slotname()           a new slot name
+--   R.stream(tables, opts) a new publication over `tables` named as the new
+--                          slot, the slot, the connection streaming it with
+--                          START_REPLICATION options `opts`: returns r, slot
+--   R.stream_on(pub, opts) the same on publication `pub`, which exists
+--   R.drop(r, slot)        closes r, drops the slot and a publication of
+--                          its name (once no walsender holds it)
+--   R.collect(r, until_fn, timeout, max)  reads (up to `max` messages a
+--                          read, default 1000) until until_fn(got) or
+--                          `timeout` s (default 20); returns got, then nil
+--                          or err, sqlstate or "timeout", and the sizes of
+--                          the reads that brought messages
+function C.core(dbname, conninfo, prefix)
+  local core = H.pg.core
+  local R, seq = {}, 0
+  local function sql(s) return H.psql(s, dbname) end
+
+  function R.slotname()
+    seq = seq + 1
+    return ("%s%d_%d"):format(prefix, os.time() % 100000, seq)
+  end
+
+  function R.stream_on(pub, opts, slot)
+    slot = slot or R.slotname()
+    local r = assert(core.replication_connect(conninfo, 20))
+    local rows = assert(r:command(("CREATE_REPLICATION_SLOT %s LOGICAL pgoutput NOEXPORT_SNAPSHOT"):format(slot)))
+    assert(rows[1].slot_name == slot, "the slot made is " .. tostring(rows[1].slot_name))
+    local point = tostring(rows[1].consistent_point)
+    assert(point:match("^%x+/%x+$"), "consistent_point " .. point)
+    local o = { publication = pub }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    assert(r:start(slot, 0, o))
+    return r, slot
+  end
+
+  function R.stream(tables, opts)
+    local slot = R.slotname()
+    sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables))
+    return R.stream_on(slot, opts, slot)
+  end
+
+  function R.drop(r, slot)
+    if r and not r:isclosed() then r:close() end
+    H.eventually(function()
+      return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
+    end, 10)
+    sql(("SELECT pg_drop_replication_slot('%s')"):format(slot))
+    sql(("DROP PUBLICATION IF EXISTS %s"):format(slot))
+  end
+
+  function R.collect(r, until_fn, timeout, max)
+    local got, sizes = {}, {}
+    local deadline = H.pg.monotonic() + (timeout or 20)
+    while H.pg.monotonic() < deadline do
+      local msgs, err, state = r:read(max or 1000)
+      if not msgs then return got, err, state, sizes end
+      if #msgs > 0 then sizes[#sizes + 1] = #msgs end
+      for _, m in ipairs(msgs) do got[#got + 1] = m end
+      if until_fn(got) then return got, nil, nil, sizes end
+      if #msgs == 0 then
+        if r:pollfd() >= 0 then core.poll({ r:pollfd() }, 0.5) else H.pg.sleep(0.1) end
+      end
+    end
+    return got, "timeout", nil, sizes
+  end
+
+  return R
 end
 
 return C
