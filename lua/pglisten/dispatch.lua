@@ -322,10 +322,35 @@ function M:slow(lane)
   return self:attempt(lane, { entry = entry, arg = rows, note = notes[1], notes = notes, attempt = 0 })
 end
 
+-- A retry's argument: the payloads decoded again, so that a handler that
+-- changed the tables it was given (a value scaled, a field removed) before
+-- it failed does not get its own changes as the values sent.  A payload the
+-- handler took from its note keeps the tables it had.
+local function fresh_arg(entry, job)
+  local decode = M.decoder(entry)
+  local function again(note)
+    if type(note.payload) ~= "string" then return nil end
+    return decode(note.payload)
+  end
+  if not job.notes then
+    local v = again(job.note)
+    if v == nil then return job.arg end
+    return v
+  end
+  local rows = {}
+  for k, n in ipairs(job.notes) do
+    local v = again(n)
+    if v == nil then return job.arg end
+    rows[k] = v
+  end
+  return rows
+end
+
 -- Runs a job once; settles it: handled, waiting for a retry, or failed.
 function M:attempt(lane, job)
   local entry = job.entry
   job.attempt = job.attempt + 1
+  if job.attempt > 1 then job.arg = fresh_arg(entry, job) end
   lane.job, lane.wait_until = nil, nil
   self.current_at = job.note.received_at
   local ok, err = invoke(entry.handler, job.arg, job.notes or job.note)
