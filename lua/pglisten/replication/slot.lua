@@ -235,6 +235,38 @@ function M.ensure_publication(conn, cfg)
   return true, "altered", missing
 end
 
+--- While streaming: the channels' tables the publication no longer has.
+-- DROP TABLE takes a table out of its publications, and the table created
+-- again under the name is not in them: its changes would not be sent, in
+-- silence.  Those that exist are added back (not with replication.create =
+-- false).  Returns added, missing (not there, or not added), or nil, err.
+function M.watch_publication(conn, cfg)
+  local pub, err = M.publication(conn, cfg.publication)
+  if not pub then return nil, err or ("publication %s does not exist"):format(cfg.publication) end
+  local add, missing = {}, {}
+  if pub.all_tables then return add, missing end
+  for _, t in ipairs(cfg.tables) do
+    if not pub.has[t] then
+      local q, r
+      q, err = quoted_table(conn, t)
+      if not q then return nil, err end
+      r, err = query(conn, "SELECT to_regclass($1) IS NOT NULL AS there", q)
+      if not r then return nil, err end
+      local list = (r[1].there and cfg.create ~= false) and add or missing
+      list[#list + 1] = t
+    end
+  end
+  if #add > 0 then
+    local qname, list
+    qname, err = conn:escape_identifier(cfg.publication)
+    if qname then list, err = quoted_list(conn, add) end
+    if not list then return nil, err end
+    local ok, aerr = conn:exec(("ALTER PUBLICATION %s ADD TABLE %s"):format(qname, list))
+    if not ok then return nil, aerr end
+  end
+  return add, missing
+end
+
 ---------------------------------------------------------------------------
 -- The slot
 ---------------------------------------------------------------------------

@@ -53,6 +53,7 @@ M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
 M.READ = 256
 M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
+M.PUB_CHECK = 5         -- seconds between two looks for tables gone from the publication
 
 --- The source's counters.
 function M.counters()
@@ -149,6 +150,10 @@ function M:tick(t)
   if not self.streaming then
     if t >= self.next_connect and not self.rt:stopping() then self:try_start() end
     return
+  end
+  if t >= (self.next_pub_check or 0) then
+    self.next_pub_check = t + M.PUB_CHECK
+    self:watch_publication()
   end
   local since = t - self.last_status
   if self.reply_now or since >= M.STATUS_INTERVAL or (self.apply.flushed > self.sent and since >= M.STATUS_MIN) then
@@ -338,6 +343,32 @@ end
 ---------------------------------------------------------------------------
 -- Reload, stats, close
 ---------------------------------------------------------------------------
+
+--- A served table the publication lost (dropped and created again, or
+-- taken out by hand) is added back, and the log says that its changes
+-- until then were not streamed; one still missing is said once.
+function M:watch_publication()
+  local sql = self:sql()
+  if not sql then return end
+  local added, missing = slotmod.watch_publication(sql, self.cfg)
+  if not added then return end -- the source is unreachable or the publication gone: the stream says so
+  local said = self.pub_said or {}
+  self.pub_said = said
+  if #added > 0 then
+    for _, t in ipairs(added) do said[t] = nil end
+    self.log.warn("tables the channels serve were not in the publication (dropped and created again?): added "
+      .. "back; their changes before now were not streamed (backfill them)",
+      { publication = self.cfg.publication, tables = table.concat(added, ",") })
+  end
+  for _, t in ipairs(missing) do
+    if not said[t] then
+      said[t] = true
+      self.log.warn("a table a channel serves is not in the publication: its changes are not streamed",
+        { publication = self.cfg.publication, table = t,
+          fix = self.cfg.create == false and "ALTER PUBLICATION ... ADD TABLE" or "create the table" })
+    end
+  end
+end
 
 function M:reload(_, new)
   local cfg = slotmod.config(new)
