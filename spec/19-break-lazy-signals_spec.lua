@@ -583,7 +583,10 @@ return { single_active = "brk-down", reconnect = { min = 0.1, max = 0.5 }, poll_
       if down2 then H.server2("start") end
     end)
     p = start(path, { "--db", source(name) }, nil, false)
-    H.sleep(3)
+    -- it has tried and failed, then goes on trying (every 0.5 s at most) for 1.5 s more
+    assert(H.eventually(function() return p.stderr():find("cannot connect yet", 1, true) or not p.running() end, 10),
+      p.stderr())
+    H.sleep(1.5)
     assert.is_true(p.running(), p.stderr())
     H.server2("start")
     down2 = false
