@@ -325,33 +325,42 @@ end
 -- A retry's argument: the payloads decoded again, so that a handler that
 -- changed the tables it was given (a value scaled, a field removed) before
 -- it failed does not get its own changes as the values sent.  A payload the
--- handler took from its note keeps the tables it had.
-local function fresh_arg(entry, job)
+-- handler took from its note keeps the tables it had.  A payload the decoder
+-- refuses now (or raises on) is a decode failure, as it would have been on
+-- its first try: its note leaves the job (a batch's rows and notes stay
+-- aligned) and the handler never sees the table it changed.  False when no
+-- note is left to retry.
+function M:fresh(job)
+  local entry = job.entry
   local decode = M.decoder(entry)
-  local function again(note)
-    if type(note.payload) ~= "string" then return nil end
-    return decode(note.payload)
+  local list, old = job.notes or { job.note }, job.notes and job.arg or { job.arg }
+  local rows, notes, k = {}, {}, 0
+  for i, n in ipairs(list) do
+    local v, err = old[i], nil
+    if type(n.payload) == "string" then v, err = decode(n.payload) end
+    if v == nil then
+      self:decode_failed(entry, n, err)
+      if n.src then n.src:ack(n, false) end
+    else
+      k = k + 1
+      rows[k], notes[k] = v, n
+    end
   end
-  if not job.notes then
-    local v = again(job.note)
-    if v == nil then return job.arg end
-    return v
+  if k == 0 then return false end
+  if job.notes then
+    job.arg, job.notes, job.note = rows, notes, notes[1]
+  else
+    job.arg = rows[1]
   end
-  local rows = {}
-  for k, n in ipairs(job.notes) do
-    local v = again(n)
-    if v == nil then return job.arg end
-    rows[k] = v
-  end
-  return rows
+  return true
 end
 
 -- Runs a job once; settles it: handled, waiting for a retry, or failed.
 function M:attempt(lane, job)
   local entry = job.entry
   job.attempt = job.attempt + 1
-  if job.attempt > 1 then job.arg = fresh_arg(entry, job) end
   lane.job, lane.wait_until = nil, nil
+  if job.attempt > 1 and not self:fresh(job) then return end
   self.current_at = job.note.received_at
   local ok, err = invoke(entry.handler, job.arg, job.notes or job.note)
   local tb = not ok and last_traceback or nil

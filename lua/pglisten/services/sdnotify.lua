@@ -74,7 +74,8 @@ function M:status()
   local rt, s = self.rt, self.rt.stats
   local state = rt.stop_at and "stopping" or (rt:active() and "listening" or "connecting")
   return ("%s on %d channel%s; received %d, handled %d, failed %d, queued %d"):format(state, #rt.spec.names,
-    #rt.spec.names == 1 and "" or "s", s.received, s.handled, s.failed_decode + s.failed_handler, rt.dispatch:queued())
+    #rt.spec.names == 1 and "" or "s", s.received, s.handled, s.failed_decode + s.failed_handler,
+    rt.notify:backlog()) -- held for on_connect too
 end
 
 function M:ready()
