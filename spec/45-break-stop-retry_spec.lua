@@ -48,16 +48,16 @@ end
 
 -- Waits for a USR1 stats line (written after the last one looked at) with
 -- `received=N` and returns it.
-local seen_to = 0
+local seen_to = setmetatable({}, { __mode = "k" })
 local function stats_line(p, received)
   local line
   assert(H.eventually(function()
     p.kill("USR1")
     local e = p.stderr()
-    for l in e:sub(seen_to + 1):gmatch("[^\n]*stats [^\n]*") do
+    for l in e:sub((seen_to[p] or 0) + 1):gmatch("[^\n]*stats [^\n]*") do
       if l:find("received=" .. received .. " ", 1, true) or l:find("received=" .. received .. "$") then line = l end
     end
-    if line then seen_to = #e end
+    if line then seen_to[p] = #e end
     return line
   end, 10), p.stderr())
   return line
@@ -194,5 +194,48 @@ return {
     assert.matches("payload rejected[^\n]*replayed payload 12", err)
     p.kill("USR1")
     assert(H.eventually(function() return p.stderr():find("stats [^\n]*failed_decode=3") end, 10), p.stderr())
+  end)
+end)
+
+describe("a retry after a handler changed its notes", function()
+  it("gets every note as sent: a batch's notes list emptied, a note's payload cleared; all counted", function()
+    local _, ci = H.createdb("brk45n")
+    local c = H.connect(ci)
+    local path = H.script([[
+local tried = {}
+return {
+  channels = {
+    pop = { batch = 10, retry = { attempts = 3, backoff = 2 }, handler = function(rows, notes)
+      out("pop", #rows, #notes)
+      while #notes > 0 do           -- consumes what it writes
+        local row, note = table.remove(rows, 1), table.remove(notes, 1)
+        if not tried.pop then tried.pop = true; error("target down at " .. row.id) end
+        out("pop", row.id, row.cents, note.payload:match('"id": *(%d+)'))
+      end
+    end },
+    blank = { retry = { attempts = 3, backoff = 0.05 }, handler = function(row, note)
+      row.cents = row.cents * 100
+      note.payload = nil              -- done with the text
+      if not tried.blank then tried.blank = true; error("target down") end
+      out("blank", row.id, row.cents)
+    end },
+  },
+}]])
+    local p = H.start(path, { "--db", ci })
+    H.finally(function() p.stop() end)
+    assert(c:exec("BEGIN"))
+    for i = 21, 23 do assert(c:notify("pop", { id = i, cents = i })) end
+    assert(c:exec("COMMIT"))
+    assert(c:notify("blank", { id = 31, cents = 5 }))
+    -- while the emptied batch waits to retry, its three notes are queued
+    assert(H.eventually(function() return p.stderr():find("handler failed; retrying[^\n]*channel=pop") end, 10),
+      p.stderr())
+    assert.matches("queued=4", stats_line(p, 4))
+    assert(H.eventually(function() return p.stdout():find("blank 31 ", 1, true) end, 20), p.stdout() .. p.stderr())
+    local o = p.stdout()
+    assert.matches("pop 3 3\npop 3 3\npop 21 21 21\npop 22 22 22\npop 23 23 23\n", o, 1, true)
+    assert.matches("blank 31 500\n", o, 1, true)
+    p.kill("USR1")
+    assert(H.eventually(function() return p.stderr():find("stats [^\n]*handled=4 ") end, 10), p.stderr())
   end)
 end)

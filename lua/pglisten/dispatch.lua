@@ -322,33 +322,46 @@ function M:slow(lane)
   return self:attempt(lane, { entry = entry, arg = rows, note = notes[1], notes = notes, attempt = 0 })
 end
 
+-- What a job's outcome goes by, out of its handler's reach: the handler gets
+-- `job.notes` and may change it (a batch handler that removes each note it
+-- has written, a note's payload cleared), but a retry, the counts and
+-- on_error go by `job.sent`, the notes as taken from the lane, and a retry
+-- decodes `job.payloads`, their payloads as received.
+local function keep(job, retries)
+  if job.notes then job.sent = table.move(job.notes, 1, #job.notes, 1, {}) end
+  if retries then
+    local p = {}
+    for i, n in ipairs(job.sent or { job.note }) do p[i] = n.payload end
+    job.payloads = p
+  end
+end
+
 -- A retry's argument: the payloads decoded again, so that a handler that
 -- changed the tables it was given (a value scaled, a field removed) before
 -- it failed does not get its own changes as the values sent.  A payload the
--- handler took from its note keeps the tables it had.  A payload the decoder
--- refuses now (or raises on) is a decode failure, as it would have been on
--- its first try: its note leaves the job (a batch's rows and notes stay
--- aligned) and the handler never sees the table it changed.  False when no
--- note is left to retry.
+-- decoder refuses now (or raises on) is a decode failure, as it would have
+-- been on its first try: its note leaves the job (a batch's rows and notes
+-- stay aligned) and the handler never sees the table it changed.  False
+-- when no note is left to retry.
 function M:fresh(job)
   local entry = job.entry
   local decode = M.decoder(entry)
-  local list, old = job.notes or { job.note }, job.notes and job.arg or { job.arg }
-  local rows, notes, k = {}, {}, 0
-  for i, n in ipairs(list) do
-    local v, err = old[i], nil
-    if type(n.payload) == "string" then v, err = decode(n.payload) end
+  local payloads = job.payloads
+  local rows, notes, kept, k = {}, {}, {}, 0
+  for i, n in ipairs(job.sent or { job.note }) do
+    local v, err = decode(payloads[i])
     if v == nil then
       self:decode_failed(entry, n, err)
       if n.src then n.src:ack(n, false) end
     else
       k = k + 1
-      rows[k], notes[k] = v, n
+      rows[k], notes[k], kept[k] = v, n, payloads[i]
     end
   end
   if k == 0 then return false end
-  if job.notes then
-    job.arg, job.notes, job.note = rows, notes, notes[1]
+  if job.sent then
+    job.arg, job.notes, job.note, job.payloads = rows, notes, notes[1], kept
+    job.sent = table.move(notes, 1, k, 1, {})
   else
     job.arg = rows[1]
   end
@@ -358,23 +371,28 @@ end
 -- Runs a job once; settles it: handled, waiting for a retry, or failed.
 function M:attempt(lane, job)
   local entry = job.entry
+  local attempts = entry.retry and entry.retry.attempts or 1
   job.attempt = job.attempt + 1
   lane.job, lane.wait_until = nil, nil
-  if job.attempt > 1 and not self:fresh(job) then return end
+  if job.attempt == 1 then
+    keep(job, attempts > 1)
+  elseif not self:fresh(job) then
+    return
+  end
+  local count = job.sent and #job.sent or 1
   self.current_at = job.note.received_at
   local ok, err = invoke(entry.handler, job.arg, job.notes or job.note)
   local tb = not ok and last_traceback or nil
   self.current_at = nil
   if ok then
-    self.stats.handled = self.stats.handled + (job.notes and #job.notes or 1)
+    self.stats.handled = self.stats.handled + count
     local c = stats.channel(self.stats, entry.name)
-    c.handled = c.handled + (job.notes and #job.notes or 1)
+    c.handled = c.handled + count
     if job.attempt > 1 then
       self.log.info("handler succeeded after retrying", { channel = entry.name, attempts = job.attempt })
     end
     return self:settled(job, true)
   end
-  local attempts = entry.retry and entry.retry.attempts or 1
   if job.attempt < attempts and not self.rt:past_grace() then
     self.stats.retries = self.stats.retries + 1
     local c = stats.channel(self.stats, entry.name)
@@ -387,13 +405,13 @@ function M:attempt(lane, job)
     lane.job, lane.wait_until = job, now() + wait
     return
   end
-  self:handler_failed(entry, job.note, err, tb, job.attempt, job.notes)
+  self:handler_failed(entry, job.note, err, tb, job.attempt, job.sent)
   return self:settled(job, false)
 end
 
 -- Acknowledges the notes of a settled job to the sources that want it.
 function M:settled(job, ok)
-  local notes = job.notes or { job.note }
+  local notes = job.sent or { job.note }
   for _, n in ipairs(notes) do
     local src = n.src
     if src then src:ack(n, ok) end

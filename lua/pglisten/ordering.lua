@@ -63,7 +63,8 @@ function M:len()
   local n = 0
   for _, l in ipairs(self.list) do
     n = n + l.q:len()
-    if l.job then n = n + (l.job.notes and #l.job.notes or 1) end
+    -- (`sent`: a batch as taken, whatever its handler did to the list it got)
+    if l.job then n = n + (l.job.sent and #l.job.sent or 1) end
   end
   return n
 end
