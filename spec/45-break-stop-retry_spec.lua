@@ -239,3 +239,64 @@ return {
     assert(H.eventually(function() return p.stderr():find("stats [^\n]*handled=4 ") end, 10), p.stderr())
   end)
 end)
+
+-- A guard: passes on 09547be too (the job keeps its old entry and decoder).
+describe("a reload while a retry waits", function()
+  it("retries with the old script's handler and decoder, on the payload as sent; new notes get the new ones", function()
+    local _, ci = H.createdb("brk45r")
+    local c = H.connect(ci)
+    local v1 = [[
+require("pglisten.decoders").register("kv", function(s) return { v = s, by = "old" } end)
+local tried = false
+return { channels = { r = { decode = "kv", retry = { attempts = 3, backoff = 1.5 }, handler = function(row)
+  row.v = row.v .. "!"
+  if not tried then tried = true; out("failing"); error("down") end
+  out("r", "v1", row.v, row.by)
+end } } }]]
+    local path = H.script(v1)
+    local p = H.start(path, { "--db", ci })
+    H.finally(function() p.stop() end)
+    assert(c:notify("r", "x"))
+    assert(H.eventually(function() return p.stdout():find("failing", 1, true) end, 10), p.stderr())
+    H.rewrite(path, (v1:gsub('"old"', '"new"'):gsub('"v1"', '"v2"')))
+    p.kill("HUP")
+    assert(H.eventually(function() return p.stderr():find("reloaded", 1, true) end, 10), p.stderr())
+    assert(c:notify("r", "y"))
+    assert(H.eventually(function() return p.stdout():find("r v2 ", 1, true) end, 15), p.stdout() .. p.stderr())
+    local o = p.stdout()
+    -- (the new script's handler fails its first note once too)
+    assert.matches("failing\nr v1 x! old\nfailing\nr v2 y! new\n", o, 1, true)
+  end)
+end)
+
+-- Before this spec's fix the runner died here ("attempt to get length of
+-- a nil value" in dispatch.excerpt), on the fast path and the slow one.
+describe("a handler that clears its note's payload and fails for good", function()
+  it("is logged with the payload as received and passed to on_error; the runner goes on", function()
+    local _, ci = H.createdb("brk45p")
+    local c = H.connect(ci)
+    local path = H.script([[
+return {
+  on_error = function(err, note, info) out("on_error", info.kind, info.channel, info.attempts) end,
+  channels = {
+    fast = function(row, note) note.payload = nil; error("down " .. row.id) end,
+    slow = { retry = { attempts = 2, backoff = 0.05 }, handler = function(row, note)
+      note.payload = nil; error("down " .. row.id)
+    end },
+    ok = function(row) out("ok", row.id) end,
+  },
+}]])
+    local p = H.start(path, { "--db", ci })
+    H.finally(function() p.stop() end)
+    assert(c:notify("fast", { id = 1 }))
+    assert(c:notify("slow", { id = 2 }))
+    assert(c:notify("ok", { id = 3 }))
+    assert(H.eventually(function() return p.stdout():find("ok 3", 1, true) or not p.running() end, 15),
+      p.stdout() .. p.stderr())
+    assert.is_true(p.running(), p.stderr())
+    local o, err = p.stdout(), p.stderr()
+    assert.matches("on_error handler fast 1\non_error handler slow 2\nok 3\n", o, 1, true)
+    assert.matches('handler failed[^\n]*channel=fast[^\n]*payload="{\\"id\\": ?1}"', err)
+    assert.matches('handler failed[^\n]*channel=slow[^\n]*payload="{\\"id\\": ?2}"', err)
+  end)
+end)

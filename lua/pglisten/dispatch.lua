@@ -98,6 +98,7 @@ end
 
 local function excerpt(s, n)
   n = n or 120
+  if type(s) ~= "string" then return nil end -- (a handler cleared its note's)
   if #s <= n then return s end
   return s:sub(1, n) .. ("... (%d bytes)"):format(#s)
 end
@@ -176,13 +177,14 @@ function M:decode_failed(entry, note, err)
   self:on_error(err, note, { kind = "decode", channel = entry.name })
 end
 
-function M:handler_failed(entry, note, err, tb, attempts, notes)
+-- `payload`: the first note's as received (its handler may have changed the note).
+function M:handler_failed(entry, note, err, tb, attempts, notes, payload)
   self.stats.failed_handler = self.stats.failed_handler + (notes and #notes or 1)
   local c = stats.channel(self.stats, entry.name)
   c.failed_handler = c.failed_handler + (notes and #notes or 1)
   self.log.error("handler failed", {
     channel = entry.name, error = errstring(err), traceback = tb, attempts = attempts,
-    payload = note and excerpt(note.payload), count = notes and #notes or nil,
+    payload = excerpt(payload or (note and note.payload)), count = notes and #notes or nil,
   })
   local info = { kind = "handler", channel = entry.name, attempts = attempts, traceback = tb }
   if notes then
@@ -228,11 +230,12 @@ function M:run_lane(lane)
     q[h] = nil
     h = h + 1
     local v, err
+    local payload = note.payload
     if entry.decode == "json" then
-      v, err = json_decode(note.payload)
+      v, err = json_decode(payload)
       if v ~= nil and type(v) ~= "table" then v, err = nil, not_container(v) end
     else
-      v, err = M.decoder(entry)(note.payload)
+      v, err = M.decoder(entry)(payload)
     end
     if v == nil then
       q.head = h
@@ -246,7 +249,7 @@ function M:run_lane(lane)
         c.handled = c.handled + 1
       else
         q.head = h
-        self:handler_failed(entry, note, herr, last_traceback, 1)
+        self:handler_failed(entry, note, herr, last_traceback, 1, nil, payload)
       end
     end
     if pending() then break end
@@ -328,6 +331,7 @@ end
 -- on_error go by `job.sent`, the notes as taken from the lane, and a retry
 -- decodes `job.payloads`, their payloads as received.
 local function keep(job, retries)
+  job.payload = job.note.payload -- for the log
   if job.notes then job.sent = table.move(job.notes, 1, #job.notes, 1, {}) end
   if retries then
     local p = {}
@@ -365,6 +369,7 @@ function M:fresh(job)
   else
     job.arg = rows[1]
   end
+  job.payload = kept[1]
   return true
 end
 
@@ -405,7 +410,7 @@ function M:attempt(lane, job)
     lane.job, lane.wait_until = job, now() + wait
     return
   end
-  self:handler_failed(entry, job.note, err, tb, job.attempt, job.sent)
+  self:handler_failed(entry, job.note, err, tb, job.attempt, job.sent, job.payload)
   return self:settled(job, false)
 end
 
