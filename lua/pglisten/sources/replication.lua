@@ -399,7 +399,25 @@ function M:reload(_, new)
       self.log.info("added tables to publication", { publication = cfg.publication,
         tables = table.concat(added or cfg.tables, ",") })
     end
+    if self.apply.job then self:restream() end
   end
+end
+
+--- A reload while a failed job waits for its retry (a handler that keeps
+-- failing blocks the slot): the stream starts again from the position
+-- handled, so that the changes not handled yet -- the failed ones first --
+-- go to the new script's handlers, not to the old handler for ever.
+-- Changes handled in a transaction not yet confirmed come again (at least
+-- once).
+function M:restream()
+  local job = self.apply.job
+  self.log.info("reload: the changes of the failing handler go to the new script (streaming again from the "
+    .. "position handled)", { slot = self.cfg.slot, channel = job.entry.name,
+    handled_to = lsn_format(self.apply.flushed), queued = self.apply.events })
+  self:status()
+  self:drop_repl()
+  self.apply:reset()
+  self.next_connect, self.attempt = now(), 0
 end
 
 --- The source's figures: counters, lag and the slot's confirmed position.
