@@ -20,6 +20,7 @@ local host = require "pglisten.host"
 local backoff = require "pglisten.backoff"
 local ordering = require "pglisten.ordering"
 local stats = require "pglisten.services.stats"
+local retryjob = require "pglisten.retryjob"
 
 local ok_dec, decoders = pcall(require, "pglisten.decoders")
 if not ok_dec then decoders = nil end
@@ -325,54 +326,6 @@ function M:slow(lane)
   return self:attempt(lane, { entry = entry, arg = rows, note = notes[1], notes = notes, attempt = 0 })
 end
 
--- What a job's outcome goes by, out of its handler's reach: the handler gets
--- `job.notes` and may change it (a batch handler that removes each note it
--- has written, a note's payload cleared), but a retry, the counts and
--- on_error go by `job.sent`, the notes as taken from the lane, and a retry
--- decodes `job.payloads`, their payloads as received.
-local function keep(job, retries)
-  job.payload = job.note.payload -- for the log
-  if job.notes then job.sent = table.move(job.notes, 1, #job.notes, 1, {}) end
-  if retries then
-    local p = {}
-    for i, n in ipairs(job.sent or { job.note }) do p[i] = n.payload end
-    job.payloads = p
-  end
-end
-
--- A retry's argument: the payloads decoded again, so that a handler that
--- changed the tables it was given (a value scaled, a field removed) before
--- it failed does not get its own changes as the values sent.  A payload the
--- decoder refuses now (or raises on) is a decode failure, as it would have
--- been on its first try: its note leaves the job (a batch's rows and notes
--- stay aligned) and the handler never sees the table it changed.  False
--- when no note is left to retry.
-function M:fresh(job)
-  local entry = job.entry
-  local decode = M.decoder(entry)
-  local payloads = job.payloads
-  local rows, notes, kept, k = {}, {}, {}, 0
-  for i, n in ipairs(job.sent or { job.note }) do
-    local v, err = decode(payloads[i])
-    if v == nil then
-      self:decode_failed(entry, n, err)
-      if n.src then n.src:ack(n, false) end
-    else
-      k = k + 1
-      rows[k], notes[k], kept[k] = v, n, payloads[i]
-    end
-  end
-  if k == 0 then return false end
-  if job.sent then
-    job.arg, job.notes, job.note, job.payloads = rows, notes, notes[1], kept
-    job.sent = table.move(notes, 1, k, 1, {})
-  else
-    job.arg = rows[1]
-  end
-  job.payload = kept[1]
-  return true
-end
-
 -- Runs a job once; settles it: handled, waiting for a retry, or failed.
 function M:attempt(lane, job)
   local entry = job.entry
@@ -380,8 +333,11 @@ function M:attempt(lane, job)
   job.attempt = job.attempt + 1
   lane.job, lane.wait_until = nil, nil
   if job.attempt == 1 then
-    keep(job, attempts > 1)
-  elseif not self:fresh(job) then
+    retryjob.keep(job, attempts > 1)
+  elseif not retryjob.fresh(job, M.decoder(entry), function(n, err)
+    self:decode_failed(entry, n, err)
+    if n.src then n.src:ack(n, false) end
+  end) then
     return
   end
   local count = job.sent and #job.sent or 1
