@@ -42,4 +42,38 @@ return {
       .. "FROM pg_publication_tables WHERE pubname = '%s'"):format(slot), src))
     assert.is_true(p.running())
   end)
+
+  it("is not put back, nor added by a reload, without a replica identity: the writers' UPDATEs keep working", function()
+    local src, dst, slot = C.setup("recrpk")
+    C.sql("CREATE TABLE items (id int PRIMARY KEY, v text); CREATE TABLE loose (id int, v text)", src)
+    local body = [[
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.items"] = { source = "replication", handler = function(ev) out("items", ev.op, ev.new and ev.new.id) end },
+    %s
+  },
+}
+]]
+    local path = C.script(dst, body:format(slot, ""))
+    local p = C.start(path, src)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
+    -- recreated without a primary key
+    C.sql("DROP TABLE items; CREATE TABLE items (id int, v text); INSERT INTO items VALUES (1, 'a')", src)
+    assert.truthy(H.eventually(function()
+      return p.stderr():find("table public.items has no primary key", 1, true)
+    end, 20), p.stderr())
+    C.sql("UPDATE items SET v = 'b' WHERE id = 1", src) -- raises if the table were published without identity
+    -- a reload that adds a table without a primary key
+    H.rewrite(path, ("local TARGET = %q\n"):format("dbname=" .. dst) .. C.HANDLER .. body:format(slot,
+      [=[["public.loose"] = { source = "replication", handler = function(ev) out("loose", ev.op) end },]=]))
+    p.kill("HUP")
+    assert.truthy(H.eventually(function()
+      return p.stderr():find("table public.loose has no primary key", 1, true)
+    end, 20), p.stderr())
+    C.sql("INSERT INTO loose VALUES (1, 'a'); UPDATE loose SET v = 'b'; DELETE FROM loose", src)
+    assert.equal("", C.sql(("SELECT coalesce(string_agg(tablename, ','), '') FROM pg_publication_tables "
+      .. "WHERE pubname = '%s'"):format(slot), src))
+    assert.is_true(p.running())
+  end)
 end)

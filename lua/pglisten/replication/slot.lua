@@ -222,6 +222,12 @@ function M.ensure_publication(conn, cfg)
     if not pub.has[t] then missing[#missing + 1] = t end
   end
   if #missing == 0 then return true end
+  -- a table without a replica identity in a publication would make the
+  -- writers' UPDATEs and DELETEs of it fail (a reload adds tables unchecked)
+  for _, t in ipairs(missing) do
+    local ok, terr = check_table(conn, t)
+    if not ok then return nil, terr, true end
+  end
   if cfg.create == false then
     return nil, ("publication %s does not include %s (replication.create = false): ALTER PUBLICATION %s ADD TABLE %s")
       :format(cfg.publication, table.concat(missing, ", "), cfg.publication, table.concat(missing, ", ")), true
@@ -238,8 +244,10 @@ end
 --- While streaming: the channels' tables the publication no longer has.
 -- DROP TABLE takes a table out of its publications, and the table created
 -- again under the name is not in them: its changes would not be sent, in
--- silence.  Those that exist are added back (not with replication.create =
--- false).  Returns added, missing (not there, or not added), or nil, err.
+-- silence.  Those that exist with a replica identity are added back (not
+-- with replication.create = false; one without would make the writers'
+-- UPDATEs and DELETEs fail).  Returns added, missing (`{ table, why }`:
+-- not there, no replica identity, or not added), or nil, err.
 function M.watch_publication(conn, cfg)
   local pub, err = M.publication(conn, cfg.publication)
   if not pub then return nil, err or ("publication %s does not exist"):format(cfg.publication) end
@@ -247,13 +255,13 @@ function M.watch_publication(conn, cfg)
   if pub.all_tables then return add, missing end
   for _, t in ipairs(cfg.tables) do
     if not pub.has[t] then
-      local q, r
-      q, err = quoted_table(conn, t)
-      if not q then return nil, err end
-      r, err = query(conn, "SELECT to_regclass($1) IS NOT NULL AS there", q)
-      if not r then return nil, err end
-      local list = (r[1].there and cfg.create ~= false) and add or missing
-      list[#list + 1] = t
+      local ok, why, fatal = check_table(conn, t)
+      if not ok and not fatal then return nil, why end
+      if ok and cfg.create ~= false then
+        add[#add + 1] = t
+      else
+        missing[#missing + 1] = { t, why or "replication.create = false: ALTER PUBLICATION ... ADD TABLE " .. t }
+      end
     end
   end
   if #add > 0 then

@@ -165,11 +165,18 @@ end
 -- The stream
 ---------------------------------------------------------------------------
 
+-- A transaction's table (see pglisten.replication.apply): `from` a Begin
+-- message or an earlier read's table, its changes received at `at`; `seq`
+-- goes on from `from.seq`.
+function M:tx_table(from, at)
+  return { xid = from.xid, commit_lsn = from.commit_lsn or from.final_lsn, commit_time = from.commit_time,
+    received_at = at, seq = from.seq or 0, slot = self.cfg.slot, system_id = self.system_id, database = self.database }
+end
+
 -- The transaction of a change: the one begun, or (a change outside any,
 -- which pgoutput does not send) one made for it alone.
 function M:tx_of(at)
-  return self.tx or { seq = 0, received_at = at, slot = self.cfg.slot, system_id = self.system_id,
-    database = self.database }
+  return self.tx or self:tx_table({}, at)
 end
 
 -- A TRUNCATE's events, one per table, those no channel serves skipped.
@@ -227,11 +234,8 @@ function M:take(msgs, info)
   local cfg, apply, at, n = self.cfg, self.apply, pg.now(), 0
   local routes = cfg.routes or {}
   cfg.routes = routes
-  local begun = self.tx
-  if begun then -- begun in an earlier read: its changes read now were received now
-    self.tx = { xid = begun.xid, commit_lsn = begun.commit_lsn, commit_time = begun.commit_time, received_at = at,
-      seq = begun.seq, slot = begun.slot, system_id = begun.system_id, database = begun.database }
-  end
+  -- begun in an earlier read: its changes read now were received now
+  if self.tx then self.tx = self:tx_table(self.tx, at) end
   local lsns, relids = info.lsn, info.relid
   if info.wal_end > self.received then self.received = info.wal_end end
   for i = 1, #msgs do
@@ -254,8 +258,7 @@ function M:take(msgs, info)
       routes = {}
       cfg.routes = routes
     elseif k == "begin" then
-      self.tx = { xid = m.xid, commit_lsn = m.final_lsn, commit_time = m.commit_time, received_at = at, seq = 0,
-        slot = cfg.slot, system_id = self.system_id, database = self.database }
+      self.tx = self:tx_table(m, at)
     elseif k == "commit" then
       apply:mark(m.end_lsn_int, m.commit_time)
       self.tx = nil
@@ -360,12 +363,12 @@ function M:watch_publication()
       .. "back; their changes before now were not streamed (backfill them)",
       { publication = self.cfg.publication, tables = table.concat(added, ",") })
   end
-  for _, t in ipairs(missing) do
-    if not said[t] then
-      said[t] = true
+  for _, m in ipairs(missing) do
+    local t, why = m[1], m[2]
+    if said[t] ~= why then
+      said[t] = why
       self.log.warn("a table a channel serves is not in the publication: its changes are not streamed",
-        { publication = self.cfg.publication, table = t,
-          fix = self.cfg.create == false and "ALTER PUBLICATION ... ADD TABLE" or "create the table" })
+        { publication = self.cfg.publication, table = t, why = why })
     end
   end
 end
