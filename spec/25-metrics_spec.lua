@@ -8,14 +8,7 @@ local socket = require "socket"
 
 local script, lines = H.script, H.lines
 
-local function address(p)
-  local a
-  H.eventually(function()
-    a = p.stderr():match("serving metrics address=(%S+)")
-    return a
-  end, 10)
-  return assert(a, "no 'serving metrics' line: " .. p.stderr())
-end
+local address = H.metrics_address
 
 -- curl: status, headers, body
 local function curl(url, extra)

@@ -17,17 +17,7 @@ end
 
 local function count(s, pat) return H.count_matches(s, pat) end
 
--- Terminates the runner's listening backend on `db` and waits until the
--- runner says it has a new one (the `n`th "on_connect waits" line).
-local function lose(c, db, p, n)
-  local pid = H.runner_backend(db)
-  assert.is_number(pid, "no listening backend")
-  assert(c:exec("SELECT pg_terminate_backend($1)", pid))
-  assert(H.eventually(function()
-    return count(p.stderr(), "on_connect waits for the notes received before the loss") >= n
-  end, 15), p.stderr())
-  return pid
-end
+local lose = H.lose_listener
 
 local function rss_kb(pid)
   local s = H.read("/proc/" .. pid .. "/status")

@@ -21,12 +21,7 @@ describe("a stop while on_connect waits", function()
     assert(c:notify("g", { i = 1 }))
     assert(H.eventually(function() return p.stderr():find("handler failed; retrying", 1, true) end, 10), p.stderr())
     -- the listening backend goes; the runner connects again and holds what comes
-    local pid = H.runner_backend(db)
-    assert.is_number(pid, "no listening backend")
-    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
-    assert(H.eventually(function()
-      return p.stderr():find("on_connect waits for the notes received before the loss", 1, true)
-    end, 15), p.stderr())
+    local pid = H.lose_listener(c, db, p)
     assert(H.eventually(function()
       local now = H.runner_backend(db)
       return now and now ~= pid

@@ -30,14 +30,7 @@ local function systemd()
   return sd
 end
 
-local function address(p)
-  local a
-  H.eventually(function()
-    a = p.stderr():match("serving metrics address=(%S+)")
-    return a
-  end, 10)
-  return assert(a, "no 'serving metrics' line: " .. p.stderr())
-end
+local address = H.metrics_address
 
 local function queue_length(p)
   local f = assert(io.popen(("env -u LD_PRELOAD curl -s -m 10 %s"):format(H.q("http://" .. address(p) .. "/metrics"))))

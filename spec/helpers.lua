@@ -254,6 +254,30 @@ function H.runner_backend(db)
   return r and r[1] and r[1].pid
 end
 
+--- Terminates the runner's listening backend on `db` (through connection
+-- `c`) and waits until the runner says it has a new one and waits for the
+-- old notes (the `n`th "on_connect waits" line, default 1).  Returns the
+-- terminated backend's pid.
+function H.lose_listener(c, db, p, n)
+  local pid = H.runner_backend(db)
+  assert(type(pid) == "number", "no listening backend")
+  assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+  assert(H.eventually(function()
+    return H.count_matches(p.stderr(), "on_connect waits for the notes received before the loss") >= (n or 1)
+  end, 15), p.stderr())
+  return pid
+end
+
+--- The address the runner serves metrics on (its "serving metrics" line).
+function H.metrics_address(p)
+  local a
+  H.eventually(function()
+    a = p.stderr():match("serving metrics address=(%S+)")
+    return a
+  end, 10)
+  return assert(a, "no 'serving metrics' line: " .. p.stderr())
+end
+
 -- A path in the test dir that no earlier spec used: busted reloads this
 -- module for every spec file, so a counter alone would repeat.
 local fileseq = 0
