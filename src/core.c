@@ -547,6 +547,7 @@ static const luaL_Reg core_funcs[] = {
   {"poll", core_poll},
   {"setup", core_setup},
   {"intify", core_intify},
+  {"set_wait_hook", pgl_set_wait_hook},
   {"libpq_version", core_libpq_version},
   {"conninfo_keys", core_conninfo_keys},
   {"conninfo_parse", core_conninfo_parse},

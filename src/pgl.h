@@ -77,6 +77,14 @@ int pgl_stopping(lua_State *L);
  */
 int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible);
 
+/* idle.c: the wait hook (core.set_wait_hook).  pgl_idle runs it, if one is
+ * set and it is not running already, while it has more to do and `fd` (the
+ * server's socket) has no answer yet; called by exec and execmany when all
+ * is written and they are about to wait for the answer.  Leaves the stack
+ * as it found it. */
+void pgl_idle(lua_State *L, int fd);
+int pgl_set_wait_hook(lua_State *L);
+
 /* conn.c */
 void pgl_conn_open(lua_State *L);          /* registers metatables; leaves nothing */
 int pgl_conn_connect(lua_State *L);        /* core.connect(conninfo, timeout) */

@@ -183,6 +183,8 @@ int pgl_batch_drive(batch *b, int all) {
       return lost(b);
     if (all ? b->synced == b->syncs : f == 0)
       return 1;
+    if (!f)
+      pgl_idle(b->L, fd); /* all is written: the server is at work */
     r = pgl_waitfd(b->L, fd, f ? POLLIN | POLLOUT : POLLIN, b->deadline, 0);
     if (r == 0) {
       b->fail = B_TIMEOUT;

@@ -113,9 +113,11 @@ static int collect_results(const qwait *w, PGresult **last, PGresult **err, int 
   for (;;) {
     PGresult *res;
     int r;
-    while (PQisBusy(w->pg))
+    while (PQisBusy(w->pg)) {
+      pgl_idle(w->L, w->fd); /* all is written: the server is at work */
       if ((r = await_server(w, POLLIN)) != Q_OK)
         return r;
+    }
     res = PQgetResult(w->pg);
     if (res == NULL)
       return Q_OK;

@@ -53,6 +53,7 @@ M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
 M.READ = 256
 M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
+M.AHEAD = 512           -- queue items (events, marks) read ahead while a handler waits
 M.PUB_CHECK = 5         -- seconds between two looks for tables gone from the publication
 
 --- The source's counters.
@@ -64,6 +65,11 @@ function M.new(rt)
   local self = setmetatable({ rt = rt, log = rt.log, c = M.counters(), received = 0 }, M)
   self.cfg = slotmod.config(rt.spec)
   self.apply = Apply.new(rt, self.c, function() return self:sql() end)
+  self.ahead = function()
+    local ok, more = pcall(self.read_ahead, self)
+    if ok then return more end
+    self.ahead_lost = self.ahead_lost or { "reading the stream ahead failed: " .. tostring(more) }
+  end
   self.next_connect, self.attempt, self.first, self.last_warn = now(), 0, true, -math.huge
   local set = core.conninfo_keys(rt.db)
   -- values in UTF-8 whatever the database's encoding (pgoutput and the
@@ -81,6 +87,8 @@ end
 ---------------------------------------------------------------------------
 
 local function room(self) return self.apply:len() < self.rt.settings.read_ahead end
+-- while a handler runs, less is read ahead (see M:read_ahead)
+local function ahead_room(self) return self.apply:len() < math.min(M.AHEAD, self.rt.settings.read_ahead) end
 
 function M:pollfd()
   if self.streaming and room(self) then
@@ -117,9 +125,38 @@ function M:read()
     self:lost("replication connection lost")
     return nil
   end
+  -- while a handler waits for its database, the stream is read ahead
+  core.set_wait_hook(self.ahead)
   self.apply:handle(M.HANDLE)
+  core.set_wait_hook(nil)
+  local lost = self.ahead_lost
+  if lost then
+    self.ahead_lost = nil
+    self:lost(lost[1], lost[2])
+    return nil
+  end
   if self.reply_now then self:status() end
   return n
+end
+
+--- The wait hook (core.set_wait_hook) while handlers run: one read of what
+-- the stream has, queued behind the events being handled; true when the
+-- stream may have more and there is room (called again until the handler's
+-- answer comes).  So the runner decodes the next changes while the target
+-- executes the last ones, and the walsender is not held up by a full
+-- socket.  It only queues: a lost stream is acted on once the handler has
+-- returned (`ahead_lost`).
+function M:read_ahead()
+  if not self.streaming or self.ahead_lost or not ahead_room(self) then return false end
+  local msgs, info, state = self.repl:read(M.READ, "events")
+  if not msgs then
+    self.ahead_lost = { info, state }
+    return false
+  end
+  local k = #msgs
+  self.more = k == M.READ
+  if k > 0 then self:take(msgs, info) end
+  return self.more and ahead_room(self)
 end
 
 function M:timeout(t)

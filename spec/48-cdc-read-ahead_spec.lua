@@ -1,0 +1,162 @@
+-- While a handler waits for its database, the replication source reads the
+-- stream ahead (core.set_wait_hook): the runner decodes the next changes
+-- while the target executes the last ones.  The hook itself (called by exec
+-- and execmany while they wait, never from inside itself, removed when it
+-- raises), batches filled by what was read during a wait, and a stream lost
+-- while it is read ahead: acted on after the handler returns, nothing lost.
+local H = require "spec.helpers"
+local pg = H.pg
+local core = pg.core
+
+local C = require "spec.cdc_helpers"
+
+describe("core.set_wait_hook", function()
+  local c, d
+  before_each(function()
+    c = H.connect()
+    d = H.connect()
+  end)
+  after_each(function()
+    core.set_wait_hook(nil)
+    c:close()
+    d:close()
+  end)
+
+  it("is called while exec and execmany wait for the answer, again while it has more to do", function()
+    local calls = 0
+    assert.is_nil(core.set_wait_hook(function()
+      calls = calls + 1
+      return calls < 3 -- more to do, twice
+    end))
+    assert.equal("", c:exec("SELECT pg_sleep(0.2)")[1].pg_sleep)
+    assert.equal(3, calls) -- the answer was not in after the first two
+    calls = 0
+    assert.equal(2, c:execmany("SELECT pg_sleep($1)", { { 0.1 }, { 0.1 } })) -- a row each
+    assert.is_true(calls >= 1)
+    local fn = core.set_wait_hook(nil)
+    assert.equal("function", type(fn))
+    calls = 0
+    assert.truthy(c:exec("SELECT pg_sleep(0.05)"))
+    assert.equal(0, calls)
+  end)
+
+  it("stops calling a hook once the answer is in", function()
+    local calls = 0
+    core.set_wait_hook(function()
+      calls = calls + 1
+      pg.sleep(0.05) -- longer than the query takes
+      return true
+    end)
+    assert.truthy(c:exec("SELECT 1"))
+    assert.equal(1, calls)
+  end)
+
+  it("is not called from a wait inside itself, and a query inside it works", function()
+    local outer, inner, got = 0, 0, nil
+    core.set_wait_hook(function()
+      outer = outer + 1
+      if outer == 1 then
+        got = d:exec("SELECT 42 AS v")[1].v
+        inner = outer - 1 -- a call from d's wait would have counted
+      end
+      return false
+    end)
+    assert.truthy(c:exec("SELECT pg_sleep(0.1)"))
+    assert.equal(42, got)
+    assert.equal(0, inner)
+    assert.equal(1, outer)
+    assert.equal("function", type(core.set_wait_hook(nil))) -- put back after its call
+  end)
+
+  it("drops a hook that raises, and the query goes on", function()
+    local calls = 0
+    core.set_wait_hook(function()
+      calls = calls + 1
+      error("hook broke")
+    end)
+    assert.equal(7, c:exec("SELECT 7 AS v FROM pg_sleep(0.05)")[1].v)
+    assert.truthy(c:execmany("SELECT pg_sleep($1)", { { 0.05 } }))
+    assert.equal(1, calls)
+    assert.is_nil(core.set_wait_hook(nil))
+  end)
+
+  it("keeps what the hook set inside itself", function()
+    local second = function() return false end
+    core.set_wait_hook(function()
+      core.set_wait_hook(second)
+      return true
+    end)
+    assert.truthy(c:exec("SELECT pg_sleep(0.05)"))
+    assert.equal(second, core.set_wait_hook(nil))
+  end)
+
+  it("refuses what is not a function", function()
+    assert.has_error(function() core.set_wait_hook(42) end)
+    assert.has_error(function() core.set_wait_hook("x") end)
+  end)
+end)
+
+describe("the replication source reading ahead", function()
+  it("fills the next batch from what it read while the handler waited", function()
+    local src, dst, slot = C.setup("rahd")
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
+    -- created first, so that the backlog below is in the slot before the runner reads
+    C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(slot), src)
+    C.sql(("CREATE PUBLICATION %s FOR TABLE items"):format(slot), src)
+    for k = 0, 2 do
+      C.sql(("INSERT INTO items SELECT g FROM generate_series(%d, %d) g"):format(k * 1000 + 1, k * 1000 + 1000), src)
+    end
+    local p = C.run(src, dst, slot, [[
+    ["public.items"] = { source = "replication", batch = 1000, handler = function(events)
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = { ev.new.id } end
+      assert(target:exec("SELECT pg_sleep(0.3)")) -- the target at work: the runner reads on
+      assert(target:execmany("INSERT INTO items VALUES ($1)", rows))
+      out("batch " .. #events)
+    end },]])
+    assert.truthy(C.same(src, dst, "items", 30), p.stderr())
+    local sizes, total = {}, 0
+    for _, l in ipairs(H.lines(p.stdout())) do
+      local n = tonumber(l:match("^batch (%d+)$"))
+      if n then sizes[#sizes + 1], total = n, total + n end
+    end
+    assert.equal(3000, total)
+    -- a turn of the loop takes 256 messages (sources/replication.lua FILL):
+    -- without the read ahead no batch is larger
+    local max = math.max(table.unpack(sizes))
+    assert.is_true(max > 256, "batches: " .. table.concat(sizes, " "))
+  end)
+
+  it("acts on a stream lost while it read ahead once the handler returns, and loses nothing", function()
+    local src, dst, slot = C.setup("rahl")
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
+    local p = C.run(src, dst, slot, ([[
+    ["public.items"] = { source = "replication", batch = 100, handler = function(events)
+      local admin = assert(pglisten.connect("dbname=%s"))
+      if not KILLED then
+        KILLED = true
+        -- the walsender goes while this handler runs; the wait below reads ahead and meets its end
+        assert(admin:exec("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+          %q))
+        pglisten.sleep(0.2)
+      end
+      admin:close()
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = { ev.new.id } end
+      assert(target:exec("SELECT pg_sleep(0.05)"))
+      assert(target:execmany("INSERT INTO items VALUES ($1) ON CONFLICT DO NOTHING", rows))
+      out("batch " .. #events)
+    end },]]):format(src, slot))
+    for k = 0, 9 do
+      C.sql(("INSERT INTO items SELECT g FROM generate_series(%d, %d) g"):format(k * 100 + 1, k * 100 + 100), src)
+    end
+    assert.truthy(C.same(src, dst, "items", 30), p.stderr())
+    assert.truthy(H.eventually(function() return p.stderr():find("replication stream lost", 1, true) end, 10),
+      p.stderr())
+    assert.is_true(p.running())
+    assert.is_nil(p.stderr():find("handler failed", 1, true), p.stderr())
+    assert.is_nil(p.stderr():find("reading the stream ahead failed", 1, true), p.stderr())
+  end)
+end)

@@ -1,0 +1,95 @@
+/*
+ * idle.c -- the wait hook: a Lua function the runner sets so that the time a
+ * query spends waiting for its server's answer does other work, e.g. read and
+ * decode the replication stream ahead while a target database executes the
+ * batch a handler sent it.  Without it the runner and the target take turns,
+ * and the walsender stalls once the runner's socket buffer is full.
+ *
+ * core.set_wait_hook(fn | nil) -> the previous hook (or nil)
+ *
+ * The hook is called with no arguments by conn:exec() and conn:execmany()
+ * when everything is written and they are about to wait for the answer (never
+ * while output is still to be written: the server would wait for it).  It is
+ * called again while it returns true (it has more to do) and the answer has
+ * not come, up to PGL_IDLE_MAX times per wait.  It is not called from a wait
+ * inside itself.  Each call must be short and must not raise: an error it
+ * raises is dropped, and the hook is removed so that it cannot fail every
+ * wait (the runner's hook catches its own errors).
+ */
+#include <errno.h>
+#include <poll.h>
+
+#include "pgl.h"
+
+/* hook calls per wait at most (each reads a bounded part of a stream) */
+#define PGL_IDLE_MAX 64
+
+static const char hook_key = 'h';
+
+/* Runs the hook once: its first result's truth (0 when it raised, and then
+ * it is removed).  The hook (on top) is popped. */
+static int run_hook(lua_State *L) {
+  int more;
+  lua_pushboolean(L, 0);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key); /* running: not again from inside */
+  lua_pushvalue(L, -1);
+  if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
+    lua_pop(L, 2); /* the error, the hook: removed */
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+    return 0;
+  }
+  more = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  /* put back unless the hook changed it meanwhile */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) == LUA_TBOOLEAN) {
+    lua_pop(L, 1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+  } else {
+    lua_pop(L, 2);
+    more = 0;
+  }
+  return more;
+}
+
+void pgl_idle(lua_State *L, int fd) {
+  int i;
+  for (i = 0; i < PGL_IDLE_MAX; i++) {
+    struct pollfd p;
+    int r;
+    if (!lua_checkstack(L, 3))
+      return;
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      return; /* none, or false: the hook is running (a wait inside it) */
+    }
+    if (i > 0) { /* the answer is in: stop at once */
+      p.fd = fd;
+      p.events = POLLIN;
+      p.revents = 0;
+      do
+        r = poll(&p, 1, 0);
+      while (r < 0 && errno == EINTR);
+      if (r != 0) {
+        lua_pop(L, 1);
+        return;
+      }
+    }
+    if (!run_hook(L))
+      return;
+  }
+}
+
+/* core.set_wait_hook(fn | nil) -> the previous hook, or nil */
+int pgl_set_wait_hook(lua_State *L) {
+  if (!lua_isnoneornil(L, 1))
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_pushvalue(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+  return 1;
+}
