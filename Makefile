@@ -67,7 +67,7 @@ RUNTIME_LIBDIR ?= $(LIBDIR)
 endif
 
 BUILD   ?= build
-SRC      = src/core.c src/idle.c src/conn.c src/query.c src/stmtcache.c src/notify.c src/result.c src/number.c src/pipeline.c src/pipeline_send.c src/json.c src/jsondec.c src/repl.c src/replstream.c src/pgoutput.c src/pgoutput_rows.c
+SRC      = src/core.c src/idle.c src/conninfo.c src/sdnotify.c src/conn.c src/query.c src/stmtcache.c src/notify.c src/result.c src/number.c src/pipeline.c src/pipeline_send.c src/json.c src/jsondec.c src/repl.c src/replstream.c src/pgoutput.c src/pgoutput_rows.c
 HDR      = src/pgl.h src/conn.h src/json.h src/repl.h src/pgoutput.h src/pipeline.h
 LUASRC   = $(wildcard lua/pglisten/*.lua) $(wildcard lua/pglisten/*.sql)
 LUASUBDIRS = sources services replication commands

@@ -9,8 +9,6 @@
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -273,59 +271,6 @@ static int core_intify(lua_State *L) {
   return 1;
 }
 
-const char *pgl_conninfo_arg(lua_State *L, int idx, int opt) {
-  size_t len;
-  const char *s = opt ? luaL_optlstring(L, idx, "", &len) : luaL_checklstring(L, idx, &len);
-  if (strlen(s) != len) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "invalid conninfo: it contains a zero byte (libpq would read only the part before it)");
-    return NULL;
-  }
-  return s;
-}
-
-/*
- * core.conninfo_keys(conninfo) -> { keyword = true, ... } for the keywords
- * the string sets (keyword/value or URI), or nil, err when libpq cannot
- * parse it.  The values are not returned: they may hold a password.
- */
-static int core_conninfo_keys(lua_State *L) {
-  const char *s = pgl_conninfo_arg(L, 1, 0);
-  char *err = NULL;
-  PQconninfoOption *opts, *o;
-  if (!s)
-    return 2;
-  opts = PQconninfoParse(s, &err);
-  if (!opts) {
-    lua_pushnil(L);
-    if (err) {
-      pgl_push_trimmed(L, err);
-      PQfreemem(err);
-    } else {
-      lua_pushliteral(L, "out of memory parsing a conninfo");
-    }
-    return 2;
-  }
-  /* Collect the keywords and free the options before any Lua allocation
-   * (which may raise and would leak them).  libpq copies the option structs
-   * from its static PQconninfoOptions table, so `keyword` points to static
-   * strings that outlive PQconninfoFree; only `val` is allocated. */
-  {
-    int n = 0, i = 0;
-    const char *keys[128];
-    for (o = opts; o->keyword; o++)
-      if (o->val && *o->val && n < 128)
-        keys[n++] = o->keyword; /* keywords are static strings inside libpq */
-    PQconninfoFree(opts);
-    lua_createtable(L, 0, n);
-    for (i = 0; i < n; i++) {
-      lua_pushboolean(L, 1);
-      lua_setfield(L, -2, keys[i]);
-    }
-  }
-  return 1;
-}
-
 /*
  * core.poll(fds [, timeout]) -> ready | nil, "timeout" | nil, "interrupted"
  * The runner's loop waits here on every source's socket at once, and on the
@@ -406,139 +351,13 @@ static int core_poll(lua_State *L) {
   return 2;
 }
 
-/*
- * core.conninfo_parse(conninfo) -> array of {keyword=, value=, dispchar=}
- * for every option libpq knows, in libpq's order (value nil when the string
- * does not set it; dispchar "*" marks a secret such as password or
- * sslpassword, "D" a debug option, "" the others), or nil, err when libpq
- * cannot parse the string.  `conninfo_parse("")` lists every keyword.  The
- * values are the ones libpq will use (URI percent escapes and keyword/value
- * quotes already decoded): the facade masks secrets with them.
- *
- * The options and libpq's error message live in a box whose __gc frees
- * them, so that a Lua memory error while copying them out leaks nothing.
- */
-#define PGL_CONNINFO_BOX "pglisten.conninfo_box"
-
-typedef struct conninfo_box {
-  PQconninfoOption *opts;
-  char *err;
-} conninfo_box;
-
-static void conninfo_box_free(conninfo_box *b) {
-  if (b->opts)
-    PQconninfoFree(b->opts); /* also frees every val */
-  if (b->err)
-    PQfreemem(b->err);
-  b->opts = NULL;
-  b->err = NULL;
-}
-
-static int conninfo_box_gc(lua_State *L) {
-  conninfo_box_free((conninfo_box *)luaL_checkudata(L, 1, PGL_CONNINFO_BOX));
-  return 0;
-}
-
-static conninfo_box *conninfo_box_new(lua_State *L) {
-  conninfo_box *b = (conninfo_box *)lua_newuserdatauv(L, sizeof *b, 0);
-  b->opts = NULL;
-  b->err = NULL;
-  if (luaL_newmetatable(L, PGL_CONNINFO_BOX)) {
-    lua_pushcfunction(L, conninfo_box_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-  return b;
-}
-
-static int core_conninfo_parse(lua_State *L) {
-  const char *s = pgl_conninfo_arg(L, 1, 0);
-  conninfo_box *b;
-  PQconninfoOption *o;
-  lua_Integer i = 0;
-  if (!s)
-    return 2;
-  b = conninfo_box_new(L); /* at index 2 */
-  b->opts = PQconninfoParse(s, &b->err);
-  if (!b->opts) {
-    lua_pushnil(L);
-    if (b->err)
-      pgl_push_trimmed(L, b->err);
-    else
-      lua_pushliteral(L, "out of memory parsing a conninfo");
-    conninfo_box_free(b);
-    return 2;
-  }
-  lua_newtable(L);
-  for (o = b->opts; o->keyword; o++) {
-    lua_createtable(L, 0, 3);
-    lua_pushstring(L, o->keyword);
-    lua_setfield(L, -2, "keyword");
-    if (o->val) {
-      lua_pushstring(L, o->val);
-      lua_setfield(L, -2, "value");
-    }
-    lua_pushstring(L, o->dispchar ? o->dispchar : "");
-    lua_setfield(L, -2, "dispchar");
-    lua_rawseti(L, -2, ++i);
-  }
-  conninfo_box_free(b); /* now, rather than at the next collection */
-  return 1;
-}
-
 static int core_libpq_version(lua_State *L) {
   lua_pushinteger(L, PQlibVersion());
   return 1;
 }
 
-/*
- * core.sd_notify(address, message) -> true | nil, err
- * Sends one datagram to systemd's notification socket ($NOTIFY_SOCKET): a
- * path, or a name in the abstract namespace when it begins with '@'.  Here
- * rather than through luasocket, whose unix datagram sockets take the path
- * with strlen and so cannot name an abstract socket.  A socket per message:
- * nothing is held between messages, nothing is inherited by a fork.
- */
-static int core_sd_notify(lua_State *L) {
-  size_t alen, mlen;
-  const char *addr = luaL_checklstring(L, 1, &alen);
-  const char *msg = luaL_checklstring(L, 2, &mlen);
-  struct sockaddr_un sa;
-  ssize_t r;
-  int fd, err;
-  memset(&sa, 0, sizeof sa);
-  sa.sun_family = AF_UNIX;
-  if (alen < 2 || alen >= sizeof sa.sun_path || (addr[0] != '/' && addr[0] != '@') || memchr(addr, 0, alen)) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "invalid notification socket address (an absolute path or @name expected)");
-    return 2;
-  }
-  memcpy(sa.sun_path, addr, alen);
-  if (addr[0] == '@')
-    sa.sun_path[0] = '\0'; /* abstract: the name is the bytes after the NUL, unterminated */
-  fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "cannot create a datagram socket: %s", strerror(errno));
-    return 2;
-  }
-  do
-    r = sendto(fd, msg, mlen, MSG_NOSIGNAL, (const struct sockaddr *)&sa,
-               (socklen_t)(offsetof(struct sockaddr_un, sun_path) + alen));
-  while (r < 0 && errno == EINTR);
-  err = errno;
-  close(fd);
-  if (r < 0 || (size_t)r != mlen) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "sending to the notification socket failed: %s", r < 0 ? strerror(err) : "short write");
-    return 2;
-  }
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
 static const luaL_Reg core_funcs[] = {
-  {"sd_notify", core_sd_notify},
+  {"sd_notify", pgl_core_sd_notify},
   {"connect", pgl_conn_connect},
   {"replication_connect", pgl_repl_connect},
   {"now", core_now},
@@ -549,8 +368,8 @@ static const luaL_Reg core_funcs[] = {
   {"intify", core_intify},
   {"set_wait_hook", pgl_set_wait_hook},
   {"libpq_version", core_libpq_version},
-  {"conninfo_keys", core_conninfo_keys},
-  {"conninfo_parse", core_conninfo_parse},
+  {"conninfo_keys", pgl_core_conninfo_keys},
+  {"conninfo_parse", pgl_core_conninfo_parse},
   {NULL, NULL}
 };
 

@@ -158,6 +158,11 @@ void pgl_push_trimmed(lua_State *L, const char *s);
  * pushing nil, message when it holds a zero byte: libpq would read only
  * the part before it, silently dropping options such as sslmode. */
 const char *pgl_conninfo_arg(lua_State *L, int idx, int opt);
+/* conninfo.c: core.conninfo_keys, core.conninfo_parse */
+int pgl_core_conninfo_keys(lua_State *L);
+int pgl_core_conninfo_parse(lua_State *L);
+/* sdnotify.c: core.sd_notify */
+int pgl_core_sd_notify(lua_State *L);
 /*
  * Pushes the text-format value v[0..len) of a column of type `type` as exec
  * types it: integers, floats, booleans, exact numerics (pgl_push_number),
