@@ -6,11 +6,16 @@ local H = require "spec.helpers"
 
 local C = require "spec.cdc_helpers"
 
+-- The runner looks for tables gone from the publication every PUB_CHECK
+-- seconds (5 by default); the scripts look every second, so that the specs
+-- wait 1 s per look instead of 5.
+local PUB_CHECK = 'require("pglisten.sources.replication").PUB_CHECK = 1\n'
+
 describe("a served table dropped and created again", function()
   it("is added back to the publication, with a warning; its new rows stream", function()
     local src, dst, slot = C.setup("recr")
     C.sql("CREATE TABLE items (id int PRIMARY KEY, v text); CREATE TABLE other (id int PRIMARY KEY)", src)
-    local path = C.script(dst, ([[
+    local path = C.script(dst, (PUB_CHECK .. [[
 return {
   replication = { slot = %q },
   channels = {
@@ -35,7 +40,7 @@ return {
     assert.truthy(H.eventually(function()
       return p.stderr():find("a table a channel serves is not in the publication", 1, true)
     end, 20), p.stderr())
-    H.sh("sleep 6")
+    H.sleep(3) -- three more looks
     assert.equal(1, H.count_matches(p.stderr(), "a table a channel serves is not in the publication"))
     assert.matches("not in the publication: its changes are not streamed[^\n]*table=public%.other", p.stderr())
     assert.equal("public.items", C.sql(("SELECT string_agg(schemaname || '.' || tablename, ',') "
@@ -46,7 +51,7 @@ return {
   it("is not put back, nor added by a reload, without a replica identity: the writers' UPDATEs keep working", function()
     local src, dst, slot = C.setup("recrpk")
     C.sql("CREATE TABLE items (id int PRIMARY KEY, v text); CREATE TABLE loose (id int, v text)", src)
-    local body = [[
+    local body = PUB_CHECK .. [[
 return {
   replication = { slot = %q },
   channels = {
