@@ -246,9 +246,10 @@ describe("the man page", function()
   it("is installed by make install into PREFIX/share/man/man1", function()
     local dest = H.file("prefix", "")
     os.remove(dest)
-    -- a build directory of its own: `install` builds `all` with the default
-    -- flags, which must not touch the build under test (a sanitizer build)
-    local cmd = (PLAIN .. "make -s BUILD=%s PREFIX=%s install >/dev/null 2>&1"):format(
+    -- a build directory of its own: `install` builds `all`, which must not
+    -- touch the build under test (a sanitizer build); -O0: what is checked
+    -- here is where the page goes, and that build compiles in a third of the time
+    local cmd = (PLAIN .. "make -s BUILD=%s CFLAGS=-O0 PREFIX=%s install >/dev/null 2>&1"):format(
       H.q(H.dir .. "/build-man"), H.q(dest))
     assert.truthy(os.execute(cmd))
     local installed = dest .. "/share/man/man1/lua-pglisten.1"
