@@ -136,7 +136,7 @@ describe("on_connect waiting for the old notes", function()
   it("a retry that never ends: the notes behind it stay bounded, the heartbeat and TERM still work", function()
     local db, ci, c = installed_db("bever")
     p = start(script([[return {
-  heartbeat = 0.3,
+  heartbeat = 0.15,
   reconnect = { min = 0.05, max = 0.2 },
   channels = {
     g = { retry = { attempts = 1000000000, backoff = 0.2, max_backoff = 0.2 },
@@ -151,7 +151,7 @@ describe("on_connect waiting for the old notes", function()
     H.sleep(0.5)
     local before = rss_kb(p.pid)
     assert(c:exec("SELECT pg_notify('a', repeat('x', 1000) || g) FROM generate_series(1, 60000) g"))
-    H.sleep(4) -- a dozen heartbeats
+    H.sleep(2) -- a dozen heartbeats
     local grew = (rss_kb(p.pid) - before) / 1024
     -- unbounded, the 60,000 notes cost 60 MB on the normal build; under make
     -- check AddressSanitizer's redzones and quarantine about double any figure
