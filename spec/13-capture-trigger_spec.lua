@@ -160,7 +160,7 @@ describe("pglisten.notify_trigger FOR EACH STATEMENT, durable", function()
           row_number() OVER (ORDER BY id) AS i FROM pglisten.outbox WHERE channel = 'stmt') s
           WHERE s.row_id <> s.i]]).n)
       end
-      assert(c:exec("DELETE FROM pglisten.outbox"))
+      assert(c:exec("TRUNCATE pglisten.outbox")) -- 2 x 100,000 rows: DELETE took seconds
     end
   end
 
