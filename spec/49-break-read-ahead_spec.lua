@@ -105,7 +105,10 @@ return {
     p.kill("HUP")
     assert.truthy(H.eventually(function() return p.stdout():find("%a+ 5\n") end, 10), p.stdout() .. p.stderr())
     assert.same({ 1 }, ids(p.stdout(), "old"), p.stdout())
-    assert.same({ 2, 3, 4, 5 }, ids(p.stdout(), "new"), p.stdout())
+    -- (1 may come again to the new script: at least once)
+    local news = {}
+    for _, id in ipairs(ids(p.stdout(), "new")) do if id > 1 then news[#news + 1] = id end end
+    assert.same({ 2, 3, 4, 5 }, news, p.stdout())
   end)
 
   -- GUARD.  SIGKILL while a handler waits and later commits were read
