@@ -150,9 +150,13 @@ describe("events mode, broken on purpose", function()
     local r, slot = stream("bevend")
     H.finally(function() drop_slot(r, slot) end)
     for i = 1, 3 do sql(("INSERT INTO ee VALUES (%d)"):format(i)) end
-    pg.sleep(1) -- the three transactions in the socket
+    C.wait_sent({ slot }, 2) -- the three transactions in the socket
     sql(("SELECT pg_terminate_backend(%d)"):format(r:pid()))
-    pg.sleep(1) -- and the end of the stream behind them
+    -- and the end of the stream behind them: the walsender is gone
+    assert.truthy(H.eventually(function()
+      return sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
+    end, 10))
+    pg.sleep(0.05)
     local server_end = core.lsn_parse(sql("SELECT pg_current_wal_insert_lsn()"))
     local ids, reads, err = {}, 0, nil
     for _ = 1, 50 do
