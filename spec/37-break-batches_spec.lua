@@ -590,13 +590,13 @@ describe("replication source under faults, broken on purpose (b48ada5)", functio
     c:settimeout(0.5)
     local res = table.pack(c:transaction(function(conn)
       assert(conn:exec("INSERT INTO em VALUES (-1)"))
-      return conn:execmany("INSERT INTO em SELECT $1 FROM pg_sleep(CASE WHEN $1 = 30 THEN 3 ELSE 0 END)", rows,
+      return conn:execmany("INSERT INTO em SELECT $1 FROM pg_sleep(CASE WHEN $1 = 30 THEN 1.5 ELSE 0 END)", rows,
         { savepoint = false })
     end))
     assert.is_nil(res[1])
     assert.matches("^08", tostring(res[3]), tostring(res[2]))
     c:settimeout(10)
-    -- the timed-out backend may still be in its pg_sleep(3): count once it has ended
+    -- the timed-out backend may still be in its pg_sleep(1.5): count once it has ended
     assert.truthy(H.eventually(function()
       return H.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         .. "AND state = 'active' AND query LIKE 'INSERT INTO em %'", ci:match("dbname=(%S+)")) == "0"
