@@ -402,9 +402,11 @@ end)
 describe("the installed runner", function()
   it("finds its modules with no LUA_PATH after luarocks make into a tree", function()
     local tree, copy = H.dir .. "/tree", H.dir .. "/rocksrc"
-    -- from a copy of the sources, as a user's checkout would be
+    -- from a copy of the sources, as a user's checkout would be; CFLAGS=-O0:
+    -- where things are installed is what is checked, and it compiles 3 x faster
     local out, ok = H.sh(("mkdir -p %s && cd %s && cp -r src lua rockspec Makefile doc %s && cd %s && "
-      .. "luarocks --lua-version=5.4 --tree=%s make --deps-mode=none rockspec/lua-pglisten-scm-1.rockspec")
+      .. "luarocks --lua-version=5.4 --tree=%s make --deps-mode=none rockspec/lua-pglisten-scm-1.rockspec "
+      .. "CFLAGS='-O0 -fPIC'")
       :format(H.q(copy), H.q(H.root), H.q(copy), H.q(copy), H.q(tree)))
     assert(ok, out)
     local bin = tree .. "/bin/lua-pglisten"
