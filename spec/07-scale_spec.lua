@@ -130,7 +130,8 @@ end } ]]), { "--db", ci })
   it("moves an always-failing event to pglisten.dead with its last error", function()
     local _, ci, c = setup()
     local p = start(script(ci, "a", [[
-jobs = { durable = true, max_attempts = 2, handler = function(row) error("broken for good: " .. row.k) end } ]]),
+jobs = { durable = true, max_attempts = 2, retry = { backoff = 0.1 }, -- not the default 1 s: burial is tested
+  handler = function(row) error("broken for good: " .. row.k) end } ]]),
       { "--db", ci })
     procs[#procs + 1] = p
     assert(c:exec("SELECT pglisten.publish('jobs', '{\"k\":7}')"))
