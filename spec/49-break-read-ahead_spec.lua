@@ -499,6 +499,30 @@ describe("read ahead: core.set_wait_hook", function()
     assert.equal("done", co())
   end)
 
+  -- GUARD (run it under ASan).  A hook that collects garbage at every call
+  -- while execmany's pipeline and exec's results wait for it, and an
+  -- execmany that raises on a bad tuple after the pipeline was driven (the
+  -- hook runs while it closes the pipeline and before it re-raises).
+  it("GUARD: a hook that collects garbage, and an execmany that raises mid-pipeline", function()
+    local calls = 0
+    core.set_wait_hook(function()
+      calls = calls + 1
+      collectgarbage()
+      return true
+    end)
+    local rows = {}
+    for i = 1, 3000 do rows[i] = { ("value %d "):format(i) .. ("x"):rep(40) } end
+    assert.equal(3000, c:execmany("SELECT length($1) FROM pg_sleep(0)", rows))
+    local r = c:exec("SELECT string_agg(md5(g::text), '') AS s FROM generate_series(1, 2000) g, pg_sleep(0.02)")
+    assert.equal(64000, #r[1].s)
+    rows[2500] = { function() end }
+    local ok, err = pcall(c.execmany, c, "SELECT length($1) FROM pg_sleep(0)", rows)
+    assert.is_false(ok)
+    assert.matches("tuple 2500", tostring(err))
+    assert.equal(1, c:exec("SELECT 1 AS v")[1].v) -- the connection is in step
+    assert.is_true(calls > 0)
+  end)
+
   -- BREAK (minor; fails on 6708a74).  "Not called from a wait inside
   -- itself" is kept in the hook's own registry slot (false while it runs):
   -- a hook that sets a hook while it runs -- itself again, or the one it
