@@ -12,7 +12,8 @@
  * while output is still to be written: the server would wait for it).  It is
  * called again while it returns true (it has more to do) and the answer has
  * not come, up to PGL_IDLE_MAX times per wait.  It is not called from a wait
- * inside itself.  Each call must be short and must not raise: an error it
+ * inside itself, whatever hook it sets meanwhile (that one is called from
+ * the next wait on).  Each call must be short and must not raise: an error it
  * raises is dropped, and the hook is removed so that it cannot fail every
  * wait (the runner's hook catches its own errors).
  */
@@ -25,30 +26,25 @@
 #define PGL_IDLE_MAX 64
 
 static const char hook_key = 'h';
+static const char busy_key = 'b'; /* true while the hook runs */
 
-/* Runs the hook once: its first result's truth (0 when it raised, and then
- * it is removed).  The hook (on top) is popped. */
+/* Runs the hook (on top, popped): its first result's truth, 0 when it
+ * raised (the hook is then removed). */
 static int run_hook(lua_State *L) {
-  int more;
-  lua_pushboolean(L, 0);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key); /* running: not again from inside */
-  lua_pushvalue(L, -1);
-  if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
-    lua_pop(L, 2); /* the error, the hook: removed */
+  int more, ok;
+  lua_pushboolean(L, 1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &busy_key);
+  ok = lua_pcall(L, 0, 1, 0) == LUA_OK;
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &busy_key);
+  if (!ok) {
+    lua_pop(L, 1); /* the error */
     lua_pushnil(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
     return 0;
   }
   more = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  /* put back unless the hook changed it meanwhile */
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) == LUA_TBOOLEAN) {
-    lua_pop(L, 1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
-  } else {
-    lua_pop(L, 2);
-    more = 0;
-  }
   return more;
 }
 
@@ -56,13 +52,14 @@ void pgl_idle(lua_State *L, int fd) {
   int i;
   for (i = 0; i < PGL_IDLE_MAX; i++) {
     struct pollfd p;
-    int r;
+    int r, busy;
     if (!lua_checkstack(L, 3))
       return;
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
-      lua_pop(L, 1);
-      return; /* none, or false: the hook is running (a wait inside it) */
-    }
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &busy_key);
+    busy = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (busy)
+      return; /* a wait inside the hook */
     if (i > 0) { /* the answer is in: stop at once */
       p.fd = fd;
       p.events = POLLIN;
@@ -70,10 +67,12 @@ void pgl_idle(lua_State *L, int fd) {
       do
         r = poll(&p, 1, 0);
       while (r < 0 && errno == EINTR);
-      if (r != 0) {
-        lua_pop(L, 1);
+      if (r != 0)
         return;
-      }
+    }
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      return;
     }
     if (!run_hook(L))
       return;
@@ -85,10 +84,7 @@ int pgl_set_wait_hook(lua_State *L) {
   if (!lua_isnoneornil(L, 1))
     luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 1);
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
-    lua_pop(L, 1);
-    lua_pushnil(L);
-  }
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key);
   lua_pushvalue(L, 1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
   return 1;

@@ -98,6 +98,28 @@ local function notes_of(self, job)
   return notes
 end
 
+--- The channel entry of a change no channel serves: queued like the
+-- others (a reload may give it a channel), passed to `self.skip(ev)` when
+-- it reaches the head.
+M.SKIP = { name = "(no channel)" }
+local SKIP = M.SKIP
+
+--- After a reload: the events queued go to the channel entry `route(ev)`
+-- returns (none: M.SKIP), as if they had been read after the reload.  No
+-- job may be pending.
+function M:reroute(route)
+  local qe, qv, d = self.qe, self.qv, 0
+  for i = self.head, self.tail do
+    local was = qe[i]
+    if was then
+      local e = route(qv[i]) or SKIP
+      qe[i] = e
+      if (was == SKIP) ~= (e == SKIP) then d = d + (e == SKIP and -1 or 1) end -- `received` counts the served
+    end
+  end
+  self.c.received, self.rt.stats.received = self.c.received + d, self.rt.stats.received + d
+end
+
 --- Appends a mark: every event before it is handled once it is reached;
 -- `lsn` (an integer) may then be reported as flushed, `time` (a commit's)
 -- is the lag's reference.
@@ -165,10 +187,14 @@ function M:done(job)
 end
 
 --- Handles what may be handled now, up to `budget` events (or until a
--- signal arrives).  A failed job stays at the head (`self.job`) until its
--- retry is due.
-function M:handle(budget)
+-- signal arrives, or `stop()` is true after a job), starting no job past
+-- queue index `limit` (what was queued when the turn began: what is read
+-- ahead meanwhile waits for the next turn, so that the source answers the
+-- server between turns).  A failed job stays at the head (`self.job`)
+-- until its retry is due.
+function M:handle(budget, limit, stop)
   local n, q, qe = 0, self.q, self.qe
+  limit = limit or math.huge
   while n < budget do
     local job = self.job
     if job then
@@ -176,8 +202,13 @@ function M:handle(budget)
     end
     local h = self.head
     local it = q[h]
-    if not it then break end
-    if qe[h] then
+    if not it or h > limit then break end
+    local e = qe[h]
+    if e == SKIP then
+      self.skip(self.qv[h])
+      q[h], qe[h], self.qv[h], self.ql[h], self.qs[h], self.head, self.events = nil, nil, nil, nil, nil, h + 1,
+        self.events - 1
+    elseif e then
       job = self:next_job()
       self.job = job
       n = n + #job.events
@@ -187,7 +218,7 @@ function M:handle(budget)
       q[h], qe[h] = nil, nil
       self.head = h + 1
     end
-    if host.pending() then break end
+    if host.pending() or (stop and stop()) then break end
   end
   if self.head > self.tail and not self.job then
     self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail = {}, {}, {}, {}, {}, 1, 0

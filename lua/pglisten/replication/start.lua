@@ -2,8 +2,9 @@
 -- start-up checks, the publication and slot made when missing, an initial
 -- snapshot begun and never finished started again, the snapshot, and
 -- START_REPLICATION from the position handled so far), the standby wait
--- while another runner holds the slot, and the plain connection to the
--- source database.  Methods of pglisten.sources.replication, which takes
+-- while another runner holds the slot, the plain connection to the
+-- source database, and, while streaming, the served tables kept in the
+-- publication.  Methods of pglisten.sources.replication, which takes
 -- them in (kept apart only for the size of one file).
 -- @module pglisten.replication.start
 
@@ -251,6 +252,32 @@ function S:snapshot(snap, name, point)
     self.log.info("initial snapshot done", { slot = self.cfg.slot, seconds = ("%.3f"):format(now() - t0) })
   end
   return ok, err
+end
+
+--- A served table the publication lost (dropped and created again, or
+-- taken out by hand) is added back, and the log says that its changes
+-- until then were not streamed; one still missing is said once.
+function S:watch_publication()
+  local sql = self:sql()
+  if not sql then return end
+  local added, missing = slotmod.watch_publication(sql, self.cfg)
+  if not added then return end -- the source is unreachable or the publication gone: the stream says so
+  local said = self.pub_said or {}
+  self.pub_said = said
+  if #added > 0 then
+    for _, t in ipairs(added) do said[t] = nil end
+    self.log.warn("tables the channels serve were not in the publication (dropped and created again?): added "
+      .. "back; their changes before now were not streamed (backfill them)",
+      { publication = self.cfg.publication, tables = table.concat(added, ",") })
+  end
+  for _, m in ipairs(missing) do
+    local t, why = m[1], m[2]
+    if said[t] ~= why then
+      said[t] = why
+      self.log.warn("a table a channel serves is not in the publication: its changes are not streamed",
+        { publication = self.cfg.publication, table = t, why = why })
+    end
+  end
 end
 
 return S

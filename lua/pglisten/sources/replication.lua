@@ -33,6 +33,8 @@ local backoff = require "pglisten.backoff"
 local conninfo_lib = require "pglisten.conninfo"
 local slotmod = require "pglisten.replication.slot"
 local Apply = require "pglisten.replication.apply"
+local SKIP = Apply.SKIP
+local host = require "pglisten.host"
 
 local M = {}
 M.__index = M
@@ -54,6 +56,7 @@ M.READ = 256
 M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
 M.AHEAD = 512           -- queue items (events, marks) read ahead while a handler waits
+M.ASK_AGAIN = 0.5       -- asked twice within this while events are pending: a shutdown (M:release)
 M.PUB_CHECK = 5         -- seconds between two looks for tables gone from the publication
 
 --- The source's counters.
@@ -65,11 +68,15 @@ function M.new(rt)
   local self = setmetatable({ rt = rt, log = rt.log, c = M.counters(), received = 0 }, M)
   self.cfg = slotmod.config(rt.spec)
   self.apply = Apply.new(rt, self.c, function() return self:sql() end)
+  self.apply.skip = function(ev) self:unrouted(ev.schema, ev.table) end
   self.ahead = function()
     local ok, more = pcall(self.read_ahead, self)
     if ok then return more end
     self.ahead_lost = self.ahead_lost or { "reading the stream ahead failed: " .. tostring(more) }
   end
+  -- a turn ends once a status update is due (at least every STATUS_MIN s
+  -- while handling, whatever was read ahead) or the server asked for one
+  self.turn_over = function() return self.reply_now or now() - self.last_status >= M.STATUS_MIN end
   self.next_connect, self.attempt, self.first, self.last_warn = now(), 0, true, -math.huge
   local set = core.conninfo_keys(rt.db)
   -- values in UTF-8 whatever the database's encoding (pgoutput and the
@@ -127,7 +134,7 @@ function M:read()
   end
   -- while a handler waits for its database, the stream is read ahead
   core.set_wait_hook(self.ahead)
-  self.apply:handle(M.HANDLE)
+  self.apply:handle(M.HANDLE, self.apply.tail, self.turn_over)
   core.set_wait_hook(nil)
   local lost = self.ahead_lost
   if lost then
@@ -147,7 +154,8 @@ end
 -- socket.  It only queues: a lost stream is acted on once the handler has
 -- returned (`ahead_lost`).
 function M:read_ahead()
-  if not self.streaming or self.ahead_lost or not ahead_room(self) then return false end
+  -- a signal first: a reload routes what is read after it by the new script
+  if not self.streaming or self.ahead_lost or not ahead_room(self) or host.pending() then return false end
   local msgs, info, state = self.repl:read(M.READ, "events")
   if not msgs then
     self.ahead_lost = { info, state }
@@ -222,12 +230,8 @@ function M:truncate(m, at)
   for _, rel in ipairs(m.relations) do
     tx.seq = tx.seq + 1 -- every change the publication sends counts (see take)
     local entry = by[rel.schema .. "." .. rel.table]
-    if entry then
-      n = n + 1
-      self.apply:push(entry, { op = "TRUNCATE", schema = rel.schema, table = rel.table }, m.lsn_int, tx.seq, tx)
-    else
-      self:unrouted(rel.schema, rel.table)
-    end
+    if entry then n = n + 1 end
+    self.apply:push(entry or SKIP, { op = "TRUNCATE", schema = rel.schema, table = rel.table }, m.lsn_int, tx.seq, tx)
   end
   return n
 end
@@ -288,8 +292,8 @@ function M:take(msgs, info)
       if entry then
         n = n + 1
         push(apply, entry, m, lsns[i], seq, tx)
-      else
-        self:unrouted(m.schema, m.table)
+      else -- skipped when it is reached, unless a reload gives it a channel first
+        push(apply, SKIP, m, lsns[i], seq, tx)
       end
     elseif k == "relation" then
       routes = {}
@@ -322,17 +326,22 @@ function M:status()
   local ok, err, state = self.repl:confirm(w, f, f, false)
   if not ok then return self:lost(err, state) end
   self.sent = f
-  if asked and self.apply.events > 0 then self:release() end
+  if not asked or self.apply.events == 0 then return end
+  local again = self.asked_at and now() - self.asked_at < M.ASK_AGAIN
+  self.asked_at = now()
+  if again then self:release() end
 end
 
 --- The server asked for our position (replyRequested) while events are
--- still pending.  It asks when it shuts down (a fast shutdown waits until
--- the client confirms everything it sent) or when it heard nothing for
--- wal_sender_timeout / 2.  Pending events may never finish in time (a
--- target on the same server, whose connection the shutdown killed first),
--- so what is handled is confirmed (above) and the stream is closed: the
--- walsender exits, the shutdown goes on, and streaming starts again soon
--- from the confirmed position (the pending events come again).
+-- still pending, and again at once after the answer.  It asks when it
+-- heard nothing for wal_sender_timeout / 2 (answered: it asks no more for
+-- as long), and when it shuts down: a fast shutdown waits until the client
+-- confirms everything it sent, asking again after every answer.  Pending
+-- events may never finish in time (a target on the same server, whose
+-- connection the shutdown killed first), so what is handled is confirmed
+-- (above) and the stream is closed: the walsender exits, the shutdown goes
+-- on, and streaming starts again soon from the confirmed position (the
+-- pending events come again).
 function M:release()
   self.log.info("the server asked for the position while events were pending (a shutdown?): confirmed what "
     .. "is handled and closed the stream; streaming again soon", { slot = self.cfg.slot,
@@ -384,32 +393,6 @@ end
 -- Reload, stats, close
 ---------------------------------------------------------------------------
 
---- A served table the publication lost (dropped and created again, or
--- taken out by hand) is added back, and the log says that its changes
--- until then were not streamed; one still missing is said once.
-function M:watch_publication()
-  local sql = self:sql()
-  if not sql then return end
-  local added, missing = slotmod.watch_publication(sql, self.cfg)
-  if not added then return end -- the source is unreachable or the publication gone: the stream says so
-  local said = self.pub_said or {}
-  self.pub_said = said
-  if #added > 0 then
-    for _, t in ipairs(added) do said[t] = nil end
-    self.log.warn("tables the channels serve were not in the publication (dropped and created again?): added "
-      .. "back; their changes before now were not streamed (backfill them)",
-      { publication = self.cfg.publication, tables = table.concat(added, ",") })
-  end
-  for _, m in ipairs(missing) do
-    local t, why = m[1], m[2]
-    if said[t] ~= why then
-      said[t] = why
-      self.log.warn("a table a channel serves is not in the publication: its changes are not streamed",
-        { publication = self.cfg.publication, table = t, why = why })
-    end
-  end
-end
-
 function M:reload(_, new)
   local cfg = slotmod.config(new)
   local old = self.cfg
@@ -439,7 +422,12 @@ function M:reload(_, new)
       self.log.info("added tables to publication", { publication = cfg.publication,
         tables = table.concat(added or cfg.tables, ",") })
     end
-    if self.apply.job then self:restream() end
+    if self.apply.job then
+      self:restream()
+    else -- what is queued and not handled yet goes to the new script, as what comes after
+      local by = cfg.by_table
+      self.apply:reroute(function(ev) return by[ev.schema .. "." .. ev.table] end)
+    end
   end
 end
 
