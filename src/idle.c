@@ -29,20 +29,26 @@ static const char hook_key = 'h';
 static const char busy_key = 'b'; /* true while the hook runs */
 
 /* Runs the hook (on top, popped): its first result's truth, 0 when it
- * raised (the hook is then removed). */
+ * raised (it is then removed, unless it set another meanwhile). */
 static int run_hook(lua_State *L) {
   int more, ok;
   lua_pushboolean(L, 1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &busy_key);
+  lua_pushvalue(L, -1);
   ok = lua_pcall(L, 0, 1, 0) == LUA_OK;
   lua_pushnil(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &busy_key);
   if (!ok) {
     lua_pop(L, 1); /* the error */
-    lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key);
+    if (lua_rawequal(L, -1, -2)) {
+      lua_pushnil(L);
+      lua_rawsetp(L, LUA_REGISTRYINDEX, &hook_key);
+    }
+    lua_pop(L, 2);
     return 0;
   }
+  lua_remove(L, -2); /* the hook */
   more = lua_toboolean(L, -1);
   lua_pop(L, 1);
   return more;
@@ -53,7 +59,7 @@ void pgl_idle(lua_State *L, int fd) {
   for (i = 0; i < PGL_IDLE_MAX; i++) {
     struct pollfd p;
     int r, busy;
-    if (!lua_checkstack(L, 3))
+    if (!lua_checkstack(L, 4))
       return;
     lua_rawgetp(L, LUA_REGISTRYINDEX, &busy_key);
     busy = lua_toboolean(L, -1);
