@@ -90,6 +90,16 @@ describe("core.set_wait_hook", function()
     assert.equal(second, core.set_wait_hook(nil))
   end)
 
+  it("keeps the hook a raising hook set in its place", function()
+    local second = function() return false end
+    core.set_wait_hook(function()
+      core.set_wait_hook(second)
+      error("raised after setting another")
+    end)
+    assert.truthy(c:exec("SELECT pg_sleep(0.05)"))
+    assert.equal(second, core.set_wait_hook(nil))
+  end)
+
   it("refuses what is not a function", function()
     assert.has_error(function() core.set_wait_hook(42) end)
     assert.has_error(function() core.set_wait_hook("x") end)
