@@ -328,8 +328,12 @@ return {
     assert(H.eventually(function() return q.stderr():find("standing by", 1, true) end, 10), q.stderr())
     assert(c:notify("g", { i = 1 }))
     assert(H.eventually(function() return p.stderr():find("handler failed; retrying", 1, true) end, 10), p.stderr())
-    local pid = H.runner_backend(db)
-    assert(c:exec("SELECT pg_terminate_backend($1)", pid))
+    -- the leader's: the backend holding the single-active lock (any of the
+    -- runners' backends could be the standby's)
+    local held = c:exec("SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+      .. "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1", db)
+    assert.equal(1, #held)
+    assert(c:exec("SELECT pg_terminate_backend($1)", held[1].pid))
     -- whoever leads next runs on_connect once (p after the old note settled)
     assert(H.eventually(function()
       return p.stdout():find("on_connect true", 1, true) or q.stdout():find("on_connect", 1, true)
