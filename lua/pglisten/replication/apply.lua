@@ -71,12 +71,18 @@ function M:reset()
   self.job, self.wait_until = nil, nil
 end
 
+--- The channel entry of a change no channel serves: queued like the
+-- others (a reload may give it a channel), passed to `self.skip(ev)` when
+-- it reaches the head.  Not counted in `events` (what is served).
+M.SKIP = { name = "(no channel)" }
+local SKIP = M.SKIP
+
 --- Appends an event: its channel entry, the event, its LSN (an integer),
 -- its index in its transaction and the transaction's table (see above).
 function M:push(entry, ev, lsn, seq, tx)
   local t = self.tail + 1
   self.q[t], self.qe[t], self.qv[t], self.ql[t], self.qs[t], self.tail = tx, entry, ev, lsn, seq, t
-  self.events = self.events + 1
+  if entry ~= SKIP then self.events = self.events + 1 end
 end
 
 --- The note of the event at queue index i.
@@ -98,12 +104,6 @@ local function notes_of(self, job)
   return notes
 end
 
---- The channel entry of a change no channel serves: queued like the
--- others (a reload may give it a channel), passed to `self.skip(ev)` when
--- it reaches the head.
-M.SKIP = { name = "(no channel)" }
-local SKIP = M.SKIP
-
 --- After a reload: the events queued go to the channel entry `route(ev)`
 -- returns (none: M.SKIP), as if they had been read after the reload.  No
 -- job may be pending.
@@ -117,7 +117,8 @@ function M:reroute(route)
       if (was == SKIP) ~= (e == SKIP) then d = d + (e == SKIP and -1 or 1) end -- `received` counts the served
     end
   end
-  self.c.received, self.rt.stats.received = self.c.received + d, self.rt.stats.received + d
+  self.c.received, self.rt.stats.received, self.events = self.c.received + d, self.rt.stats.received + d,
+    self.events + d
 end
 
 --- Appends a mark: every event before it is handled once it is reached;
@@ -141,7 +142,8 @@ end
 function M:oldest_commit()
   local q, qe = self.q, self.qe
   for i = self.head, self.tail do
-    if qe[i] then return q[i].commit_time end
+    local e = qe[i]
+    if e and e ~= SKIP then return q[i].commit_time end
   end
 end
 
@@ -206,8 +208,7 @@ function M:handle(budget, limit, stop)
     local e = qe[h]
     if e == SKIP then
       self.skip(self.qv[h])
-      q[h], qe[h], self.qv[h], self.ql[h], self.qs[h], self.head, self.events = nil, nil, nil, nil, nil, h + 1,
-        self.events - 1
+      q[h], qe[h], self.qv[h], self.ql[h], self.qs[h], self.head = nil, nil, nil, nil, nil, h + 1
     elseif e then
       job = self:next_job()
       self.job = job

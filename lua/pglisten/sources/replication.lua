@@ -176,7 +176,9 @@ function M:timeout(t)
   else
     due = math.min(due, self.last_status + M.STATUS_INTERVAL)
     if self.reply_now then due = t end
-    if self.apply.flushed > self.sent then due = math.min(due, self.last_status + M.STATUS_MIN) end
+    if self.apply.flushed > self.sent or self.apply:len() > 0 then
+      due = math.min(due, self.last_status + M.STATUS_MIN)
+    end
     if self.apply.job then due = math.min(due, self.apply.wait_until) end
   end
   return due - t
@@ -201,7 +203,10 @@ function M:tick(t)
     self:watch_publication()
   end
   local since = t - self.last_status
-  if self.reply_now or since >= M.STATUS_INTERVAL or (self.apply.flushed > self.sent and since >= M.STATUS_MIN) then
+  -- every STATUS_MIN while anything is queued, even inside a transaction
+  -- that moves nothing: the turns of the loop end at that bound (M:read)
+  local busy = self.apply.flushed > self.sent or self.apply:len() > 0
+  if self.reply_now or since >= M.STATUS_INTERVAL or (busy and since >= M.STATUS_MIN) then
     self:status()
   end
 end
@@ -397,9 +402,11 @@ function M:reload(_, new)
   local cfg = slotmod.config(new)
   local old = self.cfg
   if not cfg then
-    if old then self.log.warn("no channel streams from the replication slot any more; it stays until "
-      .. "the next start", { slot = old.slot }) end
-    return
+    if not old then return end
+    self.log.warn("no channel streams from the replication slot any more; it stays until the next start, "
+      .. "its changes skipped and confirmed", { slot = old.slot })
+    cfg = { slot = old.slot, publication = old.publication, snapshot = old.snapshot, create = old.create,
+      tables = {}, by_table = {} }
   end
   if old and (cfg.slot ~= old.slot or cfg.publication ~= old.publication) then
     self.log.warn("replication slot or publication changed; it takes effect at the next start",
@@ -414,7 +421,7 @@ function M:reload(_, new)
   if self.streaming then
     local sql, err = self:sql()
     local ok, how, added
-    if sql then ok, how, added = slotmod.ensure_publication(sql, cfg) end
+    if sql and #cfg.tables > 0 then ok, how, added = slotmod.ensure_publication(sql, cfg) else ok = sql end
     if not sql or not ok then
       self.log.error("reload: cannot add the new tables to the publication", { publication = cfg.publication,
         error = err or how })
