@@ -203,7 +203,7 @@ return {
       if not waited then
         waited = true
         out("waiting")
-        for _ = 1, 10 do assert(target:exec("SELECT pg_sleep(0.1)")) end
+        for _ = 1, 25 do assert(target:exec("SELECT pg_sleep(0.1)")) end
       end
       assert(target:exec("INSERT INTO items VALUES ($1) ON CONFLICT DO NOTHING", ev.new.id))
       out("did", ev.new.id)
@@ -217,7 +217,7 @@ return {
     assert.truthy(H.eventually(function() return p.stdout():find("waiting", 1, true) end, 10), p.stderr())
     commits(src, "items", 2, 20)
     C.wait_sent({ slot })
-    H.sleep(0.3) -- read ahead by now
+    H.sleep(1) -- read ahead by now (the handler waits 2.5 s, reading at every 0.1 s)
     p.kill("TERM")
     assert.equal(0, p.wait(10), p.stderr())
     assert.same({ 1 }, ids(p.stdout(), "did"), p.stdout())

@@ -53,7 +53,14 @@ return {
       if not waited then
         waited = true
         out("waiting")
-        for _ = 1, 10 do assert(target:exec("SELECT pg_sleep(0.1)")) end
+        -- the target at work, query after query (each wait reads ahead),
+        -- until the spec opens the gate (after its signal), 20 s at most
+        local gate, t0 = os.getenv("PGL_GATE"), os.time()
+        repeat
+          assert(target:exec("SELECT pg_sleep(0.05)"))
+          local f = io.open(gate)
+          if f then f:close() end
+        until f or os.time() - t0 > 20
       end
       out("%s", ev.new.id)
     end },
@@ -68,10 +75,19 @@ local function start_waiting(prefix, extra_channel, batch)
   slot_first(src, slot, "items, extra")
   local function body(tag, ch, b) return BODY:format(slot, b or "", tag, ch or "") end
   local path = C.script(dst, body("items", extra_channel, batch))
-  local p = C.start(path, src, { "--stats-interval", "3600" })
+  local gate = H.dir .. "/gate-" .. slot
+  local p = C.start(path, src, { "--stats-interval", "3600" }, nil, { PGL_GATE = gate })
   H.finally(function() C.cleanup({ p }, src, slot) end)
   C.sql("INSERT INTO items VALUES (1)", src)
   assert.truthy(H.eventually(function() return p.stdout():find("waiting", 1, true) end, 10), p.stderr())
+  -- sends `sig` to the waiting handler's runner, then lets the handler go on
+  local real_kill = p.kill
+  function p.kill(sig)
+    real_kill(sig)
+    local f = assert(io.open(gate, "w"))
+    f:write("open")
+    f:close()
+  end
   return src, dst, slot, p, path, function(tag, ch, b)
     H.rewrite(path, ("local TARGET = %q\n"):format("dbname=" .. dst) .. C.HANDLER .. body(tag, ch, b))
   end
@@ -90,7 +106,7 @@ describe("read ahead fixes: unrouted changes queued", function()
     commits(src, "extra", 1, 20)
     commits(src, "items", 2, 3)
     C.wait_sent({ slot })
-    H.sleep(0.3) -- read ahead by now (the handler waits 1 s)
+    H.sleep(1) -- read ahead by now (the handler waits until the gate opens)
     p.kill("TERM")
     assert.equal(0, p.wait(10), p.stderr())
     local s = last_stats(p.stderr())
@@ -108,7 +124,7 @@ describe("read ahead fixes: unrouted changes queued", function()
     commits(src, "extra", 1, 5)
     commits(src, "items", 2, 2)
     C.wait_sent({ slot })
-    H.sleep(0.3)
+    H.sleep(1) -- read ahead by now
     rewrite("items")
     p.kill("HUP")
     assert.truthy(H.eventually(function() return p.stdout():find("items 3\n", 1, true) end, 10),
@@ -131,7 +147,7 @@ describe("read ahead fixes: unrouted changes queued", function()
     local src, _, slot, p, _, rewrite = start_waiting("rbbt")
     commits(src, "items", 2, 9)
     C.wait_sent({ slot })
-    H.sleep(0.3)
+    H.sleep(1) -- read ahead by now
     rewrite("items", nil, "batch = 4,")
     p.kill("HUP")
     assert.truthy(H.eventually(function() return p.stdout():find("10\n", 1, true) end, 10),
@@ -147,7 +163,7 @@ describe("read ahead fixes: unrouted changes queued", function()
     local src, _, slot, p, path = start_waiting("rbbad")
     commits(src, "items", 2, 3)
     C.wait_sent({ slot })
-    H.sleep(0.3)
+    H.sleep(1) -- read ahead by now
     H.rewrite(path, "return {")
     p.kill("HUP")
     assert.truthy(H.eventually(function() return p.stdout():find("items 4\n", 1, true) end, 10),
@@ -165,7 +181,7 @@ describe("read ahead fixes: unrouted changes queued", function()
     local src, dst, slot, p, path = start_waiting("rbnone")
     commits(src, "items", 2, 3)
     C.wait_sent({ slot })
-    H.sleep(0.3)
+    H.sleep(1) -- read ahead by now
     H.rewrite(path, ("local TARGET = %q\n"):format("dbname=" .. dst) .. [[
 return { channels = { other = { handler = function() end } } }
 ]])
