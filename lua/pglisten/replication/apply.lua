@@ -65,8 +65,11 @@ function M.new(rt, counters, sql)
   return self
 end
 
---- Forgets everything queued (the stream is restarted from `flushed`).
+--- Forgets everything queued (the stream is restarted from `flushed`):
+-- what was counted received comes again and is counted again.
 function M:reset()
+  local n = self.events or 0
+  if n > 0 then self.c.received, self.rt.stats.received = self.c.received - n, self.rt.stats.received - n end
   self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail, self.events = {}, {}, {}, {}, {}, 1, 0, 0
   self.job, self.wait_until = nil, nil
 end

@@ -280,4 +280,25 @@ function S:watch_publication()
   end
 end
 
+S.SHORT = 5 -- a stream lost sooner than this after it started is a relapse
+
+-- The wait before streaming again: none after a stream that ran a while;
+-- after streams lost again and again right after they started (the
+-- walsender failing on the same change: a publication dropped by hand), the
+-- reconnect backoff, growing -- not 100 connections a second.
+function S:relapse(err, state)
+  local short = self.started_at and now() - self.started_at < self.SHORT
+  self.relapses = short and (self.relapses or 0) + 1 or 0
+  if state == "42704" and tostring(err):find("publication", 1, true) and not self.said_publication then
+    self.said_publication = true
+    self.log.error("the publication was dropped while the slot had changes to send: the server cannot decode "
+      .. "the slot past the drop (PostgreSQL before 18), so it fails again on every start; drop the slot "
+      .. "(lua-pglisten --drop-slot) and start again, with snapshot = true to resync",
+      { slot = self.cfg.slot, publication = self.cfg.publication })
+  end
+  if self.relapses == 0 then return 0 end
+  local s = self.rt.settings
+  return backoff.delay(self.relapses, s.reconnect_min, s.reconnect_max, 0.5)
+end
+
 return S

@@ -29,7 +29,6 @@
 -- @module pglisten.sources.replication
 
 local pg = require "pglisten"
-local backoff = require "pglisten.backoff"
 local conninfo_lib = require "pglisten.conninfo"
 local slotmod = require "pglisten.replication.slot"
 local Apply = require "pglisten.replication.apply"
@@ -368,27 +367,6 @@ function M:lost(err, state)
   self.next_connect, self.attempt = now() + self:relapse(err, state), 0
 end
 
-M.SHORT = 5 -- a stream lost sooner than this after it started is a relapse
-
--- The wait before streaming again: none after a stream that ran a while;
--- after streams lost again and again right after they started (the
--- walsender failing on the same change: a publication dropped by hand), the
--- reconnect backoff, growing -- not 100 connections a second.
-function M:relapse(err, state)
-  local short = self.started_at and now() - self.started_at < M.SHORT
-  self.relapses = short and (self.relapses or 0) + 1 or 0
-  if state == "42704" and tostring(err):find("publication", 1, true) and not self.said_publication then
-    self.said_publication = true
-    self.log.error("the publication was dropped while the slot had changes to send: the server cannot decode "
-      .. "the slot past the drop (PostgreSQL before 18), so it fails again on every start; drop the slot "
-      .. "(lua-pglisten --drop-slot) and start again, with snapshot = true to resync",
-      { slot = self.cfg.slot, publication = self.cfg.publication })
-  end
-  if self.relapses == 0 then return 0 end
-  local s = self.rt.settings
-  return backoff.delay(self.relapses, s.reconnect_min, s.reconnect_max, 0.5)
-end
-
 function M:drop_repl()
   if self.repl then self.repl:close() end
   self.repl, self.streaming, self.more, self.tx, self.reply_now, self.broken = nil, false, false, nil, false, false
@@ -402,11 +380,8 @@ function M:reload(_, new)
   local cfg = slotmod.config(new)
   local old = self.cfg
   if not cfg then
-    if not old then return end
-    self.log.warn("no channel streams from the replication slot any more; it stays until the next start, "
-      .. "its changes skipped and confirmed", { slot = old.slot })
-    cfg = { slot = old.slot, publication = old.publication, snapshot = old.snapshot, create = old.create,
-      tables = {}, by_table = {} }
+    if old then self:retire() end
+    return
   end
   if old and (cfg.slot ~= old.slot or cfg.publication ~= old.publication) then
     self.log.warn("replication slot or publication changed; it takes effect at the next start",
@@ -421,7 +396,7 @@ function M:reload(_, new)
   if self.streaming then
     local sql, err = self:sql()
     local ok, how, added
-    if sql and #cfg.tables > 0 then ok, how, added = slotmod.ensure_publication(sql, cfg) else ok = sql end
+    if sql then ok, how, added = slotmod.ensure_publication(sql, cfg) end
     if not sql or not ok then
       self.log.error("reload: cannot add the new tables to the publication", { publication = cfg.publication,
         error = err or how })
@@ -436,6 +411,22 @@ function M:reload(_, new)
       self.apply:reroute(function(ev) return by[ev.schema .. "." .. ev.table] end)
     end
   end
+end
+
+--- A reload to a script with no replication table: the runner stops
+-- streaming (or standing by for) the slot, after confirming what is
+-- handled; the slot keeps the rest, as while no runner runs, for a later
+-- reload or start with a replication script.  Never skipped: nothing is
+-- confirmed that no handler had.
+function M:retire()
+  self.log.warn("no channel streams from the replication slot any more: this runner stops streaming it; "
+    .. "the slot keeps the changes not handled until a script serves it again (or lua-pglisten --drop-slot)",
+    { slot = self.cfg.slot, handled_to = lsn_format(self.apply.flushed), queued = self.apply.events })
+  if self.streaming then self:status() end
+  self:drop_repl()
+  self.apply:reset()
+  if self.sqlconn then self.sqlconn:close() end
+  self.sqlconn, self.cfg = nil, nil
 end
 
 --- A reload while a failed job waits for its retry (a handler that keeps
