@@ -140,9 +140,9 @@ describe("the replication apply queue, broken on purpose (b48ada5)", function()
 
   local function new(sql)
     local log = setmetatable({}, { __index = function() return function() end end })
-    local rt = { log = log, stats = { handled = 0, failed_handler = 0, retries = 0 },
+    local rt = { log = log, stats = { received = 0, handled = 0, failed_handler = 0, retries = 0 },
       dispatch = { on_error = function() end } }
-    local c = { handled = 0, failed_handler = 0, retries = 0, dead = 0 }
+    local c = { received = 0, handled = 0, failed_handler = 0, retries = 0, dead = 0 }
     return Apply.new(rt, c, sql or function() return nil, "no database here" end), c
   end
 

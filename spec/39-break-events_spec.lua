@@ -150,7 +150,8 @@ describe("events mode, broken on purpose", function()
     local r, slot = stream("bevend")
     H.finally(function() drop_slot(r, slot) end)
     for i = 1, 3 do sql(("INSERT INTO ee VALUES (%d)"):format(i)) end
-    C.wait_sent({ slot }, 2) -- the three transactions in the socket
+    C.wait_sent({ slot }, 10) -- the three transactions in the socket
+    pg.sleep(0.3) -- from sent_lsn to the bytes in our socket, under the load of a parallel suite too
     sql(("SELECT pg_terminate_backend(%d)"):format(r:pid()))
     -- and the end of the stream behind them: the walsender is gone
     assert.truthy(H.eventually(function()
