@@ -50,9 +50,14 @@ done < <(for f in "${files[@]}"; do echo "$(weight "$f") $f"; done | sort -rn -k
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/pglisten-shards.XXXXXX") || exit 1
 pids=()
+# each shard is a process group of its own (setsid): a stop ends its busted,
+# the runners it started and, through with-pg.sh's own traps, its servers
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done
   wait
+  if [ "${#pids[@]}" -gt 0 ]; then # stopped before the end: what the shards printed so far
+    for f in "$logs"/*; do [ -f "$f" ] && { echo "== shard $(( $(basename "$f") + 1 )) (stopped)"; cat "$f"; }; done
+  fi
   rm -rf "$logs"
 }
 trap cleanup EXIT
@@ -60,7 +65,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 for ((i = 0; i < n; i++)); do
   # shellcheck disable=SC2086 # the list is file names without blanks
-  scripts/with-pg.sh scripts/busted.sh ${lists[i]} >"$logs/$i" 2>&1 </dev/null &
+  setsid scripts/with-pg.sh scripts/busted.sh ${lists[i]} >"$logs/$i" 2>&1 </dev/null &
   pids[i]=$!
 done
 rc=0 passed=0 failed=0
