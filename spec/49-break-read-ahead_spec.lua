@@ -7,28 +7,7 @@ local pg = H.pg
 local core = pg.core
 
 local C = require "spec.cdc_helpers"
-
--- a slot and publication made before the runner starts, so that a backlog
--- written now is in the slot when it reads
-local function slot_first(src, slot, tables)
-  C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(slot), src)
-  C.sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables), src)
-end
-
--- n single-row transactions into `tbl` (ids from, from + n - 1)
-local function commits(src, tbl, from, n)
-  C.sql(("DO $$ BEGIN FOR i IN %d..%d LOOP INSERT INTO %s VALUES (i); COMMIT; END LOOP; END $$")
-    :format(from, from + n - 1, tbl), src)
-end
-
-local function ids(stdout, tag)
-  local t = {}
-  for _, l in ipairs(H.lines(stdout)) do
-    local id = l:match("^" .. tag .. " (%d+)$")
-    if id then t[#t + 1] = tonumber(id) end
-  end
-  return t
-end
+local slot_first, commits, ids = C.slot_first, C.commits, C.ids
 
 describe("read ahead: the stream", function()
   -- BREAK (fails on 6708a74).  A turn of the loop used to handle what one

@@ -5,36 +5,7 @@
 -- broke.
 local H = require "spec.helpers"
 local C = require "spec.cdc_helpers"
-
-local function slot_first(src, slot, tables)
-  C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(slot), src)
-  C.sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables), src)
-end
-
-local function commits(src, tbl, from, n)
-  C.sql(("DO $$ BEGIN FOR i IN %d..%d LOOP INSERT INTO %s VALUES (i); COMMIT; END LOOP; END $$")
-    :format(from, from + n - 1, tbl), src)
-end
-
-local function ids(stdout, tag)
-  local t = {}
-  for _, l in ipairs(H.lines(stdout)) do
-    local id = l:match("^" .. tag .. " (%d+)$")
-    if id then t[#t + 1] = tonumber(id) end
-  end
-  return t
-end
-
--- the last "replication stats" line's counters
-local function last_stats(stderr)
-  local l = stderr:match(".*\n([^\n]*replication stats[^\n]*)")
-  assert(l, stderr)
-  local f = { line = l }
-  for _, k in ipairs({ "received", "handled", "queued", "unrouted" }) do
-    f[k] = tonumber(l:match(" " .. k .. "=(%d+)"))
-  end
-  return f
-end
+local slot_first, commits, ids, last_stats = C.slot_first, C.commits, C.ids, C.last_stats
 
 -- items (served) waits on its first change while `more()` writes; `extra`
 -- is in the publication and served as `extra_channel` says (Lua text)

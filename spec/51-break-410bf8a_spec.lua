@@ -7,25 +7,7 @@
 -- their promise broke.
 local H = require "spec.helpers"
 local C = require "spec.cdc_helpers"
-
-local function ids(stdout, tag)
-  local t = {}
-  for _, l in ipairs(H.lines(stdout)) do
-    local id = l:match("^" .. tag .. " (%d+)$")
-    if id then t[#t + 1] = tonumber(id) end
-  end
-  return t
-end
-
-local function last_stats(stderr)
-  local l = stderr:match(".*\n([^\n]*replication stats[^\n]*)")
-  assert(l, stderr)
-  local f = { line = l }
-  for _, k in ipairs({ "received", "handled", "queued", "unrouted" }) do
-    f[k] = tonumber(l:match(" " .. k .. "=(%d+)"))
-  end
-  return f
-end
+local ids, last_stats = C.ids, C.last_stats
 
 -- asks for a stats line and returns it (the n-th one, n counted before)
 local function stats_now(p)

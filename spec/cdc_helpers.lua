@@ -200,4 +200,39 @@ function C.core(dbname, conninfo, prefix)
   return R
 end
 
+--- A slot and a publication over `tables` (SQL text), both named `slot`,
+-- made before the runner starts, so that a backlog written now is in the
+-- slot when it reads.
+function C.slot_first(src, slot, tables)
+  C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(slot), src)
+  C.sql(("CREATE PUBLICATION %s FOR TABLE %s"):format(slot, tables), src)
+end
+
+--- n single-row transactions into `tbl` (ids from .. from + n - 1).
+function C.commits(src, tbl, from, n)
+  C.sql(("DO $$ BEGIN FOR i IN %d..%d LOOP INSERT INTO %s VALUES (i); COMMIT; END LOOP; END $$")
+    :format(from, from + n - 1, tbl), src)
+end
+
+--- The ids of the "TAG id" lines of a runner's stdout, in order.
+function C.ids(stdout, tag)
+  local t = {}
+  for _, l in ipairs(H.lines(stdout)) do
+    local id = l:match("^" .. tag .. " (%d+)$")
+    if id then t[#t + 1] = tonumber(id) end
+  end
+  return t
+end
+
+--- The counters of the last "replication stats" line of `stderr`, and the line.
+function C.last_stats(stderr)
+  local l = stderr:match(".*\n([^\n]*replication stats[^\n]*)")
+  assert(l, stderr)
+  local f = { line = l }
+  for _, k in ipairs({ "received", "handled", "queued", "unrouted" }) do
+    f[k] = tonumber(l:match(" " .. k .. "=(%d+)"))
+  end
+  return f
+end
+
 return C
