@@ -21,7 +21,8 @@ for a in "$@"; do
     files+=("$a")
   fi
 done
-if [ "$n" -le 1 ] || [ "${#files[@]}" -le 1 ]; then
+[ "$n" -gt "${#files[@]}" ] && n=${#files[@]} # no shard without files (busted alone runs all of spec/)
+if [ "$n" -le 1 ]; then
   exec scripts/with-pg.sh scripts/busted.sh "${files[@]}"
 fi
 
@@ -74,6 +75,7 @@ for ((i = 0; i < n; i++)); do
   echo "== shard $((i + 1))/$n (~${load[i]} s alone):${lists[i]}"
   cat "$logs/$i"
   line=$(grep '^busted: [0-9]* passed, [0-9]* failed' "$logs/$i" | tail -n1)
+  rm -f "$logs/$i" # printed: not again should the rest be stopped
   if [ -z "$line" ]; then
     echo "shards: shard $((i + 1)) printed no summary"
     rc=1

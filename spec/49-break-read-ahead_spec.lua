@@ -7,7 +7,7 @@ local pg = H.pg
 local core = pg.core
 
 local C = require "spec.cdc_helpers"
-local slot_first, commits, ids = C.slot_first, C.commits, C.ids
+local slot_first, commits, ids = C.slot_first, C.insert_commits, C.ids
 
 describe("read ahead: the stream", function()
   -- BREAK (fails on 6708a74).  A turn of the loop used to handle what one

@@ -5,7 +5,7 @@
 -- broke.
 local H = require "spec.helpers"
 local C = require "spec.cdc_helpers"
-local slot_first, commits, ids, last_stats = C.slot_first, C.commits, C.ids, C.last_stats
+local slot_first, commits, ids, last_stats = C.slot_first, C.insert_commits, C.ids, C.last_stats
 
 -- items (served) waits on its first change while `more()` writes; `extra`
 -- is in the publication and served as `extra_channel` says (Lua text)

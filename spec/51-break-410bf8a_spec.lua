@@ -94,7 +94,7 @@ describe("410bf8a: a reload to a script with no replication table", function()
       return C.sql(("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '%s' AND active"):format(slot)) == "0"
     end, 10), p.stderr())
     C.sql("INSERT INTO items VALUES (5)", src)
-    local lsn = C.sql("SELECT pg_current_wal_lsn()", src)
+    local lsn = C.sql("SELECT pg_current_wal_insert_lsn()", src) -- past the insert (commits are asynchronous here)
     H.sleep(1.5)
     assert.is_false(confirmed_past(slot, lsn), C.confirmed(slot) .. " >= " .. lsn)
     -- back to a replication script: the same slot streams 2..5 and what follows to the new handler
@@ -125,7 +125,7 @@ describe("410bf8a: a reload to a script with no replication table", function()
     p.kill("HUP")
     reloaded(p, 1)
     C.sql("INSERT INTO items VALUES (1)", src)
-    local lsn = C.sql("SELECT pg_current_wal_lsn()", src)
+    local lsn = C.sql("SELECT pg_current_wal_insert_lsn()", src) -- past the insert (commits are asynchronous here)
     H.sleep(1.2) -- a status update would have confirmed it by now
     assert.is_false(confirmed_past(slot, lsn), C.confirmed(slot) .. " >= " .. lsn) -- kept, not skipped
     p.kill("TERM")
@@ -249,7 +249,7 @@ return {
     rewrite(path, dst, NONE)
     p.kill("HUP")
     reloaded(p, 1)
-    local lsn = C.sql("SELECT pg_current_wal_lsn()", src)
+    local lsn = C.sql("SELECT pg_current_wal_insert_lsn()", src) -- past the insert (commits are asynchronous here)
     H.sleep(1.2)
     assert.is_false(confirmed_past(slot, lsn), C.confirmed(slot) .. " >= " .. lsn) -- 2 failed: kept
     -- the source is gone (no replication stats line): the runner's own line

@@ -209,7 +209,7 @@ function C.slot_first(src, slot, tables)
 end
 
 --- n single-row transactions into `tbl` (ids from .. from + n - 1).
-function C.commits(src, tbl, from, n)
+function C.insert_commits(src, tbl, from, n)
   C.sql(("DO $$ BEGIN FOR i IN %d..%d LOOP INSERT INTO %s VALUES (i); COMMIT; END LOOP; END $$")
     :format(from, from + n - 1, tbl), src)
 end

@@ -191,6 +191,20 @@ function M:done(job)
   return true
 end
 
+--- Passes the marks at the head of the queue when no job waits: the
+-- commits read ahead behind the last job handled, which a turn that ended
+-- early (a signal) left there.  Called before the position is reported.
+function M:settle()
+  if self.job then return end
+  local q, qe, h = self.q, self.qe, self.head
+  while h <= self.tail and qe[h] == false do
+    advance(self, q[h])
+    q[h], qe[h] = nil, nil
+    h = h + 1
+  end
+  self.head = h
+end
+
 --- Handles what may be handled now, up to `budget` events (or until a
 -- signal arrives, or `stop()` is true after a job), starting no job past
 -- queue index `limit` (what was queued when the turn began: what is read

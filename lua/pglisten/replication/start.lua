@@ -35,7 +35,13 @@ end
 -- (or, at the first start, a fatal problem stops the runner).
 function S:try_start()
   self.attempt = self.attempt + 1
+  self.starting = true -- a reload to no replication table waits for the end (M:reload)
   local ok, err, fatal = self:open()
+  self.starting = nil
+  if self.retire_pending then
+    self.retire_pending = nil
+    return self:retire()
+  end
   if ok then return end
   if err == "standby" then
     self.attempt, self.next_connect = 0, now() + self.STANDBY_RETRY

@@ -322,6 +322,7 @@ end
 --- A Standby Status Update: written up to what was received, flushed and
 -- applied up to what is handled.
 function M:status()
+  self.apply:settle()
   local f = self.apply.flushed
   local asked = self.reply_now
   self.reply_now, self.last_status = false, now()
@@ -379,8 +380,11 @@ end
 function M:reload(_, new)
   local cfg = slotmod.config(new)
   local old = self.cfg
+  self.retire_pending = nil
   if not cfg then
-    if old then self:retire() end
+    -- during a start (the snapshot handles signals between its pages) the
+    -- start finishes first
+    if old and self.starting then self.retire_pending = true elseif old then self:retire() end
     return
   end
   if old and (cfg.slot ~= old.slot or cfg.publication ~= old.publication) then
@@ -419,14 +423,15 @@ end
 -- reload or start with a replication script.  Never skipped: nothing is
 -- confirmed that no handler had.
 function M:retire()
+  if self.streaming then self:status() end -- what is handled, commits read ahead included
   self.log.warn("no channel streams from the replication slot any more: this runner stops streaming it; "
-    .. "the slot keeps the changes not handled until a script serves it again (or lua-pglisten --drop-slot)",
-    { slot = self.cfg.slot, handled_to = lsn_format(self.apply.flushed), queued = self.apply.events })
-  if self.streaming then self:status() end
+    .. "the slot keeps the changes not handled until a script serves it again (or --drop-slot with a "
+    .. "script that names it)", { slot = self.cfg.slot, handled_to = lsn_format(self.apply.flushed),
+    queued = self.apply.events })
   self:drop_repl()
   self.apply:reset()
   if self.sqlconn then self.sqlconn:close() end
-  self.sqlconn, self.cfg = nil, nil
+  self.sqlconn, self.cfg, self.standing_by = nil, nil, nil
 end
 
 --- A reload while a failed job waits for its retry (a handler that keeps
