@@ -39,22 +39,13 @@ local NONE = [[
 return { channels = { other = { handler = function() end } } }
 ]]
 
-local function body(b) return C.HANDLER .. b end
-
-local function rewrite(path, dst, b)
-  H.rewrite(path, ("local TARGET = %q\n"):format("dbname=" .. dst) .. body(b))
-end
+local rewrite, reloaded = C.rewrite, C.reloaded
 
 local function setup(prefix)
   local src, dst, slot = C.setup(prefix)
   C.sql("CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE pad (id int)", src)
-  C.sql(("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')"):format(slot), src)
-  C.sql(("CREATE PUBLICATION %s FOR TABLE items"):format(slot), src)
+  C.slot_first(src, slot, "items")
   return src, dst, slot
-end
-
-local function reloaded(p, n)
-  assert.truthy(H.eventually(function() return H.count_matches(p.stderr(), "reloaded") >= n end, 10), p.stderr())
 end
 
 local function inactive(slot)

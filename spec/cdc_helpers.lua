@@ -235,4 +235,14 @@ function C.last_stats(stderr)
   return f
 end
 
+--- Rewrites a C.script at `path` (target `dst`) with `body`, for a reload.
+function C.rewrite(path, dst, body)
+  H.rewrite(path, ("local TARGET = %q\n"):format("dbname=" .. dst) .. C.HANDLER .. body)
+end
+
+--- Waits until the runner has logged its n-th "reloaded".
+function C.reloaded(p, n)
+  assert(H.eventually(function() return H.count_matches(p.stderr(), "reloaded") >= n end, 10), p.stderr())
+end
+
 return C
