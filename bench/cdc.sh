@@ -17,7 +17,9 @@
 # with no trigger, no slot and no consumer.  Prints markdown tables, then the
 # targets of issue 12 with their ratios.
 # Environment: BENCH_SYNC_N (50000), BENCH_BATCH (1000), BENCH_RUNS (3),
-# BENCH_BUILD (build), BENCH_SHARED (../shared/bench).
+# BENCH_BUILD (build), BENCH_SHARED (../shared/bench), BENCH_MODES (the
+# modes above, in the order run in each round; a target whose modes were not
+# run reads 0).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -121,7 +123,7 @@ run() { # mode: prints nothing; fills W (writer), E (end to end), C (consumer's 
   echo "${res% *}" >>"$work/C.$m"
   echo "${res#* }" >>"$work/OK.$m"
 }
-MODES=(none notify-live repl-live notify-backlog repl-backlog)
+MODES=(${BENCH_MODES:-none notify-live repl-live notify-backlog repl-backlog})
 for r in $(seq "$RUNS"); do for m in "${MODES[@]}"; do run "$m"; done; done
 for m in "${MODES[@]}"; do
   W[$m]=$(median <"$work/W.$m" 2>/dev/null)

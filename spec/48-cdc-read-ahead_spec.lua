@@ -138,6 +138,35 @@ describe("the replication source reading ahead", function()
     assert.is_true(max > 256, "batches: " .. table.concat(sizes, " "))
   end)
 
+  it("reads ahead a whole next batch beyond the one in flight: from a backlog every batch is full", function()
+    local src, dst, slot = C.setup("rahf")
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
+    C.slot_first(src, slot, "items")
+    for k = 0, 5 do -- 6 transactions of 1000 rows
+      C.sql(("INSERT INTO items SELECT g FROM generate_series(%d, %d) g"):format(k * 1000 + 1, k * 1000 + 1000), src)
+    end
+    local p = C.run(src, dst, slot, [[
+    ["public.items"] = { source = "replication", batch = 1000, handler = function(events)
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = { ev.new.id } end
+      assert(target:exec("SELECT pg_sleep(0.3)")) -- the target at work: the runner reads on
+      assert(target:execmany("INSERT INTO items VALUES ($1)", rows))
+      out("batch " .. #events)
+    end },]])
+    assert.truthy(C.same(src, dst, "items", 30), p.stderr())
+    local sizes = C.ids(p.stdout(), "batch")
+    local total = 0
+    for _, n in ipairs(sizes) do total = total + n end
+    assert.equal(6000, total)
+    -- the first batch is what the first turn read; the last, the rest; every
+    -- other one was read while the batch before it waited for the target
+    for i = 2, #sizes - 1 do
+      assert.equal(1000, sizes[i], "batches: " .. table.concat(sizes, " "))
+    end
+    assert.is_true(#sizes <= 7, "batches: " .. table.concat(sizes, " "))
+  end)
+
   it("acts on a stream lost while it read ahead once the handler returns, and loses nothing", function()
     local src, dst, slot = C.setup("rahl")
     C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)

@@ -16,18 +16,20 @@ local M = {}
 M.MARK = "lua-pglisten: created for replication slot "
 
 --- The replication part of a spec: slot, publication, snapshot, create,
--- `tables` (sorted "schema.table" list) and `by_table` (table -> channel
--- entry); nil when no channel streams from the WAL.
+-- `tables` (sorted "schema.table" list), `by_table` (table -> channel
+-- entry) and `max_batch` (the largest `batch`); nil when no channel streams
+-- from the WAL.
 function M.config(spec)
   local r = spec.replication
   if not r then return nil end
   local cfg = { slot = r.slot, publication = r.publication, snapshot = r.snapshot, create = r.create,
-    tables = {}, by_table = {} }
+    tables = {}, by_table = {}, max_batch = 1 }
   for _, n in ipairs(spec.names) do
     local e = spec.channels[n]
     if e.source == "replication" then
       cfg.tables[#cfg.tables + 1] = e.table
       cfg.by_table[e.table] = e
+      cfg.max_batch = math.max(cfg.max_batch, e.batch or 1)
     end
   end
   table.sort(cfg.tables)

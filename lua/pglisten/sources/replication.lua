@@ -54,7 +54,7 @@ M.STANDBY_RETRY = 1     -- seconds between two tries of a slot in use
 M.READ = 256
 M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
-M.AHEAD = 512           -- queue items (events, marks) read ahead while a handler waits
+M.AHEAD = 512           -- events read ahead while a handler waits, at least (see ahead_room)
 M.ASK_AGAIN = 0.5       -- asked twice within this while events are pending: a shutdown (M:release)
 M.PUB_CHECK = 5         -- seconds between two looks for tables gone from the publication
 
@@ -93,8 +93,14 @@ end
 ---------------------------------------------------------------------------
 
 local function room(self) return self.apply:len() < self.rt.settings.read_ahead end
--- while a handler runs, less is read ahead (see M:read_ahead)
-local function ahead_room(self) return self.apply:len() < math.min(M.AHEAD, self.rt.settings.read_ahead) end
+-- While a handler runs, the stream is read ahead until the events queued
+-- behind its job fill the largest batch (at least AHEAD), within the cap
+-- above: the next batch is whole when the target's answer comes.
+local function ahead_room(self)
+  local a, cfg = self.apply, self.cfg
+  local behind = a.events - (a.job and #a.job.events or 0)
+  return behind < math.max(M.AHEAD, cfg and cfg.max_batch or 0) and room(self)
+end
 
 function M:pollfd()
   if self.streaming and room(self) then
