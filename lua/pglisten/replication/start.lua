@@ -246,6 +246,7 @@ function S:snapshot(snap, name, point)
       note.channel, note.received_at = entry.name, pg.now()
       seq = seq + 1
       note.seq, note.commit_lsn, note.lsn = seq, point, note.lsn or point
+      note.lsn_int = lsn_parse(note.lsn) -- as a streamed change's; no xid, no commit_time: no transaction made it
       note.slot, note.system_id, note.database = self.cfg.slot, self.system_id, self.database
     end
     self.c.received = self.c.received + #events

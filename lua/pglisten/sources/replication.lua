@@ -252,6 +252,7 @@ end
 -- or one left in the publication by a reload or by hand.
 function M:unrouted(schema, tbl)
   self.c.unrouted = self.c.unrouted + 1
+  self.rt.stats.unrouted = self.rt.stats.unrouted + 1
   local name = schema .. "." .. tbl
   local seen = self.unrouted_seen or {}
   self.unrouted_seen = seen
