@@ -14,15 +14,22 @@ local function sql(s) return H.psql(s, dbname) end
 local R = C.core(dbname, conninfo, "bev")
 local slotname, stream, drop_slot = R.slotname, R.stream_on, R.drop
 
--- Every read's alignment: info.lsn/relid hold exactly the indices
--- of the row changes (no kind), nothing else, and nothing past #msgs.
+-- Every read's alignment: info.lsn/relid/size hold exactly the indices
+-- of the row changes (no kind), nothing else, and nothing past #msgs;
+-- info.bytes is at least their sizes' sum.
 local function check_aligned(msgs, info)
   assert.is_table(info, "a read that returned messages returned no info")
   local fields = {}
   for f in pairs(info) do fields[#fields + 1] = f end
   table.sort(fields)
-  assert.same({ "lsn", "relid", "wal_end" }, fields)
-  for _, f in ipairs({ "lsn", "relid" }) do
+  assert.same({ "bytes", "lsn", "relid", "size", "wal_end" }, fields)
+  local sum = 0
+  for _, n in pairs(info.size) do
+    assert.is_true(math.type(n) == "integer" and n > 0)
+    sum = sum + n
+  end
+  assert.is_true(info.bytes >= sum and (#msgs == 0) == (info.bytes == 0))
+  for _, f in ipairs({ "lsn", "relid", "size" }) do
     for k in pairs(info[f]) do
       assert.equal("integer", math.type(k))
       assert.is_true(k >= 1 and k <= #msgs, f .. " has index " .. k .. " past the messages")
@@ -48,7 +55,7 @@ local function read_events(r, commits, max)
     for i, m in ipairs(msgs) do
       local lsn = info.lsn[i]
       out[#out + 1] = { m = m, lsn = lsn, text = lsn and core.lsn_format(lsn), relid = info.relid[i],
-        wal_end = info.wal_end }
+        size = info.size[i], wal_end = info.wal_end }
       if m.kind == "commit" then n = n + 1 end
     end
     if #msgs == 0 then core.poll({ r:pollfd() }, 0.3) end
@@ -108,6 +115,10 @@ describe("events mode, broken on purpose", function()
       return out
     end
     assert.same(positions(got), positions(small))
+    -- the 200,000-byte value's change is that large on the wire
+    local big = 0
+    for _, g in ipairs(got) do big = math.max(big, g.size or 0) end
+    assert.is_true(big > 200000, "largest change " .. big)
     local want = peek(sqlslot, "bevpub")
     local changes, truncs = {}, {}
     for _, g in ipairs(got) do
@@ -173,6 +184,24 @@ describe("events mode, broken on purpose", function()
     assert.same({ 1, 2, 3 }, ids)
     assert.is_string(err)
     assert.is_nil((r:read(1000, "events")))
+  end)
+
+  it("stops a read once its messages reach max_bytes, one message at least, and the next read goes on", function()
+    sql([[CREATE TABLE eby (id int PRIMARY KEY, v text); CREATE PUBLICATION bevbytes FOR TABLE eby]])
+    local r, slot = stream("bevbytes")
+    H.finally(function() drop_slot(r, slot) end)
+    sql("INSERT INTO eby SELECT g, repeat('v', 10000) FROM generate_series(1, 3) g")
+    C.wait_sent({ slot }, 10)
+    local ids, sizes, deadline = {}, {}, pg.monotonic() + 20
+    while #ids < 3 and pg.monotonic() < deadline do
+      local msgs, info = assert(r:read(1000, "events", 1))
+      check_aligned(msgs, info)
+      assert.is_true(#msgs <= 1, "a read of max_bytes 1 took " .. #msgs)
+      if msgs[1] and msgs[1].kind == nil then ids[#ids + 1], sizes[#sizes + 1] = msgs[1].new.id, info.size[1] end
+      if #msgs == 0 then core.poll({ r:pollfd() }, 0.3) end
+    end
+    assert.same({ 1, 2, 3 }, ids)
+    for _, n in ipairs(sizes) do assert.is_true(n > 10000) end
   end)
 
   it("fails a read whose third message cannot be decoded with nil, err alone: no info, no half read (guard)",

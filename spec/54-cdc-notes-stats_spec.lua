@@ -2,7 +2,8 @@
 -- carry the same position fields as streamed ones (lsn, lsn_int,
 -- commit_lsn), with no xid or commit time (no transaction made them); the
 -- runner's "stats" line counts the changes no channel serves as unrouted,
--- as the source's own "replication stats" line does.
+-- as the source's own "replication stats" line does; the queue of changes
+-- read and not handled is bounded in bytes, not only in items (wide rows).
 local H = require "spec.helpers"
 local C = require "spec.cdc_helpers"
 
@@ -67,5 +68,58 @@ return {
     end, 10), p.stderr())
     assert.matches(" unrouted=5", line_of(p.stderr(), "replication stats"))
     assert.matches(" unrouted=5", global)
+  end)
+  it("queues at most about 64 MiB of wide rows, read ahead or not, and loses none", function()
+    local src, dst, slot = C.setup("nbyt")
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", src)
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", dst)
+    C.slot_first(src, slot, "docs")
+    -- 160 rows of 1 MiB, a transaction each (compressible: little WAL, the whole MiB on the wire)
+    C.sql("DO $$ BEGIN FOR g IN 1..160 LOOP INSERT INTO docs VALUES (g, repeat(md5(g::text), 32768)); COMMIT; "
+      .. "END LOOP; END $$", src)
+    local gate = os.tmpname()
+    os.remove(gate)
+    H.finally(function() os.remove(gate) end)
+    local path = C.script(dst, ([[
+local waited = false
+return {
+  replication = { slot = %q },
+  channels = {
+    ["public.docs"] = { source = "replication", batch = 1000, handler = function(events)
+      if not waited then
+        waited = true
+        out("waiting " .. #events)
+        repeat -- the target at work, query after query: each wait reads ahead
+          assert(target:exec("SELECT pg_sleep(0.05)"))
+          local f = io.open(%q)
+          if f then f:close() end
+        until f
+      end
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = { ev.new.id, ev.new.body } end
+      assert(target:execmany("INSERT INTO docs VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+        rows))
+      out("batch " .. #events)
+    end },
+  },
+}
+]]):format(slot, gate))
+    local p = C.start(path, src)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
+    assert.truthy(H.eventually(function() return p.stdout():find("waiting", 1, true) end, 20), p.stderr())
+    H.sleep(1.5) -- read ahead by now, as far as it goes (the walsender has sent what the socket takes)
+    local rss = tonumber(H.read("/proc/" .. p.pid .. "/status"):match("VmRSS:%s*(%d+)")) / 1024
+    local f = assert(io.open(gate, "w"))
+    f:write("go")
+    f:close()
+    assert.truthy(C.same(src, dst, "docs", 60), p.stderr())
+    -- signals wait for the handler: the batches tell what was queued (the
+    -- second one, what was read ahead while the first waited)
+    local sizes = C.ids(p.stdout(), "batch")
+    print(("\n  1 MiB rows: batches %s; runner RSS %.0f MiB while the first waited"):format(table.concat(sizes, " "),
+      rss))
+    for _, n in ipairs(sizes) do assert.is_true(n <= 66, "batches " .. table.concat(sizes, " ")) end
+    assert.is_true(#sizes >= 3, "batches " .. table.concat(sizes, " "))
+    assert.is_true(rss < 400, ("RSS %.0f MiB"):format(rss))
   end)
 end)

@@ -66,8 +66,8 @@ enum { READ_MESSAGES, READ_RAW, READ_EVENTS };
 /*
  * Decodes the CopyData payload at c->pending (len bytes) into messages[n]
  * (stack: 3 the relation map, 4 the messages; in events mode 5 the info
- * table and 6, 7 its lsn and relid arrays).  Returns 1, or 0 with nil, err
- * pushed.
+ * table and 6, 7, 8 its lsn, relid and size arrays).  Returns 1, or 0 with
+ * nil, err pushed.
  */
 static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n, uint64_t *wal_end) {
   pgl_msginfo mi;
@@ -87,6 +87,8 @@ static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n,
       lua_rawseti(L, 6, n);
       lua_pushinteger(L, (lua_Integer)mi.relid);
       lua_rawseti(L, 7, n);
+      lua_pushinteger(L, (lua_Integer)len);
+      lua_rawseti(L, 8, n);
     }
   }
   lua_rawseti(L, 4, n);
@@ -94,7 +96,7 @@ static int take_one(lua_State *L, pgl_repl *c, int len, int mode, lua_Integer n,
 }
 
 /* The results of a read: the messages, and in events mode the info. */
-static int read_result(lua_State *L, int mode, uint64_t wal_end) {
+static int read_result(lua_State *L, int mode, uint64_t wal_end, lua_Integer bytes) {
   if (mode != READ_EVENTS) {
     lua_settop(L, 4);
     return 1;
@@ -103,8 +105,12 @@ static int read_result(lua_State *L, int mode, uint64_t wal_end) {
   lua_setfield(L, 5, "lsn");
   lua_pushvalue(L, 7);
   lua_setfield(L, 5, "relid");
+  lua_pushvalue(L, 8);
+  lua_setfield(L, 5, "size");
   lua_pushinteger(L, (lua_Integer)wal_end);
   lua_setfield(L, 5, "wal_end");
+  lua_pushinteger(L, bytes);
+  lua_setfield(L, 5, "bytes");
   lua_settop(L, 5);
   return 2;
 }
@@ -133,22 +139,28 @@ static int read_mode(lua_State *L, int idx) {
 }
 
 /*
- * repl:read([max [, mode]]) -> { message, ... }[, info] | nil, err[, sqlstate]
- * Never blocks: the messages the socket has now, up to max (default 1000),
- * possibly none (the socket is read again while it gives more).  mode true
+ * repl:read([max [, mode [, max_bytes]]]) -> { message, ... }[, info] |
+ * nil, err[, sqlstate]
+ * Never blocks: the messages the socket has now, up to max (default 1000)
+ * and until their payloads reach max_bytes (default: no limit; one message
+ * is always taken), possibly none (the socket is read again while it gives
+ * more; what a read cut short leaves in libpq's buffer does not make the
+ * socket readable: read again).  mode true
  * or "raw": the CopyData payloads as strings, undecoded (the relation map is
  * then not updated).  mode "events": a row change is its event { op,
  * schema, table, new, old } (no kind), and info holds, at the same index,
  * lsn[i] (the change's LSN, an integer: core.lsn_format makes its "X/Y")
- * and relid[i], and wal_end, the largest walEnd read (0: none).  A malformed message is an error: the
+ * relid[i] and size[i] (its payload's bytes), wal_end, the largest walEnd
+ * read (0: none), and bytes (every payload's).  A malformed message is an error: the
  * stream must be restarted from the last confirmed position.  At the end of
  * the stream the messages read before it come first, the error at the next
  * call.
  */
 int pgl_repl_read(lua_State *L) {
   pgl_repl *c = pgl_repl_check(L, 1);
-  lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0;
+  lua_Integer max = luaL_optinteger(L, 2, 1000), n = 0, bytes = 0;
   int mode = read_mode(L, 3);
+  lua_Integer max_bytes = luaL_optinteger(L, 4, LUA_MAXINTEGER);
   int fresh = 1; /* nothing taken since the last socket read */
   int presize;
   uint64_t wal_end = 0;
@@ -162,7 +174,8 @@ int pgl_repl_read(lua_State *L) {
   presize = max < 1 ? 0 : max > 1024 ? 1024 : (int)max; /* the arrays are made once, at their size */
   lua_createtable(L, presize, 0); /* 4: the messages */
   if (mode == READ_EVENTS) {
-    lua_createtable(L, 0, 3); /* 5: info, 6-7 its arrays */
+    lua_createtable(L, 0, 5); /* 5: info, 6-8 its arrays */
+    lua_createtable(L, presize, 0);
     lua_createtable(L, presize, 0);
     lua_createtable(L, presize, 0);
   }
@@ -170,7 +183,7 @@ int pgl_repl_read(lua_State *L) {
     c->copying = 0;
     return pgl_repl_fail(L, c, "replication stream lost");
   }
-  while (n < max) {
+  while (n < max && (n == 0 || bytes < max_bytes)) {
     int len = PQgetCopyData(c->pg, &c->pending, 1), ok;
     if (len == 0) {
       /* libpq's buffer is empty: read the socket again, without waiting,
@@ -184,7 +197,7 @@ int pgl_repl_read(lua_State *L) {
     fresh = 0;
     if (len == -1) {
       stream_ended(L, c);
-      return n > 0 ? read_result(L, mode, wal_end) : end_of_stream(L, c);
+      return n > 0 ? read_result(L, mode, wal_end, bytes) : end_of_stream(L, c);
     }
     if (len < 0) {
       c->copying = 0;
@@ -196,12 +209,13 @@ int pgl_repl_read(lua_State *L) {
     if (!ok)
       return 2;
     n++;
+    bytes += len;
   }
   if (n == 0 && PQstatus(c->pg) == CONNECTION_BAD) {
     c->copying = 0;
     return pgl_repl_fail(L, c, "replication stream lost");
   }
-  return read_result(L, mode, wal_end);
+  return read_result(L, mode, wal_end, bytes);
 }
 
 /* Big-endian into p. */

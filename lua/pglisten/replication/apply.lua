@@ -6,9 +6,9 @@
 -- `qv`, its LSN in `ql`, its index in the transaction in `qs` and its
 -- transaction -- `{ xid, commit_lsn, commit_time, received_at, slot,
 -- system_id, database }`, one table for its changes of one read -- in
--- `q`: arrays, not one more table per change) and marks (`{ lsn, time }`
--- in `q`, false in `qe`: a commit's end, or a keepalive's walEnd outside a
--- transaction).
+-- `q`: arrays, not one more table per change; its message's bytes in
+-- `qb`, summed in `bytes`) and marks (`{ lsn, time }` in `q`, false in
+-- `qe`: a commit's end, or a keepalive's walEnd outside a transaction).
 -- A change's note is made from these when something can see it: the
 -- handler, if it takes a second parameter (or `...`); `on_error`,
 -- the log and pglisten.dead when it fails.  Measured on a 50,000-row
@@ -71,6 +71,7 @@ function M:reset()
   local n = self.events or 0
   if n > 0 then self.c.received, self.rt.stats.received = self.c.received - n, self.rt.stats.received - n end
   self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail, self.events = {}, {}, {}, {}, {}, 1, 0, 0
+  self.qb, self.bytes = {}, 0
   self.job, self.wait_until = nil, nil
 end
 
@@ -81,11 +82,20 @@ M.SKIP = { name = "(no channel)" }
 local SKIP = M.SKIP
 
 --- Appends an event: its channel entry, the event, its LSN (an integer),
--- its index in its transaction and the transaction's table (see above).
-function M:push(entry, ev, lsn, seq, tx)
+-- its index in its transaction, the transaction's table (see above) and
+-- the bytes of its message (nil: none counted).
+function M:push(entry, ev, lsn, seq, tx, size)
   local t = self.tail + 1
   self.q[t], self.qe[t], self.qv[t], self.ql[t], self.qs[t], self.tail = tx, entry, ev, lsn, seq, t
   if entry ~= SKIP then self.events = self.events + 1 end
+  if size then self.qb[t], self.bytes = size, self.bytes + size end
+end
+
+-- Item i leaves the queue.
+local function drop(self, i)
+  local b = self.qb[i]
+  if b then self.qb[i], self.bytes = nil, self.bytes - b end
+  self.q[i], self.qe[i], self.qv[i], self.ql[i], self.qs[i] = nil, nil, nil, nil, nil
 end
 
 --- The note of the event at queue index i.
@@ -178,11 +188,11 @@ end
 
 -- A settled job: its items leave the queue, its marks move `flushed`.
 function M:done(job)
-  local q, qe, qv, ql, qs = self.q, self.qe, self.qv, self.ql, self.qs
+  local q, qe = self.q, self.qe
   if job.last then
     for i = self.head, job.last do
       if not qe[i] then advance(self, q[i]) end
-      q[i], qe[i], qv[i], ql[i], qs[i] = nil, nil, nil, nil, nil
+      drop(self, i)
     end
     self.head = job.last + 1
     self.events = self.events - #job.events
@@ -199,7 +209,7 @@ function M:settle()
   local q, qe, h = self.q, self.qe, self.head
   while h <= self.tail and qe[h] == false do
     advance(self, q[h])
-    q[h], qe[h] = nil, nil
+    drop(self, h)
     h = h + 1
   end
   self.head = h
@@ -225,7 +235,8 @@ function M:handle(budget, limit, stop)
     local e = qe[h]
     if e == SKIP then
       self.skip(self.qv[h])
-      q[h], qe[h], self.qv[h], self.ql[h], self.qs[h], self.head = nil, nil, nil, nil, nil, h + 1
+      drop(self, h)
+      self.head = h + 1
     elseif e then
       job = self:next_job()
       self.job = job
@@ -233,13 +244,13 @@ function M:handle(budget, limit, stop)
       if not self:attempt(job) then return end
     else
       advance(self, it)
-      q[h], qe[h] = nil, nil
+      drop(self, h)
       self.head = h + 1
     end
     if host.pending() or (stop and stop()) then break end
   end
   if self.head > self.tail and not self.job then
-    self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail = {}, {}, {}, {}, {}, 1, 0
+    self.q, self.qe, self.qv, self.ql, self.qs, self.qb, self.head, self.tail = {}, {}, {}, {}, {}, {}, 1, 0
   end
 end
 

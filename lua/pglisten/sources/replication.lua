@@ -55,6 +55,9 @@ M.READ = 256
 M.FILL = 256
 M.HANDLE = 1000         -- events handled per turn of the loop
 M.AHEAD = 512           -- events read ahead while a handler waits, at least (see ahead_room)
+-- The queue's bound in bytes (of the messages as sent; decoded they take
+-- more): wide rows stop the reading long before settings.read_ahead items.
+M.QUEUE_BYTES = 64 * 1024 * 1024
 M.ASK_AGAIN = 0.5       -- asked twice within this while events are pending: a shutdown (M:release)
 M.PUB_CHECK = 5         -- seconds between two looks for tables gone from the publication
 
@@ -92,7 +95,19 @@ end
 -- The loop's hooks
 ---------------------------------------------------------------------------
 
-local function room(self) return self.apply:len() < self.rt.settings.read_ahead end
+local function room(self)
+  local a = self.apply
+  return a:len() < self.rt.settings.read_ahead and a.bytes < M.QUEUE_BYTES
+end
+-- One read: at most READ messages, and what fits the bytes left (one at least).
+local function read_some(self)
+  local msgs, info, state = self.repl:read(M.READ, "events", M.QUEUE_BYTES - self.apply.bytes)
+  if msgs then
+    -- cut short by the bytes: libpq may hold more, which no poll would show
+    self.more = #msgs == M.READ or self.apply.bytes + info.bytes >= M.QUEUE_BYTES
+  end
+  return msgs, info, state
+end
 -- While a handler runs, the stream is read ahead until the events queued
 -- behind its job fill the largest batch (at least AHEAD), within the cap
 -- above: the next batch is whole when the target's answer comes.
@@ -122,14 +137,13 @@ function M:read()
   -- read on while the socket has more, up to FILL messages: a batch is
   -- filled from what the socket already holds, as for NOTIFY
   while n < M.FILL and room(self) do
-    local msgs, info, state = self.repl:read(M.READ, "events")
+    local msgs, info, state = read_some(self)
     if not msgs then
       self:lost(info, state)
       return nil
     end
     local k = #msgs
     n = n + k
-    self.more = k == M.READ
     if k > 0 then self:take(msgs, info) end
     if not self.more then break end
   end
@@ -161,14 +175,12 @@ end
 function M:read_ahead()
   -- a signal first: a reload routes what is read after it by the new script
   if not self.streaming or self.ahead_lost or not ahead_room(self) or host.pending() then return false end
-  local msgs, info, state = self.repl:read(M.READ, "events")
+  local msgs, info, state = read_some(self)
   if not msgs then
     self.ahead_lost = { info, state }
     return false
   end
-  local k = #msgs
-  self.more = k == M.READ
-  if k > 0 then self:take(msgs, info) end
+  if #msgs > 0 then self:take(msgs, info) end
   return self.more and ahead_room(self)
 end
 
@@ -288,7 +300,7 @@ function M:take(msgs, info)
   cfg.routes = routes
   -- begun in an earlier read: its changes read now were received now
   if self.tx then self.tx = self:tx_table(self.tx, at) end
-  local lsns, relids = info.lsn, info.relid
+  local lsns, relids, sizes = info.lsn, info.relid, info.size
   if info.wal_end > self.received then self.received = info.wal_end end
   for i = 1, #msgs do
     local m = msgs[i]
@@ -302,9 +314,9 @@ function M:take(msgs, info)
       if entry == nil then entry = route(cfg, relid, m) end
       if entry then
         n = n + 1
-        push(apply, entry, m, lsns[i], seq, tx)
+        push(apply, entry, m, lsns[i], seq, tx, sizes[i])
       else -- skipped when it is reached, unless a reload gives it a channel first
-        push(apply, SKIP, m, lsns[i], seq, tx)
+        push(apply, SKIP, m, lsns[i], seq, tx, sizes[i])
       end
     elseif k == "relation" then
       routes = {}
