@@ -122,4 +122,46 @@ return {
     assert.is_true(#sizes >= 3, "batches " .. table.concat(sizes, " "))
     assert.is_true(rss < 400, ("RSS %.0f MiB"):format(rss))
   end)
+  it("reads the initial snapshot of wide rows in pages of about 16 MiB, not 1000 rows", function()
+    local src, dst, slot = C.setup("nspg")
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", src)
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", dst)
+    C.sql("INSERT INTO docs SELECT g, repeat(md5(g::text), 32768) FROM generate_series(1, 120) g", src) -- 1 MiB each
+    C.sql("INSERT INTO docs SELECT g, 'small' FROM generate_series(121, 2200) g", src)
+    local path = C.script(dst, ([[
+return {
+  replication = { slot = %q, snapshot = true },
+  channels = {
+    ["public.docs"] = { source = "replication", batch = 5000, handler = function(events, notes)
+      local rows = {}
+      for _, ev in ipairs(events) do
+        if ev.op == "TRUNCATE" then
+          assert(target:exec("TRUNCATE docs"))
+        else
+          rows[#rows + 1] = { ev.new.id, ev.new.body }
+        end
+      end
+      if #rows > 0 then assert(target:execmany("INSERT INTO docs VALUES ($1, $2)", rows)) end
+      out((notes[1].snapshot and "snapshot " or "stream ") .. #rows)
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
+    assert.truthy(C.same(src, dst, "docs", 60), p.stderr())
+    local sizes = C.ids(p.stdout(), "snapshot")
+    print("\n  snapshot pages of 1 MiB rows, then small ones: " .. table.concat(sizes, " "))
+    local total = 0
+    for _, n in ipairs(sizes) do total = total + n end
+    assert.equal(2200, total)
+    assert.is_true(sizes[2] <= 10, table.concat(sizes, " ")) -- after the TRUNCATE's (0 rows)
+    for i = 3, #sizes do
+      if sizes[i] > 16 then -- only past the wide rows, which end at 120
+        local before = 0
+        for j = 1, i - 1 do before = before + sizes[j] end
+        assert.is_true(before >= 120, "a page of " .. sizes[i] .. " wide rows: " .. table.concat(sizes, " "))
+      end
+    end
+  end)
 end)

@@ -265,13 +265,14 @@ void pgl_push_text_value(lua_State *L, const char *v, size_t len, Oid type) {
 }
 
 /*
- * Pushes { row, row, ..., n = rows, affected = command tuples, command = tag }
- * where each row is keyed by column name.
+ * Pushes { row, row, ..., n = rows, affected = command tuples, command = tag,
+ * bytes = the values' bytes as the server sent them } where each row is
+ * keyed by column name.
  */
 void pgl_push_rows(lua_State *L, PGresult *res) {
   int nrows = PQntuples(res), ncols = PQnfields(res), r, c, names, nullidx;
   const char *tuples = PQcmdTuples(res);
-  lua_Integer affected = 0;
+  lua_Integer affected = 0, bytes = 0;
 
   luaL_checkstack(L, ncols + 6, "too many result columns");
   lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
@@ -280,13 +281,14 @@ void pgl_push_rows(lua_State *L, PGresult *res) {
   for (c = 0; c < ncols; c++)
     lua_pushstring(L, PQfname(res, c));
 
-  lua_createtable(L, nrows, 3);
+  lua_createtable(L, nrows, 4);
   for (r = 0; r < nrows; r++) {
     lua_createtable(L, 0, ncols);
     for (c = 0; c < ncols; c++) {
       lua_pushvalue(L, names + c);
       push_value(L, res, r, c, PQftype(res, c), nullidx);
       lua_rawset(L, -3);
+      bytes += PQgetlength(res, r, c);
     }
     lua_rawseti(L, -2, (lua_Integer)r + 1);
   }
@@ -298,6 +300,8 @@ void pgl_push_rows(lua_State *L, PGresult *res) {
   lua_setfield(L, -2, "affected");
   lua_pushstring(L, PQcmdStatus(res));
   lua_setfield(L, -2, "command");
+  lua_pushinteger(L, bytes);
+  lua_setfield(L, -2, "bytes");
 
   lua_replace(L, nullidx); /* rows where the null was; drop the names */
   lua_settop(L, nullidx);

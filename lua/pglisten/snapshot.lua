@@ -33,11 +33,13 @@
 --
 -- Reading: one REPEATABLE READ, READ ONLY transaction on its own
 -- connection imports the snapshot (SET TRANSACTION SNAPSHOT), then reads
--- each table in key order, one page of `page` rows per query (keyset:
--- `WHERE (k1, k2) > ($1, $2) ORDER BY k1, k2 LIMIT page`), on the primary
--- key, or the replica identity index when the table has one, or ctid when
--- it has neither.  Each page goes to `deliver` before the next is read,
--- so memory holds one page.  Each table's rows are preceded by one
+-- each table in key order, one page of at most `page` rows per query
+-- (keyset: `WHERE (k1, k2) > ($1, $2) ORDER BY k1, k2 LIMIT $3`), on the
+-- primary key, or the replica identity index when the table has one, or
+-- ctid when it has neither.  Each page goes to `deliver` before the next is
+-- read, so memory holds one page; pages are kept near PAGE_BYTES of values
+-- (the first has FIRST_PAGE rows, each next as many as the last page's
+-- row size lets), so that wide rows do not make a page of gigabytes.  Each table's rows are preceded by one
 -- TRUNCATE event (note.snapshot set; `truncate = false` leaves it out):
 -- a target that an interrupted snapshot left half filled, with rows the
 -- source has deleted since, converges when the snapshot is done again.
@@ -61,6 +63,8 @@ local pg = require "pglisten"
 local M = {}
 
 M.PAGE = 1000
+M.FIRST_PAGE = 10
+M.PAGE_BYTES = 16 * 1024 * 1024
 
 -- Exported snapshot names: "%08X-%08X-%u" (PostgreSQL 13+), "%08X-%u" before.
 local function valid_snapshot(name)
@@ -145,7 +149,7 @@ local function key_alias(taken, i)
 end
 
 --- The page queries of a table: first (no key yet), next ($1.. = last keys).
-local function page_sql(conn, rel, cols, keys, filter, page)
+local function page_sql(conn, rel, cols, keys, filter)
   local function id(s) return assert(conn:escape_identifier(s)) end
   local list, taken = {}, {}
   for _, c in ipairs(cols) do
@@ -172,11 +176,17 @@ local function page_sql(conn, rel, cols, keys, filter, page)
   local from = ("SELECT %s FROM %s.%s"):format(table.concat(list, ", "), id(rel.schema), id(rel.table))
   local where = filter and ("(%s)"):format(filter) or nil
   local o = table.concat(order, ", ")
-  local tail = (" ORDER BY %s LIMIT %d"):format(o, page)
-  local first = from .. (where and (" WHERE " .. where) or "") .. tail
+  local first = from .. (where and (" WHERE " .. where) or "") .. (" ORDER BY %s LIMIT $1"):format(o)
   local cmp = ("(%s) > (%s)"):format(o, table.concat(params, ", "))
-  local nxt = from .. " WHERE " .. (where and (where .. " AND ") or "") .. cmp .. tail
+  local nxt = from .. " WHERE " .. (where and (where .. " AND ") or "") .. cmp
+    .. (" ORDER BY %s LIMIT $%d"):format(o, #kcols + 1)
   return first, nxt, aliases
+end
+
+-- The rows of the page after one of `n` rows and `bytes` (at most `page`).
+local function next_limit(n, bytes, page)
+  if bytes <= 0 then return page end
+  return math.max(1, math.min(page, n * M.PAGE_BYTES // bytes))
 end
 
 local FKEYS = [[
@@ -238,8 +248,8 @@ end
 --- Reads one table page by page and delivers each page.  Returns rows read.
 local function read_table(rt, conn, name, opts)
   local rel, cols, keys, filter = describe(conn, name, opts)
-  local first, nxt, aliases = page_sql(conn, rel, cols, keys, filter, opts.page)
-  local last, total = nil, 0
+  local first, nxt, aliases = page_sql(conn, rel, cols, keys, filter)
+  local last, total, limit = nil, 0, math.min(opts.page, M.FIRST_PAGE)
   if opts.truncate ~= false then
     -- the target may hold rows of an interrupted snapshot: start clean
     local ok, err = opts.deliver(name, { { kind = "truncate", op = "TRUNCATE", schema = rel.schema,
@@ -251,7 +261,8 @@ local function read_table(rt, conn, name, opts)
   end
   while true do
     if stop_requested(rt) then error({ err = "interrupted" }, 0) end
-    local rows = last and q(conn, nxt, table.unpack(last, 1, #aliases)) or q(conn, first)
+    if last then last[#aliases + 1] = limit end
+    local rows = last and q(conn, nxt, table.unpack(last, 1, #aliases + 1)) or q(conn, first, limit)
     local n = rows.n or #rows
     if n == 0 then break end
     local events, notes = {}, {}
@@ -271,7 +282,8 @@ local function read_table(rt, conn, name, opts)
       error({ err = ("snapshot of %s: delivery failed: %s"):format(name, tostring(err)) }, 0)
     end
     total = total + n
-    if n < opts.page then break end
+    if n < limit then break end
+    limit = next_limit(n, rows.bytes or 0, opts.page)
   end
   return total
 end

@@ -40,7 +40,7 @@ function M.lost_call(s, sql, found)
   if kind == "rollback" then
     M.end_tx(s)
     if sql:find(";%s*[^%s;]") then return true end
-    return false, { n = 0, affected = 0, command = "ROLLBACK" }
+    return false, { n = 0, affected = 0, command = "ROLLBACK", bytes = 0 }
   end
   local code = found and "08006" or "08003"
   if kind == "commit" then
