@@ -40,6 +40,37 @@ describe("core.set_wait_hook", function()
     assert.equal(0, calls)
   end)
 
+  it("calls a hook that returned a descriptor again when it is readable, not at once", function()
+    assert(d:exec("LISTEN wake"))
+    local fd = d:pollfd()
+    local calls, got = {}, 0
+    core.set_wait_hook(function()
+      calls[#calls + 1] = pg.monotonic()
+      got = got + d:drain(10).n
+      return fd -- nothing to do until d's socket is readable
+    end)
+    -- d is woken 0.3 s into c's wait, by another session
+    local t0 = pg.monotonic()
+    H.spawn({ "sh", "-c", "sleep 0.3; psql -qtAX -c 'NOTIFY wake'" })
+    assert.equal("", c:exec("SELECT pg_sleep(1.5)")[1].pg_sleep)
+    core.set_wait_hook(nil)
+    -- once when the wait began, once when the notification came (it took it)
+    assert.equal(2, #calls, "calls at " .. table.concat(calls, " "))
+    assert.equal(1, got)
+    assert.is_true(calls[2] - t0 >= 0.25, "the second call came at once")
+    -- execmany waits the same way
+    calls, got = {}, 0
+    core.set_wait_hook(function()
+      calls[#calls + 1] = pg.monotonic()
+      got = got + d:drain(10).n
+      return fd
+    end)
+    H.spawn({ "sh", "-c", "sleep 0.3; psql -qtAX -c 'NOTIFY wake'" })
+    assert.equal(1, c:execmany("SELECT pg_sleep($1)", { { 1.5 } }))
+    assert.equal(2, #calls, "calls at " .. table.concat(calls, " "))
+    assert.equal(1, got)
+  end)
+
   it("stops calling a hook once the answer is in", function()
     local calls = 0
     core.set_wait_hook(function()

@@ -121,9 +121,12 @@ static int sigfd(lua_State *L) {
   return fd;
 }
 
-int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible) {
-  struct pollfd p[2];
+/* pgl_waitfd, and also readable `extra` (when >= 0; a descriptor poll()
+ * calls invalid is left out): 3 when extra is readable and fd is not. */
+int pgl_waitfd_or(lua_State *L, int fd, short events, int extra, double deadline, int interruptible) {
+  struct pollfd p[3];
   nfds_t n = 1;
+  int si = -1, ei = -1;
   if (fd < 0) {
     errno = EBADF;
     return -1;
@@ -133,24 +136,35 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
   if (interruptible) {
     if (wait_ends(L, interruptible))
       return -2;
-    p[1].fd = sigfd(L);
-    p[1].events = POLLIN;
-    if (p[1].fd >= 0)
-      n = 2;
+    p[n].fd = sigfd(L);
+    p[n].events = POLLIN;
+    if (p[n].fd >= 0)
+      si = (int)n++;
+  }
+  if (extra >= 0) {
+    p[n].fd = extra;
+    p[n].events = POLLIN;
+    ei = (int)n++;
   }
   for (;;) {
     int r;
-    p[0].revents = p[1].revents = 0;
+    nfds_t i;
+    for (i = 0; i < n; i++)
+      p[i].revents = 0;
     r = poll(p, n, ms_until(deadline));
     if (r > 0) {
-      if (n == 2 && p[1].revents) {
+      if (si >= 0 && p[si].revents) {
         if (wait_ends(L, interruptible))
           return -2; /* the host drains the pipe when it reads its signals */
         if (interruptible == PGL_WAIT_STOP)
-          drain_pipe(p[1].fd); /* HUP/USR1: their flags stay for the host */
+          drain_pipe(p[si].fd); /* HUP/USR1: their flags stay for the host */
       }
       if (p[0].revents)
         return 1; /* readable, writable, or hung up: the caller's libpq call tells which */
+      if (ei >= 0 && (p[ei].revents & POLLNVAL))
+        n = (nfds_t)ei, ei = -1; /* not a descriptor: wait for the rest (it was the last) */
+      else if (ei >= 0 && p[ei].revents)
+        return 3;
       continue;
     }
     if (r == 0) {
@@ -163,6 +177,10 @@ int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interrup
     if (interruptible && wait_ends(L, interruptible))
       return -2;
   }
+}
+
+int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible) {
+  return pgl_waitfd_or(L, fd, events, -1, deadline, interruptible);
 }
 
 /* ------------------------------------------------------------------ */

@@ -11,13 +11,17 @@
  * when everything is written and they are about to wait for the answer (never
  * while output is still to be written: the server would wait for it).  It is
  * called again while it returns true (it has more to do) and the answer has
- * not come, up to PGL_IDLE_MAX times per wait.  It is not called from a wait
+ * not come, up to PGL_IDLE_MAX times in a row; a hook that returns a file
+ * descriptor (an integer >= 0) has nothing to do now and is called again
+ * when that descriptor becomes readable before the answer comes (the wait
+ * watches both; the answer first).  It is not called from a wait
  * inside itself, whatever hook it sets meanwhile (that one is called from
  * the next wait on).  Each call must be short and must not raise: an error it
  * raises is dropped, and the hook is removed so that it cannot fail every
  * wait (the runner's hook catches its own errors).
  */
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 
 #include "pgl.h"
@@ -29,9 +33,12 @@ static const char hook_key = 'h';
 static const char busy_key = 'b'; /* true while the hook runs */
 
 /* Runs the hook (on top, popped): its first result's truth, 0 when it
- * raised (it is then removed, unless it set another meanwhile). */
-static int run_hook(lua_State *L) {
+ * raised (it is then removed, unless it set another meanwhile); *watch is
+ * the descriptor it returned, or -1. */
+static int run_hook(lua_State *L, int *watch) {
   int more, ok;
+  lua_Integer w;
+  *watch = -1;
   lua_pushboolean(L, 1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &busy_key);
   lua_pushvalue(L, -1);
@@ -49,23 +56,30 @@ static int run_hook(lua_State *L) {
     return 0;
   }
   lua_remove(L, -2); /* the hook */
-  more = lua_toboolean(L, -1);
+  if (lua_isinteger(L, -1)) {
+    w = lua_tointeger(L, -1);
+    more = 0;
+    if (w >= 0 && w <= INT_MAX)
+      *watch = (int)w;
+  } else {
+    more = lua_toboolean(L, -1);
+  }
   lua_pop(L, 1);
   return more;
 }
 
-void pgl_idle(lua_State *L, int fd) {
+int pgl_idle(lua_State *L, int fd) {
   int i;
   for (i = 0; i < PGL_IDLE_MAX; i++) {
     struct pollfd p;
-    int r, busy;
+    int r, busy, watch;
     if (!lua_checkstack(L, 4))
-      return;
+      return -1;
     lua_rawgetp(L, LUA_REGISTRYINDEX, &busy_key);
     busy = lua_toboolean(L, -1);
     lua_pop(L, 1);
     if (busy)
-      return; /* a wait inside the hook */
+      return -1; /* a wait inside the hook */
     if (i > 0) { /* the answer is in: stop at once */
       p.fd = fd;
       p.events = POLLIN;
@@ -74,15 +88,16 @@ void pgl_idle(lua_State *L, int fd) {
         r = poll(&p, 1, 0);
       while (r < 0 && errno == EINTR);
       if (r != 0)
-        return;
+        return -1;
     }
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &hook_key) != LUA_TFUNCTION) {
       lua_pop(L, 1);
-      return;
+      return -1;
     }
-    if (!run_hook(L))
-      return;
+    if (!run_hook(L, &watch))
+      return watch;
   }
+  return -1;
 }
 
 /* core.set_wait_hook(fn | nil) -> the previous hook, or nil */

@@ -76,13 +76,17 @@ int pgl_stopping(lua_State *L);
  * `interruptible` (0, PGL_WAIT_ANY or PGL_WAIT_STOP) says ends the wait.
  */
 int pgl_waitfd(lua_State *L, int fd, short events, double deadline, int interruptible);
+/* pgl_waitfd, and also readable `extra` (-1: none): then 3 (fd is not ready). */
+int pgl_waitfd_or(lua_State *L, int fd, short events, int extra, double deadline, int interruptible);
 
 /* idle.c: the wait hook (core.set_wait_hook).  pgl_idle runs it, if one is
  * set and it is not running already, while it has more to do and `fd` (the
  * server's socket) has no answer yet; called by exec and execmany when all
- * is written and they are about to wait for the answer.  Leaves the stack
- * as it found it. */
-void pgl_idle(lua_State *L, int fd);
+ * is written and they are about to wait for the answer.  Returns the
+ * descriptor the hook asked to be called again on when it is readable (the
+ * caller waits for it too, pgl_waitfd_or, and calls pgl_idle again when it
+ * is), or -1.  Leaves the stack as it found it. */
+int pgl_idle(lua_State *L, int fd);
 int pgl_set_wait_hook(lua_State *L);
 
 /* conn.c */

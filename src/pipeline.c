@@ -173,7 +173,7 @@ static void collect(batch *b) {
 int pgl_batch_drive(batch *b, int all) {
   int fd = PQsocket(b->pg);
   for (;;) {
-    int f = PQflush(b->pg), r;
+    int f = PQflush(b->pg), r, watch = -1;
     if (f < 0)
       return lost(b);
     collect(b);
@@ -184,8 +184,10 @@ int pgl_batch_drive(batch *b, int all) {
     if (all ? b->synced == b->syncs : f == 0)
       return 1;
     if (!f)
-      pgl_idle(b->L, fd); /* all is written: the server is at work */
-    r = pgl_waitfd(b->L, fd, f ? POLLIN | POLLOUT : POLLIN, b->deadline, 0);
+      watch = pgl_idle(b->L, fd); /* all is written: the server is at work */
+    r = pgl_waitfd_or(b->L, fd, f ? POLLIN | POLLOUT : POLLIN, watch, b->deadline, 0);
+    if (r == 3)
+      continue; /* the hook's descriptor: it is called again */
     if (r == 0) {
       b->fail = B_TIMEOUT;
       return 0;

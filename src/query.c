@@ -49,17 +49,24 @@ typedef struct qwait {
   int stop;
 } qwait;
 
-/* Waits until the socket is ready for `events`, then reads what arrived:
- * Q_OK, or how the wait failed. */
-static int await_server(const qwait *w, short events) {
-  int r = pgl_waitfd(w->L, w->fd, events, w->deadline, w->stop);
+/* Waits until the socket is ready for `events` (or `extra`, when >= 0, is
+ * readable: Q_OK with nothing read), then reads what arrived: Q_OK, or how
+ * the wait failed. */
+static int await_server_or(const qwait *w, short events, int extra) {
+  int r = pgl_waitfd_or(w->L, w->fd, events, extra, w->deadline, w->stop);
   if (r == 0)
     return Q_TIMEDOUT;
   if (r == -2)
     return Q_INTERRUPTED;
+  if (r == 3)
+    return Q_OK;
   if (r < 0 || !PQconsumeInput(w->pg))
     return Q_LOST;
   return Q_OK;
+}
+
+static int await_server(const qwait *w, short events) {
+  return await_server_or(w, events, -1);
 }
 
 /* Sends the query as pgl_run_query_x says; libpq's answer (0: not sent). */
@@ -114,8 +121,8 @@ static int collect_results(const qwait *w, PGresult **last, PGresult **err, int 
     PGresult *res;
     int r;
     while (PQisBusy(w->pg)) {
-      pgl_idle(w->L, w->fd); /* all is written: the server is at work */
-      if ((r = await_server(w, POLLIN)) != Q_OK)
+      int watch = pgl_idle(w->L, w->fd); /* all is written: the server is at work */
+      if ((r = await_server_or(w, POLLIN, watch)) != Q_OK)
         return r;
     }
     res = PQgetResult(w->pg);

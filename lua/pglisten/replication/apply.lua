@@ -9,6 +9,8 @@
 -- `q`: arrays, not one more table per change; its message's bytes in
 -- `qb`, summed in `bytes`) and marks (`{ lsn, time }` in `q`, false in
 -- `qe`: a commit's end, or a keepalive's walEnd outside a transaction).
+-- `events` counts the queued events some channel serves, `skipped` the
+-- others.
 -- A change's note is made from these when something can see it: the
 -- handler, if it takes a second parameter (or `...`); `on_error`,
 -- the log and pglisten.dead when it fails.  Measured on a 50,000-row
@@ -71,7 +73,7 @@ function M:reset()
   local n = self.events or 0
   if n > 0 then self.c.received, self.rt.stats.received = self.c.received - n, self.rt.stats.received - n end
   self.q, self.qe, self.qv, self.ql, self.qs, self.head, self.tail, self.events = {}, {}, {}, {}, {}, 1, 0, 0
-  self.qb, self.bytes = {}, 0
+  self.qb, self.bytes, self.skipped = {}, 0, 0
   self.job, self.wait_until = nil, nil
 end
 
@@ -87,7 +89,7 @@ local SKIP = M.SKIP
 function M:push(entry, ev, lsn, seq, tx, size)
   local t = self.tail + 1
   self.q[t], self.qe[t], self.qv[t], self.ql[t], self.qs[t], self.tail = tx, entry, ev, lsn, seq, t
-  if entry ~= SKIP then self.events = self.events + 1 end
+  if entry ~= SKIP then self.events = self.events + 1 else self.skipped = self.skipped + 1 end
   if size then self.qb[t], self.bytes = size, self.bytes + size end
 end
 
@@ -95,6 +97,7 @@ end
 local function drop(self, i)
   local b = self.qb[i]
   if b then self.qb[i], self.bytes = nil, self.bytes - b end
+  if self.qe[i] == SKIP then self.skipped = self.skipped - 1 end
   self.q[i], self.qe[i], self.qv[i], self.ql[i], self.qs[i] = nil, nil, nil, nil, nil
 end
 
@@ -132,6 +135,7 @@ function M:reroute(route)
   end
   self.c.received, self.rt.stats.received, self.events = self.c.received + d, self.rt.stats.received + d,
     self.events + d
+  self.skipped = self.skipped - d
 end
 
 --- Appends a mark: every event before it is handled once it is reached;
@@ -144,6 +148,14 @@ end
 
 --- Items queued (events and marks).
 function M:len() return self.tail - self.head + 1 end
+
+--- What is queued behind the job in flight (all of it when there is none):
+-- items, bytes, and changes (served or not).
+function M:behind()
+  local job = self.job
+  if not job then return self.tail - self.head + 1, self.bytes, self.events + self.skipped end
+  return self.tail - job.last, self.bytes - job.bytes, self.events + self.skipped - #job.events
+end
 
 --- True when there is work that may be done now.
 function M:ready()
@@ -163,20 +175,20 @@ end
 -- The job at the head: its events, their queue indexes (`at`), the notes
 -- if the handler takes them, and the last queue item it covers.
 function M:next_job()
-  local qe, qv, j, tail = self.qe, self.qv, self.head, self.tail
+  local qe, qv, qb, j, tail = self.qe, self.qv, self.qb, self.head, self.tail
   local entry = qe[j]
   local want = entry.batch or 1
-  local events, at, k = {}, {}, 0
+  local events, at, k, bytes = {}, {}, 0, 0
   while j <= tail do
     local e = qe[j]
     if e then
       if e ~= entry or k >= want then break end
       k = k + 1
-      events[k], at[k] = qv[j], j
+      events[k], at[k], bytes = qv[j], j, bytes + (qb[j] or 0)
     end
     j = j + 1
   end
-  local job = { entry = entry, events = events, at = at, last = j - 1, attempt = 0 }
+  local job = { entry = entry, events = events, at = at, last = j - 1, attempt = 0, bytes = bytes }
   if wants_notes(entry.handler) then notes_of(self, job) end
   return job
 end

@@ -95,26 +95,28 @@ end
 -- The loop's hooks
 ---------------------------------------------------------------------------
 
+-- The caps count what is queued behind the job in flight (so that the next
+-- batch is read while it runs): the queue holds twice a cap at most.
 local function room(self)
-  local a = self.apply
-  return a:len() < self.rt.settings.read_ahead and a.bytes < M.QUEUE_BYTES
+  local items, bytes = self.apply:behind()
+  return items < self.rt.settings.read_ahead and bytes < M.QUEUE_BYTES
 end
 -- One read: at most READ messages, and what fits the bytes left (one at least).
 local function read_some(self)
-  local msgs, info, state = self.repl:read(M.READ, "events", M.QUEUE_BYTES - self.apply.bytes)
-  if msgs then
-    -- cut short by the bytes: libpq may hold more, which no poll would show
-    self.more = #msgs == M.READ or self.apply.bytes + info.bytes >= M.QUEUE_BYTES
-  end
+  local _, bytes = self.apply:behind()
+  local left = M.QUEUE_BYTES - bytes
+  local msgs, info, state = self.repl:read(M.READ, "events", left)
+  -- cut short by the bytes: libpq may hold more, which no poll would show
+  if msgs then self.more = #msgs == M.READ or info.bytes >= left end
   return msgs, info, state
 end
--- While a handler runs, the stream is read ahead until the events queued
--- behind its job fill the largest batch (at least AHEAD), within the cap
--- above: the next batch is whole when the target's answer comes.
+-- While a handler runs, the stream is read ahead until the changes queued
+-- behind its job (served or not) fill the largest batch (at least AHEAD),
+-- within the caps above: the next batch is whole when the answer comes.
 local function ahead_room(self)
-  local a, cfg = self.apply, self.cfg
-  local behind = a.events - (a.job and #a.job.events or 0)
-  return behind < math.max(M.AHEAD, cfg and cfg.max_batch or 0) and room(self)
+  local cfg = self.cfg
+  local _, _, changes = self.apply:behind()
+  return changes < math.max(M.AHEAD, cfg and cfg.max_batch or 0) and room(self)
 end
 
 function M:pollfd()
@@ -168,7 +170,8 @@ end
 --- The wait hook (core.set_wait_hook) while handlers run: one read of what
 -- the stream has, queued behind the events being handled; true when the
 -- stream may have more and there is room (called again until the handler's
--- answer comes).  So the runner decodes the next changes while the target
+-- answer comes), the stream's socket when it is drained and there is room
+-- (called again when it is readable).  So the runner decodes the next changes while the target
 -- executes the last ones, and the walsender is not held up by a full
 -- socket.  It only queues: a lost stream is acted on once the handler has
 -- returned (`ahead_lost`).
@@ -181,7 +184,11 @@ function M:read_ahead()
     return false
   end
   if #msgs > 0 then self:take(msgs, info) end
-  return self.more and ahead_room(self)
+  if not ahead_room(self) then return false end
+  if self.more then return true end
+  -- the socket is drained: called again when the walsender sends more
+  local fd = self.repl:pollfd()
+  return fd >= 0 and fd
 end
 
 function M:timeout(t)
