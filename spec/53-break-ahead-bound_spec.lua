@@ -67,7 +67,8 @@ describe("92a84a9: the read-ahead bound", function()
   -- largest batch, at least 512") and the parent's read ahead hold 512 (and
   -- one read).  With 20 KB values the runner's RSS goes from ~10 MB to
   -- ~210 MB (100 KB values: ~1 GB) while one handler waits.
-  it("BREAK: a flood of unserved changes while a handler waits is read ahead within the bound (512 and one read)", function()
+  it("BREAK: a flood of unserved changes while a handler waits is read ahead within the bound (512, one read)",
+    function()
     local src, dst, slot = C.setup("rbsk")
     C.sql("CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE noise (id int PRIMARY KEY, v text)", src)
     C.sql("CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE gate (id int)", dst)
@@ -255,7 +256,9 @@ describe("92a84a9: the read-ahead bound", function()
       assert(target:exec("SELECT 1"))
       out("id " .. ev.new.id)
     end },]]
-    local function body(ch) return ("return {\n  replication = { slot = %q },\n  channels = {\n%s\n  },\n}\n"):format(slot, ch) end
+    local function body(ch)
+      return ("return {\n  replication = { slot = %q },\n  channels = {\n%s\n  },\n}\n"):format(slot, ch)
+    end
     C.sql("INSERT INTO items VALUES (0)", src)
     for k = 0, 9 do
       C.sql(("INSERT INTO items SELECT g FROM generate_series(%d, %d) g"):format(k * 1000 + 1, k * 1000 + 1000), src)
@@ -290,7 +293,8 @@ describe("92a84a9: the read-ahead bound", function()
   -- the walsender terminated, the target's backend terminated, the runner
   -- killed (SIGKILL) mid-batch and started again, rows updated meanwhile:
   -- the target equals the source (idempotent upserts: at least once).
-  it("GUARD: walsender and target backend terminated, runner SIGKILLed mid-batch: the target equals the source", function()
+  it("GUARD: walsender and target backend terminated, runner SIGKILLed mid-batch: the target equals the source",
+    function()
     local src, dst, slot = C.setup("rbkill")
     C.sql("CREATE TABLE items (id int PRIMARY KEY, v text)", src)
     C.sql("CREATE TABLE items (id int PRIMARY KEY, v text)", dst)
@@ -304,14 +308,16 @@ local tgt
 return {
   replication = { slot = %q },
   channels = {
-    ["public.items"] = { source = "replication", batch = 3000, retry = { attempts = 1000, backoff = 0.1, max_backoff = 0.3 },
+    ["public.items"] = { source = "replication", batch = 3000,
+      retry = { attempts = 1000, backoff = 0.1, max_backoff = 0.3 },
       handler = function(evs)
         local rows = {}
         for _, ev in ipairs(evs) do if ev.new then rows[#rows + 1] = { ev.new.id, ev.new.v } end end
         tgt = tgt or assert(pglisten.connect(TARGET))
         local ok, err = tgt:exec("SELECT pg_sleep(0.3)")
         if ok and #rows > 0 then
-          ok, err = tgt:execmany("INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", rows)
+          ok, err = tgt:execmany("INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+            rows)
         end
         if not ok then tgt = nil; error(err) end
         out("batch " .. #evs)
@@ -339,7 +345,8 @@ return {
     procs[2] = C.start(path, src)
     local ok = H.eventually(function()
       return C.sql("SELECT count(*) FROM items", dst) == "23000"
-        and C.sql("SELECT count(*) FROM items WHERE id <= 20000 AND id % 5 = 0 AND id % 11 <> 0 AND v <> 'w' || id", dst) == "0"
+        and C.sql("SELECT count(*) FROM items WHERE id <= 20000 AND id % 5 = 0 AND id % 11 <> 0 AND v <> 'w' || id",
+          dst) == "0"
     end, 40, 0.2)
     assert.truthy(ok, C.sql("SELECT count(*) || ' rows, ' || count(*) FILTER (WHERE id % 5 = 0 AND id % 11 <> 0 "
       .. "AND v <> 'w' || id) || ' stale' FROM items", dst) .. "\n" .. procs[2].stdout():sub(-300) .. procs[2].stderr())
@@ -353,7 +360,8 @@ return {
   -- ahead meanwhile), retried and then buried (on_failure = "dead"): its
   -- events, exactly those of the failed job, go to pglisten.dead; every
   -- other change is handled once, in order.
-  it('GUARD: a failing batch retried while reading ahead, then on_failure = "dead": nothing else lost, in order', function()
+  it('GUARD: a failing batch retried while reading ahead, then on_failure = "dead": nothing else lost, in order',
+    function()
     local src, dst, slot = C.setup("rbdead")
     C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
     C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
@@ -379,7 +387,8 @@ return {
     end },]])
     C.insert_commits(src, "items", 5001, 300) -- live, single-row commits
     assert.truthy(H.eventually(function()
-      return tonumber(C.sql("SELECT count(*) FROM items", dst)) + tonumber(C.sql("SELECT count(*) FROM pglisten.dead", src)) >= 5300
+      return tonumber(C.sql("SELECT count(*) FROM items", dst))
+        + tonumber(C.sql("SELECT count(*) FROM pglisten.dead", src)) >= 5300
     end, 30, 0.2), p.stderr())
     local failing = p.stdout():match("failing (%d+) from")
     local f1, f2 = p.stdout():match("failing (%d+ from %d+)\n.-failing (%d+ from %d+)")
