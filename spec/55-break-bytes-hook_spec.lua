@@ -121,3 +121,65 @@ describe("5f0c43a: the wait hook's descriptor", function()
     assert.is_true(calls >= 1 and calls <= 64, "float: " .. calls .. " calls")
   end)
 end)
+
+local function vm(p, key)
+  local f = io.open(("/proc/%d/status"):format(p.pid), "r")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return tonumber(s:match(key .. ":%s*(%d+)"))
+end
+
+-- Starts a runner on a C.script: `prelude`, then `replication` options
+-- (Lua text inside its table), then the channels.
+local function run(src, dst, slot, repl, channels, args)
+  local path = C.script(dst, ("return {\n  replication = { slot = %q, %s },\n  channels = {\n%s\n  },\n}\n")
+    :format(slot, repl or "", channels))
+  local p = C.start(path, src, args)
+  H.finally(function() C.cleanup({ p }, src, slot) end)
+  return p, path
+end
+
+describe("cacb9eb: snapshot pages bounded in bytes", function()
+  -- BREAK.  README: "Pages keep memory small (up to 1,000 rows and about
+  -- 16 MiB of values: 1 MiB rows come 15 at a time)".  A page's LIMIT is
+  -- set from the last page's row size, so small rows first (in key order)
+  -- and wide rows after them make one page of 1,000 wide rows: here
+  -- 1,000 rows of 100 KB, a page of ~100 MB of values (and as much again
+  -- in libpq), six times the bound.
+  it("BREAK: wide rows after small ones in key order still come in pages of about 16 MiB", function()
+    local src, dst, slot = C.setup("bspg")
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", src)
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, len int)", dst)
+    C.sql("INSERT INTO docs SELECT g, 's' FROM generate_series(1, 10) g", src)
+    C.sql("INSERT INTO docs SELECT g, repeat(md5(g::text), 3200) FROM generate_series(11, 1010) g", src) -- 100 KB
+    local p = run(src, dst, slot, "snapshot = true", [[
+    ["public.docs"] = { source = "replication", batch = 5000, handler = function(events, notes)
+      local rows, bytes = {}, 0
+      for _, ev in ipairs(events) do
+        if ev.op == "TRUNCATE" then
+          assert(target:exec("TRUNCATE docs"))
+        else
+          rows[#rows + 1] = { ev.new.id, #ev.new.body }
+          bytes = bytes + #ev.new.body
+        end
+      end
+      if #rows > 0 then assert(target:execmany("INSERT INTO docs VALUES ($1, $2)", rows)) end
+      if notes[1].snapshot then out(("page %d %d"):format(#rows, bytes)) end
+    end },]])
+    assert.truthy(H.eventually(function()
+      return C.sql("SELECT count(*) || ':' || coalesce(sum(len), 0) FROM docs", dst) == "1010:102400010"
+    end, 60, 0.2), p.stderr() .. C.sql("SELECT count(*) || ':' || coalesce(sum(len), 0) FROM docs", dst))
+    local pages, worst, list = 0, 0, {}
+    for n, b in p.stdout():gmatch("page (%d+) (%d+)") do
+      pages = pages + 1
+      list[#list + 1] = n .. "/" .. ("%.1fMiB"):format(tonumber(b) / 1048576)
+      if tonumber(b) > worst then worst = tonumber(b) end
+    end
+    local hwm = vm(p, "VmHWM")
+    print(("\n  snapshot, 10 small rows then 1000 of 100 KB: pages (rows/values) %s; runner peak RSS %d MiB")
+      :format(table.concat(list, " "), (hwm or 0) // 1024))
+    assert.is_true(worst <= 2 * 16 * 1048576, ("a page of %.1f MiB of values (bound: about 16 MiB): %s")
+      :format(worst / 1048576, table.concat(list, " ")))
+  end)
+end)
