@@ -67,6 +67,22 @@ describe("5f0c43a: the wait hook's descriptor", function()
     assert.is_true(took < 2.5, ("timed out after %.2f s"):format(took))
   end)
 
+  -- BREAK.  The same through execmany (pipeline.c's wait, its own deadline).
+  it("BREAK: execmany's query_timeout still fires while the hook's descriptor stays readable", function()
+    local fd
+    d, fd = readable_forever()
+    c = H.connect(nil, { query_timeout = 1 })
+    core.set_wait_hook(function() return fd end)
+    local t0 = pg.monotonic()
+    local n, err, state = c:execmany("SELECT pg_sleep($1)", { { 3 } })
+    local took = pg.monotonic() - t0
+    core.set_wait_hook(nil)
+    print(("\n  readable hook fd, query_timeout = 1, execmany pg_sleep(3): %s %s %s after %.2f s"):format(
+      tostring(n), tostring(err), tostring(state), took))
+    assert.is_nil(n, ("the 1 s query_timeout did not fire: execmany ran %.2f s to its end"):format(took))
+    assert.is_true(took < 2.5, ("timed out after %.2f s"):format(took))
+  end)
+
   -- GUARD.  Without a timeout the answer still wins: an exec finishes with
   -- the hook's descriptor readable all along, the same for execmany.
   it("GUARD: exec and execmany finish while the hook's descriptor stays readable (the answer first)", function()
@@ -119,6 +135,29 @@ describe("5f0c43a: the wait hook's descriptor", function()
     assert.truthy(c:exec("SELECT pg_sleep(0.3)"))
     core.set_wait_hook(nil)
     assert.is_true(calls >= 1 and calls <= 64, "float: " .. calls .. " calls")
+  end)
+end)
+
+describe("cacb9eb: rows.bytes", function()
+  -- GUARD.  rows.bytes is the values' bytes as sent (PQgetlength): NULL 0,
+  -- text in bytes (not characters), bytea as its hex text, an empty result
+  -- 0, the last statement's of several, the same once the statement is
+  -- prepared (statement cache), a command without rows 0.
+  it("GUARD: rows.bytes for NULLs, multibyte text, bytea, empty results, several statements, prepared", function()
+    local c = H.connect()
+    H.finally(function() c:close() end)
+    assert.equal(0, c:exec("SELECT NULL::text AS a, NULL::int AS b").bytes)
+    assert.equal(5, c:exec("SELECT 'abc' AS a, 'é' AS b").bytes)
+    assert.equal(6, c:exec("SELECT '\\x0001'::bytea AS a").bytes) -- \x0001
+    assert.equal(0, c:exec("SELECT 1 AS a WHERE false").bytes)
+    assert.equal(2, c:exec("SELECT 'abcdef' AS a; SELECT 'de' AS b").bytes)
+    assert.equal(0, c:exec("CREATE TEMP TABLE t55 (v text)").bytes)
+    assert.equal(0, c:exec("INSERT INTO t55 VALUES ('x'), (NULL)").bytes)
+    for _ = 1, 3 do -- unnamed, then prepared
+      assert.equal(1 + 1 + 0 + 0, c:exec("SELECT v, length(v) AS l FROM t55 WHERE $1::int > 0 ORDER BY v", 1).bytes)
+    end
+    local big = c:exec("SELECT repeat('x', 3000000) AS a, 12345 AS b FROM generate_series(1, 3)")
+    assert.equal(3 * (3000000 + 5), big.bytes)
   end)
 end)
 
