@@ -299,12 +299,15 @@ describe("the byte cap with a handler held, a walsender killed, a HUP", function
     local body = [[
     ["public.wide"] = { source = "replication", batch = 1000, retry = { attempts = 50, backoff = 0.05 },
       handler = function(evs, notes)
-      if evs[1].new.id >= 100 and not HELD then
-        HELD = true
-        out(("held %d %s"):format(evs[1].new.id, notes[1].lsn))
-        repeat
-          local r = assert(target:exec("SELECT count(*) AS n FROM gate, pg_sleep(0.05)"))
-        until r[1].n > 0
+      HELD = HELD or {}
+      for g, at in ipairs({ 100, 250 }) do
+        if evs[1].new.id >= at and not HELD[g] then
+          HELD[g] = true
+          out(("held%d %d %s"):format(g, evs[1].new.id, notes[1].lsn))
+          repeat
+            local r = assert(target:exec("SELECT count(*) AS n FROM gate, pg_sleep(0.05) WHERE id = $1", g))
+          until r[1].n > 0
+        end
       end
       TRIED = TRIED or {}
       local k = evs[1].new.id .. ":" .. #evs
@@ -319,8 +322,8 @@ describe("the byte cap with a handler held, a walsender killed, a HUP", function
       out("id " .. ev.new.id)
     end },]]
     local p, path = run(src, dst, slot, "", body)
-    assert.truthy(H.eventually(function() return p.stdout():find("held", 1, true) end, 30), p.stderr())
-    local held_lsn = p.stdout():match("held %d+ (%x+/%x+)")
+    assert.truthy(H.eventually(function() return p.stdout():find("held1", 1, true) end, 30), p.stderr())
+    local held_lsn = p.stdout():match("held1 %d+ (%x+/%x+)")
     -- let the read ahead fill to the cap while the handler is held
     local rss = 0
     H.eventually(function()
@@ -330,10 +333,21 @@ describe("the byte cap with a handler held, a walsender killed, a HUP", function
     local confirmed_ok = C.sql(("SELECT coalesce(confirmed_flush_lsn < '%s', true) FROM pg_replication_slots "
       .. "WHERE slot_name = '%s'"):format(held_lsn, slot))
     local confirmed = C.confirmed(slot)
-    -- at the cap: the walsender goes, then a reload
+    -- at the cap: the walsender goes; the runner streams again once the handler returns
     C.sql(("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '%s'"):format(slot))
-    p.kill("HUP")
+    H.sleep(0.3)
     C.sql("INSERT INTO gate VALUES (1)", dst)
+    assert.truthy(H.eventually(function() return H.count_matches(p.stderr(), "INFO  streaming") >= 2 end, 30),
+      p.stderr())
+    -- held again at the cap: a reload
+    assert.truthy(H.eventually(function() return p.stdout():find("held2", 1, true) end, 30), p.stderr())
+    H.eventually(function()
+      rss = math.max(rss, vm(p, "VmRSS") or 0)
+      return false
+    end, 2, 0.1)
+    p.kill("HUP")
+    H.sleep(0.3)
+    C.sql("INSERT INTO gate VALUES (2)", dst)
     C.reloaded(p, 1)
     assert.truthy(C.same(src, dst, "narrow", 60), p.stderr())
     assert.truthy(H.eventually(function()
@@ -445,5 +459,44 @@ return {
     -- and it streams after it
     C.sql("INSERT INTO d VALUES (22, 220, 'x'), (23, 230, 'y')", src)
     assert.truthy(H.eventually(function() return C.sql("SELECT count(*) FROM d", dst) == "11" end, 20), p.stderr())
+  end)
+end)
+
+describe("5f0c43a: a stop while the hook's descriptor is watched", function()
+  -- GUARD.  README (TERM): "let the running handler finish, handle what was
+  -- already received for up to 3 s, close connections, exit 0".  A SIGTERM
+  -- while a handler's exec waits and the source's hook watches the
+  -- stream's socket (changes trickling in meanwhile): the handler's query
+  -- finishes, the runner exits 0 soon after it, not after the trickle.
+  it("GUARD: SIGTERM while a handler's exec waits with the stream's socket watched: the handler ends, exit 0", function()
+    local src, dst, slot = C.setup("bsterm")
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
+    C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
+    C.slot_first(src, slot, "items")
+    local p = run(src, dst, slot, "", [[
+    ["public.items"] = { source = "replication", handler = function(ev)
+      if ev.new.id == 0 then
+        out("waiting")
+        assert(target:exec("SELECT pg_sleep(2)"))
+        out("done 0")
+      end
+      assert(target:exec("INSERT INTO items VALUES ($1) ON CONFLICT DO NOTHING", ev.new.id))
+    end },]])
+    C.sql("INSERT INTO items VALUES (0)", src)
+    assert.truthy(H.eventually(function() return p.stdout():find("waiting", 1, true) end, 10), p.stderr())
+    local t0 = H.now()
+    -- a trickle of commits for ~3 s: the hook is woken by each
+    local trickle = H.spawn({ "psql", "-qtAX", "-d", src, "-c",
+      "DO $$ BEGIN FOR i IN 1..120 LOOP INSERT INTO items VALUES (i); COMMIT; PERFORM pg_sleep(0.02); END LOOP; END $$" })
+    H.finally(function() trickle.stop() end)
+    H.sleep(0.5)
+    local rc, took = H.time_to_exit(p, "TERM", 10)
+    local since = H.now() - t0
+    print(("\n  SIGTERM 0.5 s into a 2 s exec, trickle running: exit %s after %.2f s (%.2f s after the exec began)")
+      :format(tostring(rc), took, since))
+    assert.equal(0, rc, p.stderr())
+    assert.truthy(p.stdout():find("done 0", 1, true), p.stdout())
+    assert.is_true(since < 2 + 3 + 1.5, ("exit %.2f s after the exec began"):format(since))
+    trickle.wait(15)
   end)
 end)
