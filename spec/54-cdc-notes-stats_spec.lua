@@ -69,6 +69,7 @@ return {
     assert.matches(" unrouted=5", line_of(p.stderr(), "replication stats"))
     assert.matches(" unrouted=5", global)
   end)
+
   it("queues at most about 64 MiB of wide rows, read ahead or not, and loses none", function()
     local src, dst, slot = C.setup("nbyt")
     C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", src)
