@@ -71,6 +71,25 @@ describe("core.set_wait_hook", function()
     assert.equal(1, got)
   end)
 
+  it("keeps a query's timeout while the descriptor a hook returned stays readable", function()
+    assert(d:exec("LISTEN stuck"))
+    assert(c:exec("NOTIFY stuck")) -- d's socket now holds a note that the hook never takes
+    local fd, calls = d:pollfd(), 0
+    pg.sleep(0.1)
+    core.set_wait_hook(function()
+      calls = calls + 1
+      return fd
+    end)
+    c:settimeout(0.5)
+    local t0 = pg.monotonic()
+    local rows, err = c:exec("SELECT pg_sleep(5)")
+    local took = pg.monotonic() - t0
+    core.set_wait_hook(nil)
+    assert.is_nil(rows)
+    assert.matches("time", tostring(err))
+    assert.is_true(took < 2.5, ("the 0.5 s timeout came after %.2f s (%d hook calls)"):format(took, calls))
+  end)
+
   it("stops calling a hook once the answer is in", function()
     local calls = 0
     core.set_wait_hook(function()

@@ -164,7 +164,7 @@ int pgl_waitfd_or(lua_State *L, int fd, short events, int extra, double deadline
       if (ei >= 0 && (p[ei].revents & POLLNVAL))
         n = (nfds_t)ei, ei = -1; /* not a descriptor: wait for the rest (it was the last) */
       else if (ei >= 0 && p[ei].revents)
-        return 3;
+        return deadline >= 0 && pgl_monotonic() >= deadline ? 0 : 3; /* a busy extra ends no deadline */
       continue;
     }
     if (r == 0) {
