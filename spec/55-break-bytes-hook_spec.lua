@@ -221,6 +221,40 @@ describe("cacb9eb: snapshot pages bounded in bytes", function()
     assert.is_true(worst <= 2 * 16 * 1048576, ("a page of %.1f MiB of values (bound: about 16 MiB): %s")
       :format(worst / 1048576, table.concat(list, " ")))
   end)
+  -- BREAK.  The first page is FIRST_PAGE (10) rows whatever their size:
+  -- a table of 8 MiB rows is read 10 at a time, a first page of 80 MiB of
+  -- values (README: "about 16 MiB of values").
+  it("BREAK: the first page of a table of 8 MiB rows holds about 16 MiB, not 10 rows", function()
+    local src, dst, slot = C.setup("bspg1")
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, body text)", src)
+    C.sql("CREATE TABLE docs (id int PRIMARY KEY, len int)", dst)
+    C.sql("INSERT INTO docs SELECT g, repeat(md5(g::text), 262144) FROM generate_series(1, 12) g", src) -- 8 MiB
+    local p = run(src, dst, slot, "snapshot = true", [[
+    ["public.docs"] = { source = "replication", batch = 5000, handler = function(events, notes)
+      local rows, bytes = {}, 0
+      for _, ev in ipairs(events) do
+        if ev.op ~= "TRUNCATE" then
+          rows[#rows + 1] = { ev.new.id, #ev.new.body }
+          bytes = bytes + #ev.new.body
+        end
+      end
+      if #rows > 0 then assert(target:execmany("INSERT INTO docs VALUES ($1, $2) ON CONFLICT DO NOTHING", rows)) end
+      if notes[1].snapshot then out(("page %d %d"):format(#rows, bytes)) end
+    end },]])
+    assert.truthy(H.eventually(function()
+      return C.sql("SELECT count(*) || ':' || coalesce(sum(len), 0) FROM docs", dst) == "12:100663296"
+    end, 60, 0.2), p.stderr())
+    local worst, list = 0, {}
+    for n, b in p.stdout():gmatch("page (%d+) (%d+)") do
+      list[#list + 1] = n .. "/" .. ("%.1fMiB"):format(tonumber(b) / 1048576)
+      if tonumber(b) > worst then worst = tonumber(b) end
+    end
+    local hwm = vm(p, "VmHWM")
+    print(("\n  snapshot of 12 rows of 8 MiB: pages (rows/values) %s; runner peak RSS %d MiB")
+      :format(table.concat(list, " "), (hwm or 0) // 1024))
+    assert.is_true(worst <= 2 * 16 * 1048576, ("a page of %.1f MiB of values (bound: about 16 MiB): %s")
+      :format(worst / 1048576, table.concat(list, " ")))
+  end)
 end)
 
 -- the ids of "id N" lines, strictly increasing (each once, in commit order)?
