@@ -20,6 +20,9 @@
 #               STATEMENT with transition tables), and single-row transactions
 #               under this schema and under BENCH_BASE_REV's
 #   bench/capture-icount.sh  the same, counted in instructions (callgrind)
+# then change data capture end to end against the NOTIFY batch sync:
+#   bench/cdc.sh  the replication source (batch = 1000, execmany) and the
+#               NOTIFY batch consumer, live and from a backlog (issue 12's goals)
 # and writes the tables, the machine, the commands and the targets to
 # bench/RESULTS.md.  bench/profile.sh is the callgrind profile of the hot path.
 #
@@ -29,7 +32,7 @@
 #   BENCH_RUNS (3)            runs per median
 #   BENCH_BATCH (1000)        notes/rows per producer transaction
 #   BENCH_RATE (2000)         notes/s in run.sh's latency run
-#   BENCH_ONLY (all)          run | sync | capture: one part only
+#   BENCH_ONLY (all)          run | sync | capture | cdc: one part only
 #   BENCH_CAPTURE_N (100000)  rows per capture measurement (BENCH_BATCH per transaction)
 #   BENCH_SINGLE_N (10000)    single-row transactions per measurement
 #   BENCH_BASE_REV (0c97c05)  the tree whose schema the single-row rows compare with
@@ -131,6 +134,12 @@ run_run() {
   say "bench: run.sh (N=$N, $RUNS runs)"
   BENCH_N=$N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_RATE=$RATE "$tmp/bench/run.sh" "${run_cmd[@]}" 2>"$tmp/run.err" | tee "$tmp/run.out" >&2
 }
+run_cdc() {
+  say "bench: cdc.sh (N=$SYNC_N, $RUNS runs)"
+  BENCH_SYNC_N=$SYNC_N BENCH_RUNS=$RUNS BENCH_BATCH=$B BENCH_BUILD=$build BENCH_SHARED=$shared "$here/cdc.sh" \
+    2>"$tmp/cdc.err" | tee "$tmp/cdc.out" >&2
+}
+
 run_sync() {
   say "bench: sync.sh (N=$SYNC_N, $RUNS runs)"
   BENCH_N=$SYNC_N BENCH_RUNS=$RUNS BENCH_BATCH=$B "$tmp/bench/sync.sh" "${sync_cmd[@]}" 2>"$tmp/sync.err" | tee "$tmp/sync.out" >&2
@@ -360,12 +369,12 @@ write_results() {
       printf 'BENCH_N=%s BENCH_RUNS=%s BENCH_BATCH=%s BENCH_RATE=%s $tmp/bench/run.sh' "$N" "$RUNS" "$B" "$RATE"
       printf " \\\\\n  '%s'" "${run_cmd[@]}"; echo
     fi
-    if [ "$ONLY" != run ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = sync ]; then
       printf 'BENCH_N=%s BENCH_RUNS=%s BENCH_BATCH=%s $tmp/bench/sync.sh' "$SYNC_N" "$RUNS" "$B"
       printf " \\\\\n  '%s'" "${sync_cmd[@]}"; echo
     fi
     echo '```'
-    if [ "$ONLY" != sync ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = run ]; then
       echo
       echo "## Receive: run.sh (JSON payloads on channel bench)"
       echo
@@ -379,7 +388,7 @@ write_results() {
       echo
       cat "$tmp/run.out"
     fi
-    if [ "$ONLY" != run ]; then
+    if [ "$ONLY" = all ] || [ "$ONLY" = sync ]; then
       echo
       echo "## Sync: sync.sh (trigger on source.users -> upsert into target.users)"
       echo
@@ -407,6 +416,10 @@ write_results() {
       echo
       capture_section
     fi
+    if [ -s "$tmp/cdc.out" ]; then
+      echo
+      cat "$tmp/cdc.out"
+    fi
     echo
     echo "## Targets"
     echo
@@ -431,12 +444,13 @@ copy_bench || { echo "bench: cannot copy $shared" >&2; exit 1; }
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 case $ONLY in all|run) run_run ;; esac
 case $ONLY in all|capture) run_capture ;; esac
+case $ONLY in all|cdc) run_cdc ;; esac
 if [ "$ONLY" = all ] || [ "$ONLY" = sync ]; then
   run_sync
   say "bench: sync producer alone, and the batch consumers' capacity"
   sync_extra >"$tmp/sync_extra.out" 2>"$tmp/sync_extra.err"; cat "$tmp/sync_extra.out" >&2
 fi
-for f in run sync capture forms icount; do
+for f in run sync capture forms icount cdc; do
   [ -s "$tmp/$f.err" ] && { say "bench: $f.sh stderr:"; tail -n 20 "$tmp/$f.err" >&2; }
 done
 if [ "$ONLY" = capture ]; then
