@@ -21,17 +21,6 @@ local function readable_forever()
   return d, fd
 end
 
-local function cpu_of(pid)
-  local f = io.open(("/proc/%d/stat"):format(pid), "r")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  local rest = s:match("%) (.*)")
-  local t = {}
-  for w in rest:gmatch("%S+") do t[#t + 1] = w end
-  return (tonumber(t[12]) + tonumber(t[13])) / 100 -- utime + stime, clock ticks
-end
-
 describe("5f0c43a: the wait hook's descriptor", function()
   local c, d
   after_each(function()
@@ -355,7 +344,7 @@ describe("the byte cap with a handler held, a walsender killed, a HUP", function
       assert(target:exec("INSERT INTO narrow VALUES ($1) ON CONFLICT DO NOTHING", ev.new.id))
       out("id " .. ev.new.id)
     end },]]
-    local p, path = run(src, dst, slot, "", body)
+    local p = run(src, dst, slot, "", body)
     assert.truthy(H.eventually(function() return p.stdout():find("held1", 1, true) end, 30), p.stderr())
     local held_lsn = p.stdout():match("held1 %d+ (%x+/%x+)")
     -- let the read ahead fill to the cap while the handler is held
@@ -502,7 +491,8 @@ describe("5f0c43a: a stop while the hook's descriptor is watched", function()
   -- while a handler's exec waits and the source's hook watches the
   -- stream's socket (changes trickling in meanwhile): the handler's query
   -- finishes, the runner exits 0 soon after it, not after the trickle.
-  it("GUARD: SIGTERM while a handler's exec waits with the stream's socket watched: the handler ends, exit 0", function()
+  it("GUARD: SIGTERM while a handler's exec waits with the stream's socket watched: the handler ends, exit 0",
+    function()
     local src, dst, slot = C.setup("bsterm")
     C.sql("CREATE TABLE items (id int PRIMARY KEY)", src)
     C.sql("CREATE TABLE items (id int PRIMARY KEY)", dst)
@@ -521,7 +511,8 @@ describe("5f0c43a: a stop while the hook's descriptor is watched", function()
     local t0 = H.now()
     -- a trickle of commits for ~3 s: the hook is woken by each
     local trickle = H.spawn({ "psql", "-qtAX", "-d", src, "-c",
-      "DO $$ BEGIN FOR i IN 1..120 LOOP INSERT INTO items VALUES (i); COMMIT; PERFORM pg_sleep(0.02); END LOOP; END $$" })
+      "DO $$ BEGIN FOR i IN 1..120 LOOP INSERT INTO items VALUES (i); COMMIT; PERFORM pg_sleep(0.02); "
+      .. "END LOOP; END $$" })
     H.finally(function() trickle.stop() end)
     H.sleep(0.5)
     local rc, took = H.time_to_exit(p, "TERM", 10)
