@@ -422,6 +422,7 @@ int pgl_conn_connect(lua_State *L) {
 
 static const luaL_Reg conn_methods[] = {
   {"exec", pgl_conn_exec},
+  {"exec_upto", pgl_conn_exec_upto},
   {"statement_cache", pgl_conn_statement_cache},
   {"interruptible", conn_interruptible},
   {"ping", pgl_conn_ping},

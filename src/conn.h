@@ -24,6 +24,7 @@ int pgl_run_query_x(lua_State *L, pgl_conn *c, const char *sql, const char *stmt
 int pgl_run_query(lua_State *L, pgl_conn *c, const char *sql, const char *stmt, int prepare,
                   int nparams, const char *const *values, double timeout);
 int pgl_conn_exec(lua_State *L);
+int pgl_conn_exec_upto(lua_State *L);
 int pgl_conn_ping(lua_State *L);
 
 /* stmtcache.c */

@@ -150,6 +150,7 @@ void pgl_number_open(lua_State *L);
 const char *const *pgl_params(lua_State *L, int first, int n, int *nerr);
 /* Pushes rows for a successful result. `res` must be boxed already. */
 void pgl_push_rows(lua_State *L, PGresult *res);
+lua_Integer pgl_rows_append(lua_State *L, int idx, PGresult *res); /* -> the values' bytes */
 /* Pushes a box that PQclears `res` when collected; returns the box slot. */
 PGresult **pgl_box_result(lua_State *L, PGresult *res);
 /* Frees the boxed result now (idempotent). */

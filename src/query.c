@@ -303,3 +303,114 @@ int pgl_conn_ping(lua_State *L) {
   lua_pushboolean(L, 1);
   return 1;
 }
+
+/* ------------------------------------------------------------------ */
+/* Rows up to a size                                                   */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Collects the rows of a query in single-row mode into the array at `rows`:
+ * each is converted while the values taken stay under `max_bytes` (one row
+ * at least), the rest are read and dropped (*more set); the first error
+ * goes to the box `err`, the row being converted sits in the box `cur`.
+ * Q_OK, or how the wait failed.
+ */
+static int collect_rows(const qwait *w, int rows, lua_Integer max_bytes, lua_Integer *bytes, int *more,
+                        PGresult **cur, PGresult **err, int *copy_out) {
+  for (;;) {
+    PGresult *res;
+    int r;
+    while (PQisBusy(w->pg))
+      if ((r = await_server(w, POLLIN)) != Q_OK)
+        return r;
+    if ((res = PQgetResult(w->pg)) == NULL)
+      return Q_OK;
+    switch (PQresultStatus(res)) {
+    case PGRES_SINGLE_TUPLE:
+      if (*bytes < max_bytes && !*err) {
+        *cur = res;
+        *bytes += pgl_rows_append(w->L, rows, res);
+        *cur = NULL;
+      } else {
+        *more = 1;
+      }
+      break;
+    case PGRES_COPY_IN:
+      if (PQputCopyEnd(w->pg, "COPY FROM STDIN is not supported by pglisten") < 0)
+        res = (PQclear(res), NULL);
+      break;
+    case PGRES_COPY_OUT:
+      PQclear(res);
+      res = NULL;
+      *copy_out = 1;
+      if ((r = discard_copy_out(w)) != Q_OK)
+        return r;
+      break;
+    case PGRES_BAD_RESPONSE:
+    case PGRES_NONFATAL_ERROR:
+    case PGRES_FATAL_ERROR:
+      if (!*err) {
+        *err = res;
+        res = NULL;
+      }
+      break;
+    default: /* the end of the rows, or a statement without any */
+      break;
+    }
+    PQclear(res);
+  }
+}
+
+/*
+ * conn:exec_upto(max_bytes, sql, ...) -> rows | nil, err[, sqlstate]
+ * One statement, its parameters as exec's, its rows taken one at a time
+ * (libpq's single-row mode): converted until their values reach max_bytes
+ * (one row at least); the rest are read from the server and dropped, and
+ * rows.more is true.  rows.n, rows.bytes as exec's.  So a page of rows of
+ * unknown width never holds much more than max_bytes in memory.
+ */
+int pgl_conn_exec_upto(lua_State *L) {
+  pgl_conn *c = pgl_checkconn(L, 1);
+  lua_Integer max_bytes = luaL_checkinteger(L, 2), bytes = 0;
+  size_t len;
+  const char *sql = luaL_checklstring(L, 3, &len);
+  int nparams = lua_gettop(L) - 3, nerr = 0, more = 0, copy_out = 0, how, rows;
+  const char *const *values = NULL;
+  PGresult **cur, **err;
+  qwait w;
+  luaL_argcheck(L, nparams <= 65535, 4, "too many query parameters (the protocol allows 65535)");
+  if (strlen(sql) != len) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "SQL contains a zero byte (at byte %d); refused, nothing was sent", (int)strlen(sql) + 1);
+    return 2;
+  }
+  if (nparams > 0 && !(values = pgl_params(L, 4, nparams, &nerr))) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "parameter $%d contains a zero byte, which text parameters cannot carry", nerr);
+    return 2;
+  }
+  w.L = L, w.pg = c->pg, w.fd = PQsocket(c->pg), w.stop = c->stop_ends ? PGL_WAIT_STOP : 0;
+  w.deadline = c->timeout > 0 ? pgl_deadline_in(c->timeout) : -1;
+  if (!PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0) || !PQsetSingleRowMode(c->pg))
+    return pgl_conn_fail(L, c, "could not send query");
+  lua_newtable(L);
+  rows = lua_gettop(L);
+  cur = pgl_box_result(L, NULL);
+  err = pgl_box_result(L, NULL);
+  how = flush_query(&w);
+  if (how == Q_OK)
+    how = collect_rows(&w, rows, max_bytes, &bytes, &more, cur, err, &copy_out);
+  pgl_unbox_result(cur);
+  if (how != Q_OK)
+    return -wait_failed(L, c, how, cur, err, c->timeout);
+  if (*err || copy_out)
+    return -finish_query(L, c->pg, cur, err, copy_out, NULL);
+  lua_pop(L, 2);
+  lua_pushinteger(L, (lua_Integer)lua_rawlen(L, rows));
+  lua_setfield(L, rows, "n");
+  lua_pushinteger(L, bytes);
+  lua_setfield(L, rows, "bytes");
+  lua_pushboolean(L, more);
+  lua_setfield(L, rows, "more");
+  return 1;
+}

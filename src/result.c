@@ -265,23 +265,21 @@ void pgl_push_text_value(lua_State *L, const char *v, size_t len, Oid type) {
 }
 
 /*
- * Pushes { row, row, ..., n = rows, affected = command tuples, command = tag,
- * bytes = the values' bytes as the server sent them } where each row is
- * keyed by column name.
+ * Appends the rows of `res` to the array at `idx` (after its last element),
+ * each keyed by column name; returns the values' bytes as the server sent
+ * them.
  */
-void pgl_push_rows(lua_State *L, PGresult *res) {
+lua_Integer pgl_rows_append(lua_State *L, int idx, PGresult *res) {
   int nrows = PQntuples(res), ncols = PQnfields(res), r, c, names, nullidx;
-  const char *tuples = PQcmdTuples(res);
-  lua_Integer affected = 0, bytes = 0;
-
+  lua_Integer bytes = 0, at;
+  idx = lua_absindex(L, idx);
+  at = (lua_Integer)lua_rawlen(L, idx);
   luaL_checkstack(L, ncols + 6, "too many result columns");
   lua_rawgetp(L, LUA_REGISTRYINDEX, &pgl_key_null);
   nullidx = lua_gettop(L);
   names = nullidx + 1;
   for (c = 0; c < ncols; c++)
     lua_pushstring(L, PQfname(res, c));
-
-  lua_createtable(L, nrows, 4);
   for (r = 0; r < nrows; r++) {
     lua_createtable(L, 0, ncols);
     for (c = 0; c < ncols; c++) {
@@ -290,9 +288,23 @@ void pgl_push_rows(lua_State *L, PGresult *res) {
       lua_rawset(L, -3);
       bytes += PQgetlength(res, r, c);
     }
-    lua_rawseti(L, -2, (lua_Integer)r + 1);
+    lua_rawseti(L, idx, ++at);
   }
-  lua_pushinteger(L, nrows);
+  lua_settop(L, nullidx - 1);
+  return bytes;
+}
+
+/*
+ * Pushes { row, row, ..., n = rows, affected = command tuples, command = tag,
+ * bytes = the values' bytes as the server sent them } where each row is
+ * keyed by column name.
+ */
+void pgl_push_rows(lua_State *L, PGresult *res) {
+  const char *tuples = PQcmdTuples(res);
+  lua_Integer affected = 0, bytes;
+  lua_createtable(L, PQntuples(res), 4);
+  bytes = pgl_rows_append(L, -1, res);
+  lua_pushinteger(L, PQntuples(res));
   lua_setfield(L, -2, "n");
   if (tuples && *tuples)
     parse_int(tuples, &affected);
@@ -302,9 +314,6 @@ void pgl_push_rows(lua_State *L, PGresult *res) {
   lua_setfield(L, -2, "command");
   lua_pushinteger(L, bytes);
   lua_setfield(L, -2, "bytes");
-
-  lua_replace(L, nullidx); /* rows where the null was; drop the names */
-  lua_settop(L, nullidx);
 }
 
 /* ------------------------------------------------------------------ */

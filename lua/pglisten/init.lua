@@ -284,6 +284,30 @@ function methods:exec(sql, ...)
   return rows, err, code
 end
 
+local cexec_upto = methods.exec_upto
+
+--- One statement whose rows are taken while their values stay under
+-- `max_bytes` (one row at least; libpq's single-row mode): the rest are
+-- read and dropped, and rows.more is true.  Parameters, healing and
+-- transaction blocks as exec's.
+-- @return rows (`n`, `bytes`, `more`), or nil, err, sqlstate
+function methods:exec_upto(max_bytes, sql, ...)
+  check_open(self)
+  if math.type(max_bytes) ~= "integer" or type(sql) ~= "string" then
+    error("bad arguments to 'exec_upto' (integer and string expected, got " .. type(max_bytes) .. " and "
+      .. type(sql) .. ")", 2)
+  end
+  local ok, err, code = heal(self, sql)
+  if not ok then
+    if type(err) == "table" then return err end
+    return nil, err, code
+  end
+  local rows
+  rows, err, code = cexec_upto(self, max_bytes, sql, ...)
+  err, code = after_call(self, sql, err, code)
+  return rows, err, code
+end
+
 local cexecmany = methods.execmany
 
 --- Runs one statement for every parameter tuple of `list`, in libpq's

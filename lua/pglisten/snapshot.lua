@@ -37,9 +37,11 @@
 -- (keyset: `WHERE (k1, k2) > ($1, $2) ORDER BY k1, k2 LIMIT $3`), on the
 -- primary key, or the replica identity index when the table has one, or
 -- ctid when it has neither.  Each page goes to `deliver` before the next is
--- read, so memory holds one page; pages are kept near PAGE_BYTES of values
--- (the first has FIRST_PAGE rows, each next as many as the last page's
--- row size lets), so that wide rows do not make a page of gigabytes.  Each table's rows are preceded by one
+-- read, so memory holds one page; a page takes its rows while their values
+-- stay under PAGE_BYTES (conn:exec_upto: the query's other rows are read
+-- and dropped, and come with the next page), and its LIMIT follows the
+-- rows' size (FIRST_PAGE rows first, then as many as the last page's row
+-- size lets, up to `page`), so that few rows are read in vain.  Each table's rows are preceded by one
 -- TRUNCATE event (note.snapshot set; `truncate = false` leaves it out):
 -- a target that an interrupted snapshot left half filled, with rows the
 -- source has deleted since, converges when the snapshot is done again.
@@ -110,6 +112,14 @@ SELECT array_to_json(attnames)::text AS attnames, rowfilter
 
 local function q(conn, sql, ...)
   local rows, err, code = conn:exec(sql, ...)
+  if not rows then error({ err = err, code = code }, 0) end
+  return rows
+end
+
+-- A page: its rows while their values stay under PAGE_BYTES (the rest of
+-- the query's rows are dropped and read again with the next page).
+local function q_page(conn, sql, ...)
+  local rows, err, code = conn:exec_upto(M.PAGE_BYTES, sql, ...)
   if not rows then error({ err = err, code = code }, 0) end
   return rows
 end
@@ -262,7 +272,7 @@ local function read_table(rt, conn, name, opts)
   while true do
     if stop_requested(rt) then error({ err = "interrupted" }, 0) end
     if last then last[#aliases + 1] = limit end
-    local rows = last and q(conn, nxt, table.unpack(last, 1, #aliases + 1)) or q(conn, first, limit)
+    local rows = last and q_page(conn, nxt, table.unpack(last, 1, #aliases + 1)) or q_page(conn, first, limit)
     local n = rows.n or #rows
     if n == 0 then break end
     local events, notes = {}, {}
@@ -282,8 +292,8 @@ local function read_table(rt, conn, name, opts)
       error({ err = ("snapshot of %s: delivery failed: %s"):format(name, tostring(err)) }, 0)
     end
     total = total + n
-    if n < limit then break end
-    limit = next_limit(n, rows.bytes or 0, opts.page)
+    if n < limit and not rows.more then break end
+    limit = next_limit(n, rows.bytes, opts.page)
   end
   return total
 end
