@@ -3,7 +3,8 @@
 -- commit_lsn), with no xid or commit time (no transaction made them); the
 -- runner's "stats" line counts the changes no channel serves as unrouted,
 -- as the source's own "replication stats" line does; the queue of changes
--- read and not handled is bounded in bytes, not only in items (wide rows).
+-- read and not handled is bounded in bytes, not only in items (wide rows);
+-- conn:exec_upto, which the snapshot pages with.
 local H = require "spec.helpers"
 local C = require "spec.cdc_helpers"
 
@@ -164,5 +165,54 @@ return {
         assert.is_true(before >= 120, "a page of " .. sizes[i] .. " wide rows: " .. table.concat(sizes, " "))
       end
     end
+  end)
+end)
+
+describe("conn:exec_upto", function()
+  local c
+  before_each(function() c = H.connect() end)
+  after_each(function() c:close() end)
+
+  it("takes rows while their values stay under max_bytes, one at least, and says more were left", function()
+    local r = assert(c:exec_upto(100, "SELECT g, repeat('x', 40) AS v FROM generate_series(1, 10) g"))
+    -- 41 bytes a row: 3 rows take 123 (the third began under 100)
+    assert.same({ 3, 123, true }, { r.n, r.bytes, r.more })
+    assert.same({ 1, 2, 3 }, { r[1].g, r[2].g, r[3].g })
+    assert.equal(("x"):rep(40), r[3].v)
+    r = assert(c:exec_upto(1, "SELECT repeat('y', 1000) AS v"))
+    assert.same({ 1, 1000, false }, { r.n, r.bytes, r.more })
+    r = assert(c:exec_upto(1 << 40, "SELECT g FROM generate_series(1, $1::int) g WHERE g > $2", 5, 1))
+    assert.same({ 4, 4, false, 2 }, { r.n, r.bytes, r.more, r[1].g })
+    r = assert(c:exec_upto(10, "SELECT 1 AS x WHERE false"))
+    assert.same({ 0, 0, false }, { r.n, r.bytes, r.more })
+  end)
+
+  it("returns errors as exec does, refuses what it cannot run, and the connection goes on", function()
+    local r, err, code = c:exec_upto(10, "SELECT 1/0")
+    assert.same({ nil, "22012" }, { r, code })
+    assert.matches("division by zero", err)
+    r, err, code = c:exec_upto(10, "SELECT 1; SELECT 2")
+    assert.same({ nil, "42601" }, { r, code })
+    assert.matches("multiple commands", err)
+    r, err = c:exec_upto(10, "COPY (SELECT 1) TO STDOUT")
+    assert.is_nil(r)
+    assert.matches("COPY TO STDOUT is not supported", err)
+    r, err = c:exec_upto(10, "SELECT 1\0")
+    assert.is_nil(r)
+    assert.matches("zero byte", err)
+    -- an error in the middle of the rows: none of them, the error
+    r, err, code = c:exec_upto(1 << 20, "SELECT 10 / (3 - g) AS x FROM generate_series(1, 5) g")
+    assert.same({ nil, "22012" }, { r, code })
+    assert.matches("division by zero", err)
+    assert.equal(42, c:exec("SELECT 42 AS x")[1].x)
+    assert.has_error(function() c:exec_upto("10", "SELECT 1") end)
+  end)
+
+  it("heals a lost connection first, as exec does", function()
+    local admin = H.connect()
+    H.kill_now(admin, c)
+    admin:close()
+    local r = assert(c:exec_upto(100, "SELECT 7 AS x"))
+    assert.equal(7, r[1].x)
   end)
 end)
