@@ -372,3 +372,72 @@ describe("8f94cb6: snapshot pages by exec_upto", function()
     print("\n  pages: " .. table.concat(pages, " "))
   end)
 end)
+
+local C = require "spec.cdc_helpers"
+
+describe("8f94cb6: the runner's snapshot, end to end", function()
+  -- GUARD.  snapshot = true over a composite key (int, text, timestamptz)
+  -- with a 17 MiB row among small ones, and a table without any key (ctid):
+  -- the target equals the source, rows streamed after it too.
+  it("GUARD: composite-key and ctid tables with a row over 16 MiB: target equals source", function()
+    local src, dst, slot = C.setup("b56e")
+    local ddl = [[CREATE TABLE comp (a int, b text, t timestamptz, body text, PRIMARY KEY (a, b, t));
+      CREATE TABLE bag (n int, v text);]]
+    C.sql(ddl, src)
+    C.sql(ddl, dst)
+    C.sql("ALTER TABLE bag REPLICA IDENTITY FULL", src)
+    C.sql([[INSERT INTO comp SELECT g % 4, chr(65 + g % 6),
+        timestamptz '2021-06-01 12:00:00.5+02' + g * interval '1 min', 'c' || g FROM generate_series(1, 3000) g;
+      UPDATE comp SET body = repeat(md5('w'), 557057) WHERE a = 1 AND b = 'B' AND t = (SELECT min(t) FROM comp
+        WHERE a = 1 AND b = 'B');
+      INSERT INTO bag SELECT CASE WHEN g % 5 = 0 THEN NULL ELSE g % 7 END, 'b' || g FROM generate_series(1, 2500) g]],
+      src)
+    local path = C.script(dst, ([[
+local function ins(tbl, rows, n)
+  if #rows == 0 then return end
+  local ph = {}
+  for i = 1, n do ph[i] = "$" .. i end
+  assert(target:execmany(("INSERT INTO %%s VALUES (%%s)"):format(tbl, table.concat(ph, ", ")), rows))
+end
+return {
+  replication = { slot = %q, snapshot = true },
+  channels = {
+    ["public.comp"] = { source = "replication", batch = 5000, handler = function(events)
+      local rows = {}
+      for _, ev in ipairs(events) do
+        if ev.op == "TRUNCATE" then assert(target:exec("TRUNCATE comp"))
+        elseif ev.op == "INSERT" then rows[#rows + 1] = { ev.new.a, ev.new.b, ev.new.t, ev.new.body } end
+      end
+      ins("comp", rows, 4)
+    end },
+    ["public.bag"] = { source = "replication", batch = 5000, handler = function(events)
+      local rows = {}
+      for _, ev in ipairs(events) do
+        if ev.op == "TRUNCATE" then assert(target:exec("TRUNCATE bag"))
+        elseif ev.op == "INSERT" then rows[#rows + 1] = { ev.new.n, ev.new.v } end
+      end
+      ins("bag", rows, 2)
+      out("bag " .. #rows)
+    end },
+  },
+}
+]]):format(slot))
+    local p = C.start(path, src)
+    H.finally(function() C.cleanup({ p }, src, slot) end)
+    C.sql("INSERT INTO bag VALUES (42, 'streamed')", src)
+    local dig = {
+      comp = "SELECT count(*) || ':' || md5(string_agg(a || b || t::text || md5(body), ',' ORDER BY a, b, t)) "
+        .. "FROM comp",
+      bag = "SELECT count(*) || ':' || md5(string_agg(coalesce(n::text, 'N') || v, ',' ORDER BY v)) FROM bag",
+    }
+    for _, tbl in ipairs({ "comp", "bag" }) do
+      local want
+      local ok = H.eventually(function()
+        want = C.sql(dig[tbl], src)
+        return C.sql(dig[tbl], dst) == want
+      end, 60, 0.2)
+      assert.truthy(ok, tbl .. ": source " .. want .. ", target " .. C.sql(dig[tbl], dst) .. "\n" .. p.stderr())
+    end
+    assert.equal("2501", C.sql("SELECT count(*) FROM bag", dst))
+  end)
+end)
