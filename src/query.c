@@ -326,8 +326,8 @@ static int collect_rows(const qwait *w, int rows, lua_Integer max_bytes, lua_Int
     if ((res = PQgetResult(w->pg)) == NULL)
       return Q_OK;
     switch (PQresultStatus(res)) {
-    case PGRES_SINGLE_TUPLE:
-      if (*bytes < max_bytes && !*err) {
+    case PGRES_SINGLE_TUPLE: /* the first row whatever max_bytes says */
+      if ((*bytes < max_bytes || lua_rawlen(w->L, rows) == 0) && !*err) {
         *cur = res;
         *bytes += pgl_rows_append(w->L, rows, res);
         *cur = NULL;
@@ -401,6 +401,8 @@ int pgl_conn_exec_upto(lua_State *L) {
   if (how == Q_OK)
     how = collect_rows(&w, rows, max_bytes, &bytes, &more, cur, err, &copy_out);
   pgl_unbox_result(cur);
+  if (nparams == 0 && pgl_drops_all(sql))
+    pgl_stmts_forget(c); /* gone from the server, as after exec */
   if (how != Q_OK)
     return -wait_failed(L, c, how, cur, err, c->timeout);
   if (*err || copy_out)

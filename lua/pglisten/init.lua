@@ -253,6 +253,14 @@ local function after_call(conn, sql, err, code)
   return err, code
 end
 
+-- LISTEN/UNLISTEN/DISCARD ALL as SQL text (never with parameters): the
+-- channels are read from the server once outside a transaction block
+local function mark_channels(self, sql, nparams)
+  if nparams == 0 and (sql:find("[Ll][Ii][Ss][Tt][Ee][Nn]") or sql:find("[Dd][Ii][Ss][Cc][Aa][Rr][Dd]")) then
+    st(self).dirty = true
+  end
+end
+
 --- Runs a query; parameters $1..$n travel separately from the SQL.
 -- nil (or pglisten.null) is NULL; booleans, integers, floats and strings as
 -- themselves; tables as JSON.  Without parameters several statements may be
@@ -273,11 +281,7 @@ function methods:exec(sql, ...)
     if type(err) == "table" then return err end -- a ROLLBACK answered by heal
     return nil, err, code
   end
-  -- LISTEN/UNLISTEN/DISCARD ALL as SQL text (never with parameters): the
-  -- channels are read from the server once outside a transaction block
-  if select("#", ...) == 0 and (sql:find("[Ll][Ii][Ss][Tt][Ee][Nn]") or sql:find("[Dd][Ii][Ss][Cc][Aa][Rr][Dd]")) then
-    st(self).dirty = true
-  end
+  mark_channels(self, sql, select("#", ...))
   local rows
   rows, err, code = cexec(self, sql, ...)
   err, code = after_call(self, sql, err, code)
@@ -302,6 +306,7 @@ function methods:exec_upto(max_bytes, sql, ...)
     if type(err) == "table" then return err end
     return nil, err, code
   end
+  mark_channels(self, sql, select("#", ...))
   local rows
   rows, err, code = cexec_upto(self, max_bytes, sql, ...)
   err, code = after_call(self, sql, err, code)

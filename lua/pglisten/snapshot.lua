@@ -94,14 +94,17 @@ SELECT a.attname AS name, a.atttypid::bigint AS type, t.typtype AS typtype
  WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
  ORDER BY a.attnum]]
 
--- The key columns of the replica identity index ($2) or of the primary key.
+-- The key columns of the replica identity index ($2) or of the primary key,
+-- and the collation of each in the index (its uniqueness; the column's own
+-- may be another, a nondeterministic one under which distinct keys tie).
 local KEY = [[
-SELECT a.attname AS name
-  FROM pg_catalog.pg_index i,
-       unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord),
-       pg_catalog.pg_attribute a
- WHERE i.indrelid = $1::oid AND a.attrelid = i.indrelid AND a.attnum = k.attnum
-   AND k.ord <= i.indnkeyatts
+SELECT a.attname AS name, cn.nspname AS coll_schema, co.collname AS coll_name
+  FROM pg_catalog.pg_index i
+ CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[]) WITH ORDINALITY AS k(attnum, coll, ord)
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+  LEFT JOIN pg_catalog.pg_collation co ON co.oid = k.coll
+  LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+ WHERE i.indrelid = $1::oid AND k.ord <= i.indnkeyatts
    AND CASE WHEN $2::bool THEN i.indisreplident ELSE i.indisprimary END
  ORDER BY k.ord]]
 
@@ -129,11 +132,8 @@ end
 local function describe(conn, name, opts)
   local rel = q(conn, REL, name)[1]
   local cols = q(conn, COLUMNS, rel.oid)
-  local keys = {}
-  for _, r in ipairs(q(conn, KEY, rel.oid, rel.ident == "i")) do keys[#keys + 1] = r.name end
-  if #keys == 0 and rel.ident == "i" then -- the index was dropped meanwhile
-    for _, r in ipairs(q(conn, KEY, rel.oid, false)) do keys[#keys + 1] = r.name end
-  end
+  local keys = q(conn, KEY, rel.oid, rel.ident == "i")
+  if #keys == 0 and rel.ident == "i" then keys = q(conn, KEY, rel.oid, false) end -- the index was dropped meanwhile
   local filter
   if opts.publication then
     local p = q(conn, PUBLISHED, opts.publication, rel.schema, rel.table)[1]
@@ -174,13 +174,15 @@ local function page_sql(conn, rel, cols, keys, filter)
     end
   end
   local order, aliases, params = {}, {}, {}
-  local kcols = #keys > 0 and keys or { "ctid" }
+  local kcols = #keys > 0 and keys or { { name = "ctid" } }
   for i, k in ipairs(kcols) do
-    local qk = k == "ctid" and #keys == 0 and "ctid" or id(k)
+    local qk = #keys == 0 and "ctid" or id(k.name)
     aliases[i] = key_alias(taken, i)
     -- the key as text: it reads back as the same value ($n::text input)
     list[#list + 1] = ("%s::text AS %s"):format(qk, id(aliases[i]))
-    order[i] = qk
+    -- ordered and compared as the index makes it unique
+    order[i] = k.coll_name and k.coll_name ~= pg.null
+      and ("%s COLLATE %s.%s"):format(qk, id(k.coll_schema), id(k.coll_name)) or qk
     params[i] = (#keys == 0) and ("$%d::tid"):format(i) or ("$%d"):format(i)
   end
   local from = ("SELECT %s FROM %s.%s"):format(table.concat(list, ", "), id(rel.schema), id(rel.table))
