@@ -261,6 +261,20 @@ local function mark_channels(self, sql, nparams)
   end
 end
 
+-- exec and exec_upto: heal first, then `call(self, ...)`, then follow what it did.
+local function healed(self, sql, nparams, call, ...)
+  local ok, err, code = heal(self, sql)
+  if not ok then
+    if type(err) == "table" then return err end -- a ROLLBACK answered by heal
+    return nil, err, code
+  end
+  mark_channels(self, sql, nparams)
+  local rows
+  rows, err, code = call(self, ...)
+  err, code = after_call(self, sql, err, code)
+  return rows, err, code
+end
+
 --- Runs a query; parameters $1..$n travel separately from the SQL.
 -- nil (or pglisten.null) is NULL; booleans, integers, floats and strings as
 -- themselves; tables as JSON.  Without parameters several statements may be
@@ -276,16 +290,7 @@ function methods:exec(sql, ...)
   if type(sql) ~= "string" then
     error("bad argument #1 to 'exec' (string expected, got " .. type(sql) .. ")", 2)
   end
-  local ok, err, code = heal(self, sql)
-  if not ok then
-    if type(err) == "table" then return err end -- a ROLLBACK answered by heal
-    return nil, err, code
-  end
-  mark_channels(self, sql, select("#", ...))
-  local rows
-  rows, err, code = cexec(self, sql, ...)
-  err, code = after_call(self, sql, err, code)
-  return rows, err, code
+  return healed(self, sql, select("#", ...), cexec, sql, ...)
 end
 
 local cexec_upto = methods.exec_upto
@@ -301,16 +306,7 @@ function methods:exec_upto(max_bytes, sql, ...)
     error("bad arguments to 'exec_upto' (integer and string expected, got " .. type(max_bytes) .. " and "
       .. type(sql) .. ")", 2)
   end
-  local ok, err, code = heal(self, sql)
-  if not ok then
-    if type(err) == "table" then return err end
-    return nil, err, code
-  end
-  mark_channels(self, sql, select("#", ...))
-  local rows
-  rows, err, code = cexec_upto(self, max_bytes, sql, ...)
-  err, code = after_call(self, sql, err, code)
-  return rows, err, code
+  return healed(self, sql, select("#", ...), cexec_upto, max_bytes, sql, ...)
 end
 
 local cexecmany = methods.execmany
