@@ -96,12 +96,20 @@ SELECT a.attname AS name, a.atttypid::bigint AS type, t.typtype AS typtype
 
 -- The key columns of the replica identity index ($2) or of the primary key,
 -- and the collation of each in the index (its uniqueness; the column's own
--- may be another, a nondeterministic one under which distinct keys tie).
+-- may be another, a nondeterministic one under which distinct keys tie);
+-- `plain` is false for a column the keyset cannot page on: one the index
+-- orders by another operator class than its type's default (whose equality
+-- may differ, as record_image_ops's does), or of a composite type (a text
+-- parameter would be an anonymous record).
 local KEY = [[
-SELECT a.attname AS name, cn.nspname AS coll_schema, co.collname AS coll_name
+SELECT a.attname AS name, cn.nspname AS coll_schema, co.collname AS coll_name,
+       oc.opcdefault AND t.typtype <> 'c' AS plain
   FROM pg_catalog.pg_index i
- CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[]) WITH ORDINALITY AS k(attnum, coll, ord)
+ CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[], i.indclass::oid[])
+       WITH ORDINALITY AS k(attnum, coll, opc, ord)
   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  LEFT JOIN pg_catalog.pg_opclass oc ON oc.oid = k.opc
   LEFT JOIN pg_catalog.pg_collation co ON co.oid = k.coll
   LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
  WHERE i.indrelid = $1::oid AND k.ord <= i.indnkeyatts
@@ -134,6 +142,9 @@ local function describe(conn, name, opts)
   local cols = q(conn, COLUMNS, rel.oid)
   local keys = q(conn, KEY, rel.oid, rel.ident == "i")
   if #keys == 0 and rel.ident == "i" then keys = q(conn, KEY, rel.oid, false) end -- the index was dropped meanwhile
+  for _, k in ipairs(keys) do
+    if k.plain ~= true then keys = {} break end -- paged on ctid, which is unique in the snapshot
+  end
   local filter
   if opts.publication then
     local p = q(conn, PUBLISHED, opts.publication, rel.schema, rel.table)[1]
