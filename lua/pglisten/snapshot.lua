@@ -84,7 +84,8 @@ local CONVERTS = { [20] = true, [21] = true, [23] = true, [26] = true, [700] = t
 ---------------------------------------------------------------------------
 
 local REL = [[
-SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS table, c.relreplident AS ident
+SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS table, c.relreplident AS ident,
+       c.relkind::text AS kind
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = $1::regclass]]
 
@@ -185,16 +186,18 @@ local function page_sql(conn, rel, cols, keys, filter)
     end
   end
   local order, aliases, params = {}, {}, {}
-  local kcols = #keys > 0 and keys or { { name = "ctid" } }
+  -- no key: ctid, unique in the snapshot; (tableoid, ctid) across partitions
+  local kcols = #keys > 0 and keys or rel.kind == "p" and { { sys = "tableoid", cast = "oid" },
+    { sys = "ctid", cast = "tid" } } or { { sys = "ctid", cast = "tid" } }
   for i, k in ipairs(kcols) do
-    local qk = #keys == 0 and "ctid" or id(k.name)
+    local qk = k.sys or id(k.name)
     aliases[i] = key_alias(taken, i)
     -- the key as text: it reads back as the same value ($n::text input)
     list[#list + 1] = ("%s::text AS %s"):format(qk, id(aliases[i]))
     -- ordered and compared as the index makes it unique
     order[i] = k.coll_name and k.coll_name ~= pg.null
       and ("%s COLLATE %s.%s"):format(qk, id(k.coll_schema), id(k.coll_name)) or qk
-    params[i] = (#keys == 0) and ("$%d::tid"):format(i) or ("$%d"):format(i)
+    params[i] = k.cast and ("$%d::%s"):format(i, k.cast) or ("$%d"):format(i)
   end
   local from = ("SELECT %s FROM %s.%s"):format(table.concat(list, ", "), id(rel.schema), id(rel.table))
   local where = filter and ("(%s)"):format(filter) or nil
