@@ -10,7 +10,6 @@
 -- INCLUDE, text_pattern_ops, partitions, changes between pages; exec_upto's
 -- one row, LISTEN / UNLISTEN / DISCARD ALL / DEALLOCATE ALL and heal.
 local H = require "spec.helpers"
-local pg = H.pg
 local snapshot = require "pglisten.snapshot"
 
 -- snapshot.run over an exported snapshot of db; rows per table; `between`
