@@ -24,22 +24,12 @@ end
 local function probe() return ("probe len=%d events=%d"):format(maxlen, maxev) end
 ]]
 
-local function vm(p, key)
-  local f = io.open(("/proc/%d/status"):format(p.pid), "r")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match(key .. ":%s*(%d+)"))
-end
+local vm = C.vm
 
 -- Starts a runner on a C.script: `prelude` (Lua text before the script's
 -- return), then the channels (the entries of its channels table).
 local function run(src, dst, slot, prelude, channels, args)
-  local path = C.script(dst, ("%s\nreturn {\n  replication = { slot = %q },\n  channels = {\n%s\n  },\n}\n")
-    :format(prelude, slot, channels))
-  local p = C.start(path, src, args)
-  H.finally(function() C.cleanup({ p }, src, slot) end)
-  return p, path
+  return C.run_script(src, dst, slot, channels, { prelude = prelude, args = args })
 end
 
 local function last_probe(stdout)
@@ -49,13 +39,7 @@ local function last_probe(stdout)
 end
 
 -- the ids of "id N" lines, strictly increasing (each once, in commit order)?
-local function increasing(stdout, tag)
-  local t = ids(stdout, tag or "id")
-  for k = 2, #t do
-    if t[k] <= t[k - 1] then return false, t, ("%d after %d (line %d)"):format(t[k], t[k - 1], k) end
-  end
-  return true, t
-end
+local increasing = C.increasing
 
 describe("92a84a9: the read-ahead bound", function()
   -- BREAK (fails on 92a84a9; its parent holds it: 768 items at most).  The

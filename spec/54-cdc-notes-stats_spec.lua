@@ -110,7 +110,7 @@ return {
     H.finally(function() C.cleanup({ p }, src, slot) end)
     assert.truthy(H.eventually(function() return p.stdout():find("waiting", 1, true) end, 20), p.stderr())
     H.sleep(1.5) -- read ahead by now, as far as it goes (the walsender has sent what the socket takes)
-    local rss = tonumber(H.read("/proc/" .. p.pid .. "/status"):match("VmRSS:%s*(%d+)")) / 1024
+    local rss = C.vm(p, "VmRSS") / 1024
     local f = assert(io.open(gate, "w"))
     f:write("go")
     f:close()

@@ -150,22 +150,12 @@ describe("cacb9eb: rows.bytes", function()
   end)
 end)
 
-local function vm(p, key)
-  local f = io.open(("/proc/%d/status"):format(p.pid), "r")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return tonumber(s:match(key .. ":%s*(%d+)"))
-end
+local vm = C.vm
 
 -- Starts a runner on a C.script: `prelude`, then `replication` options
 -- (Lua text inside its table), then the channels.
 local function run(src, dst, slot, repl, channels, args)
-  local path = C.script(dst, ("return {\n  replication = { slot = %q, %s },\n  channels = {\n%s\n  },\n}\n")
-    :format(slot, repl or "", channels))
-  local p = C.start(path, src, args)
-  H.finally(function() C.cleanup({ p }, src, slot) end)
-  return p, path
+  return C.run_script(src, dst, slot, channels, { repl = repl, args = args })
 end
 
 describe("cacb9eb: snapshot pages bounded in bytes", function()
@@ -247,13 +237,7 @@ describe("cacb9eb: snapshot pages bounded in bytes", function()
 end)
 
 -- the ids of "id N" lines, strictly increasing (each once, in commit order)?
-local function increasing(stdout, tag)
-  local t = C.ids(stdout, tag or "id")
-  for k = 2, #t do
-    if t[k] <= t[k - 1] then return false, t, ("%d after %d (line %d)"):format(t[k], t[k - 1], k) end
-  end
-  return true, t
-end
+local increasing = C.increasing
 
 describe("ec121c9 + 5f0c43a: the queue's byte cap", function()
   -- GUARD.  Changes larger than the 64 MiB cap (one message is always

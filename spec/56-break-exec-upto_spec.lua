@@ -8,7 +8,7 @@
 -- serialized: identical); the GUARD below pins them.
 local H = require "spec.helpers"
 local pg = H.pg
-local snapshot = require "pglisten.snapshot"
+local C = require "spec.cdc_helpers"
 
 describe("8f94cb6: conn:exec_upto", function()
   local c
@@ -249,27 +249,8 @@ end)
 -- open on `holder`), with PAGE_BYTES set to `pb`; returns the rows
 -- delivered per table (in order) and the page sizes.
 local function snap(db, tables, pb, between, extra)
-  local holder = H.connect("dbname=" .. db)
-  assert(holder:exec("BEGIN ISOLATION LEVEL REPEATABLE READ"))
-  local name = assert(holder:exec("SELECT pg_export_snapshot() AS s"))[1].s
-  local saved = snapshot.PAGE_BYTES
-  snapshot.PAGE_BYTES = pb
-  local got, pages, npage = {}, {}, 0
-  local ok, res, err, code = pcall(snapshot.run, nil, setmetatable({ conninfo = "dbname=" .. db, snapshot = name,
-    tables = tables, truncate = false, deliver = function(t, events)
-      got[t] = got[t] or {}
-      for _, ev in ipairs(events) do got[t][#got[t] + 1] = ev.new end
-      pages[#pages + 1] = #events
-      npage = npage + 1
-      if between then between(npage) end
-      return true
-    end }, { __index = extra or {} }))
-  snapshot.PAGE_BYTES = saved
-  holder:exec("ROLLBACK")
-  holder:close()
-  assert(ok, res)
-  assert(res, "snapshot.run: " .. tostring(err) .. " " .. tostring(code))
-  return got, pages
+  extra = extra or {}
+  return C.snapshot_rows(db, tables, pb, { between = between, page = extra.page, publication = extra.publication })
 end
 
 describe("8f94cb6: snapshot pages by exec_upto", function()
@@ -373,7 +354,6 @@ describe("8f94cb6: snapshot pages by exec_upto", function()
   end)
 end)
 
-local C = require "spec.cdc_helpers"
 
 describe("8f94cb6: the runner's snapshot, end to end", function()
   -- GUARD.  snapshot = true over a composite key (int, text, timestamptz)

@@ -10,31 +10,12 @@
 -- INCLUDE, text_pattern_ops, partitions, changes between pages; exec_upto's
 -- one row, LISTEN / UNLISTEN / DISCARD ALL / DEALLOCATE ALL and heal.
 local H = require "spec.helpers"
-local snapshot = require "pglisten.snapshot"
+local C = require "spec.cdc_helpers"
 
 -- snapshot.run over an exported snapshot of db; rows per table; `between`
 -- runs after each page.
 local function snap(db, tables, pb, page, between)
-  local holder = H.connect("dbname=" .. db)
-  assert(holder:exec("BEGIN ISOLATION LEVEL REPEATABLE READ"))
-  local name = assert(holder:exec("SELECT pg_export_snapshot() AS s"))[1].s
-  local saved = snapshot.PAGE_BYTES
-  snapshot.PAGE_BYTES = pb
-  local got, npage = {}, 0
-  local ok, res, err, code = pcall(snapshot.run, nil, { conninfo = "dbname=" .. db, snapshot = name,
-    tables = tables, truncate = false, page = page, deliver = function(t, events)
-      got[t] = got[t] or {}
-      for _, ev in ipairs(events) do got[t][#got[t] + 1] = ev.new end
-      npage = npage + 1
-      if between then between(npage) end
-      return true
-    end })
-  snapshot.PAGE_BYTES = saved
-  holder:exec("ROLLBACK")
-  holder:close()
-  assert(ok, res)
-  assert(res, "snapshot.run: " .. tostring(err) .. " " .. tostring(code))
-  return got
+  return (C.snapshot_rows(db, tables, pb, { page = page, between = between }))
 end
 
 -- Every (pb, page): the rows delivered, as sig(row), sorted bytewise, must

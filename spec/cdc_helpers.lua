@@ -63,10 +63,16 @@ end
 -- `src` to `channels` (Lua text: the entries of its channels table) and
 -- waits until it streams; C.cleanup stops it and drops the slot when the
 -- test ends.  Returns the process and the script's path.
-function C.run(src, dst, slot, channels)
-  local path = C.script(dst, ("return {\n  replication = { slot = %q },\n  channels = {\n%s\n  },\n}\n")
-    :format(slot, channels))
-  local p = C.start(path, src)
+function C.run(src, dst, slot, channels) return C.run_script(src, dst, slot, channels) end
+
+--- C.run with `opts`: `prelude` (Lua text before the script's return),
+-- `repl` (more fields of its replication table, Lua text), `args` (the
+-- runner's extra arguments).
+function C.run_script(src, dst, slot, channels, opts)
+  opts = opts or {}
+  local path = C.script(dst, ("%s\nreturn {\n  replication = { slot = %q, %s },\n  channels = {\n%s\n  },\n}\n")
+    :format(opts.prelude or "", slot, opts.repl or "", channels))
+  local p = C.start(path, src, opts.args)
   H.finally(function() C.cleanup({ p }, src, slot) end)
   return p, path
 end
@@ -243,6 +249,55 @@ end
 --- Waits until the runner has logged its n-th "reloaded".
 function C.reloaded(p, n)
   assert(H.eventually(function() return H.count_matches(p.stderr(), "reloaded") >= n end, 10), p.stderr())
+end
+
+--- A value of /proc/PID/status of process `p` (VmRSS, VmHWM: kB), or nil.
+function C.vm(p, key)
+  local f = io.open(("/proc/%d/status"):format(p.pid), "r")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return tonumber(s:match(key .. ":%s*(%d+)"))
+end
+
+--- Whether the ids of the "TAG id" lines of stdout (tag "id") increase:
+-- true, ids; or false, ids, where they do not.
+function C.increasing(stdout, tag)
+  local t = C.ids(stdout, tag or "id")
+  for k = 2, #t do
+    if t[k] <= t[k - 1] then return false, t, ("%d after %d (line %d)"):format(t[k], t[k - 1], k) end
+  end
+  return true, t
+end
+
+--- pglisten.snapshot.run over a snapshot of database `db` exported by a
+-- transaction held open meanwhile, with PAGE_BYTES `pb`; `opts.page` (rows
+-- per page), `opts.publication`, `opts.between(n)` (after the n-th page).  Returns the rows
+-- delivered per table, in order, and the page sizes.
+function C.snapshot_rows(db, tables, pb, opts)
+  opts = opts or {}
+  local snapshot = require "pglisten.snapshot"
+  local holder = H.connect("dbname=" .. db)
+  assert(holder:exec("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+  local name = assert(holder:exec("SELECT pg_export_snapshot() AS s"))[1].s
+  local saved = snapshot.PAGE_BYTES
+  snapshot.PAGE_BYTES = pb
+  local got, pages = {}, {}
+  local ok, res, err, code = pcall(snapshot.run, nil, { conninfo = "dbname=" .. db, snapshot = name,
+    tables = tables, truncate = false, page = opts.page, publication = opts.publication,
+    deliver = function(t, events)
+      got[t] = got[t] or {}
+      for _, ev in ipairs(events) do got[t][#got[t] + 1] = ev.new end
+      pages[#pages + 1] = #events
+      if opts.between then opts.between(#pages) end
+      return true
+    end })
+  snapshot.PAGE_BYTES = saved
+  holder:exec("ROLLBACK")
+  holder:close()
+  assert(ok, res)
+  assert(res, "snapshot.run: " .. tostring(err) .. " " .. tostring(code))
+  return got, pages
 end
 
 return C
